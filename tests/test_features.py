@@ -365,6 +365,27 @@ def test_word_hashes_have_no_collisions():
         assert collisions <= 4 * expected + 10, (k, collisions, expected)
 
 
+@pytest.mark.parametrize("n_slots", [4, 64, None])
+def test_first_occurrences_is_exact_under_slot_collisions(n_slots):
+    """The hash-table distinct count equals NumPy's first-occurrence set, even with 4 slots for 3,000
+    positions (every round loses most slots to other groups, so the loop runs many rounds)."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    a = rng.integers(0, 40, n).astype(np.uint32)  # few values: many equal keys per column
+    b = rng.integers(0, 3, n).astype(np.uint32)
+    row = np.sort(rng.integers(0, 7, n)).astype(np.int32)
+    active = rng.random(n) < 0.8
+    got = np.asarray(jax.jit(F.first_occurrences, static_argnums=2)(
+        [jnp.asarray(a), jnp.asarray(b), jnp.asarray(row)], jnp.asarray(active), n_slots))
+    seen, want = set(), np.zeros(n, bool)
+    for i in range(n):
+        if active[i] and (a[i], b[i], row[i]) not in seen:
+            seen.add((a[i], b[i], row[i]))
+            want[i] = True
+    assert want.sum() > 500 and (active & ~want).sum() > 500  # both firsts and repeats occur
+    np.testing.assert_array_equal(got, want)
+
+
 def test_many_distinct_trigrams(families):
     """Long responses with thousands of trigrams, mostly distinct: counts equal the reference's set size."""
     fam = families["identity"]
