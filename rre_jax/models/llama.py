@@ -543,7 +543,6 @@ def decode_step(cfg: LlamaConfig, params, token_B, cache, *, lora=None, lora_cfg
     weight is sliced, i.e. copied, on every call).
     """
     model = Llama(cfg, head="lm", lora=lora_cfg, scan=False, mesh=mesh, rules=rules)
-    lora = _lora_like(params, lora)
     params, lora = unstack_layers(params), unstack_layers(lora)
     mask_Bx1 = jnp.ones((token_B.shape[0], 1), jnp.int32)
     out = model.apply({"params": params}, token_B[:, None], cache["pos"][:, None], mask_Bx1, cache=cache,
