@@ -37,3 +37,35 @@ def test_sample_distribution_and_greedy():
     assert int(sampling.sample(None, logits, sampling.SamplingConfig(greedy=True))[0]) == 0
     with pytest.raises(ValueError, match="top_p"):
         sampling.SamplingConfig(top_p=0.0)
+
+
+def test_argmax_is_jnp_argmax_with_ties_nan_and_inf():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((9, 3000)).astype(np.float32)
+    x[1, [5, 17, 2999]] = 50.0  # ties: the first index wins
+    x[2] = 1.0  # all tied
+    x[3, :] = -np.inf  # fully filtered row
+    x[4, 100:] = -np.inf
+    x[5, [7, 40]] = np.nan  # NaN wins, the first one (jnp.argmax semantics)
+    x[6, [3, 9]] = np.inf
+    x[7] = np.round(x[7])  # many ties at the max
+    x[8, -1] = 9.0  # last index
+    got = np.asarray(jax.jit(sampling.argmax)(x))
+    want = np.asarray(jax.numpy.argmax(x, axis=-1))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[:7], [got[0], 5, 0, 0, want[4], 7, 3])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 1.0), (1.0, 0, 0.8)])
+def test_sample_is_bit_identical_to_jax_categorical(temperature, top_k, top_p):
+    rng = np.random.default_rng(2)
+    logits = jax.numpy.asarray((rng.standard_normal((8, 4000)) * 2).astype(np.float32))
+    cfg = sampling.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    ours = jax.jit(jax.vmap(lambda k, x: sampling.sample(k, x, cfg), (0, None)))
+    ref = jax.jit(jax.vmap(lambda k, x: jax.random.categorical(k, sampling.filter_logits(x, cfg), axis=-1),
+                           (0, None)))
+    keys = jax.random.split(jax.random.key(7), 32)
+    a, b = np.asarray(ours(keys, logits)), np.asarray(ref(keys, logits))
+    np.testing.assert_array_equal(a, b)
+    assert len(np.unique(a)) > 50  # real draws, not one constant token

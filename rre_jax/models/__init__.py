@@ -26,10 +26,11 @@ class Pretrained(NamedTuple):
 
 
 def from_pretrained(path: str, *, mesh=None, rules=mesh_lib.DEFAULT_RULES, dtype=jnp.float32,
-                    param_dtype=None) -> Pretrained:
+                    param_dtype=None, layer_layout: str = "stacked") -> Pretrained:
     """Load an HF directory into (kind, config, params), each tensor streamed into its target sharding.
 
-    ``dtype`` is the compute dtype; ``param_dtype`` (default: ``dtype``) the stored one.
+    ``dtype`` is the compute dtype; ``param_dtype`` (default: ``dtype``) the stored one. Llama-family
+    ``layer_layout``: ``'stacked'`` (training) or ``'per_layer'`` (generation: no per-step weight copy).
     """
     cfg = hf.read_config(path)
     if cfg.get("model_type") == "bert":
@@ -38,7 +39,8 @@ def from_pretrained(path: str, *, mesh=None, rules=mesh_lib.DEFAULT_RULES, dtype
         if isinstance(loaded, tuple) and len(loaded) == 2:
             return Pretrained("bert", *loaded)
         return Pretrained("bert", getattr(loaded, "config", None), getattr(loaded, "params", loaded))
-    kind, config, params = llama.load_pretrained(path, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype)
+    kind, config, params = llama.load_pretrained(path, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
+                                                 layer_layout=layer_layout)
     return Pretrained(kind, config, params)
 
 

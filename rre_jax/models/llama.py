@@ -4,6 +4,10 @@ One trunk -- RMSNorm, rotary embeddings (default / linear / llama3 scaling), gro
 SwiGLU MLP, optional q/k/v bias (Qwen2) -- is applied as a pure function of a parameter pytree. The
 layers are an ``nn.scan`` over one decoder layer: parameters are stacked along a leading ``layers``
 axis (fast compiles for 7B/34B; ``hf.StackedWeightSpec`` streams them from the per-layer HF tensors).
+A second *layer layout*, ``per_layer`` (``layers_0 .. layers_{L-1}``, one array per layer and weight), is
+what a decode loop wants: a stacked weight sliced inside a ``while_loop`` is copied every step.
+``load_pretrained(..., layer_layout='per_layer')`` loads it directly (no second copy ever exists) and every
+entry point below takes either layout (``layer_layout(params)`` tells which).
 
 Every parameter carries logical axis names (``rre_jax.mesh.DEFAULT_RULES``) and the main activations
 get sharding constraints when the module is given a mesh. Numerics follow transformers: RMSNorm in
@@ -34,9 +38,11 @@ import numpy as np
 from jax import lax
 
 from rre_jax import mesh as mesh_lib
+from rre_jax import sampling
 from rre_jax.models import lora as lora_lib
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+LAYER_LAYOUTS = ("stacked", "per_layer")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _ROPE_TYPES = {"default": (), "linear": ("factor",),
                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -337,7 +343,8 @@ class Llama(nn.Module):
     ``head``: ``'lm'`` (logits, tied to the embedding when the config says so) or ``'score'``
     (per-token scores of width ``num_labels``, pooled by the caller). ``value_head`` adds per-token
     scalar values (``Dense(1)`` with bias, for PPO on the shared trunk). ``scan=False`` applies
-    per-layer params (``unstack_layers``), the fast form for one-token decode steps on CPU/GPU. ``last_only`` computes heads
+    per-layer params (``layers_{i}``: ``load_pretrained(layer_layout='per_layer')`` or ``unstack_layers``),
+    the fast form for one-token decode steps on CPU/GPU. ``last_only`` computes heads
     at the last position only (prefill of a generator). Returns a dict with ``hidden`` (post final norm),
     the head outputs, and ``kv``: the new keys/values: per layer ``(B, K, T, E)``, for the cache.
     """
@@ -435,9 +442,10 @@ def init_params(cfg: LlamaConfig, rng, head: str = "lm", value_head: bool = Fals
     return nn.meta.unbox(model.init(rng, ids, ids, jnp.ones((1, 2), jnp.int32))["params"])
 
 
-def abstract_init_fn(cfg: LlamaConfig, head: str = "lm", value_head: bool = False):
-    """``rng -> boxed params`` for ``rre_jax.mesh.abstract_params`` / ``init_sharded``."""
-    model = Llama(cfg, head=head, value_head=value_head)
+def abstract_init_fn(cfg: LlamaConfig, head: str = "lm", value_head: bool = False, layer_layout: str = "stacked"):
+    """``rng -> boxed params`` for ``rre_jax.mesh.abstract_params`` / ``init_sharded``, in ``layer_layout``."""
+    _check_layout(layer_layout)
+    model = Llama(cfg, head=head, value_head=value_head, scan=layer_layout == "stacked")
     ids = jnp.zeros((1, 2), jnp.int32)
     return lambda rng: model.init(rng, ids, ids, jnp.ones((1, 2), jnp.int32))["params"]
 
@@ -447,8 +455,9 @@ def forward(cfg: LlamaConfig, params, ids_BxT, mask_BxT, *, head="lm", value_hea
             lora_cfg=None, rng=None, mesh=None, rules=mesh_lib.DEFAULT_RULES):
     """Full (no cache) forward; returns the ``Llama`` output dict. ``rng`` enables LoRA dropout."""
     cfg.check_length(ids_BxT.shape[1])
+    lora = _lora_like(params, lora)
     model = Llama(cfg, head=head, value_head=value_head, lora=lora_cfg, deterministic=rng is None,
-                  mesh=mesh, rules=rules)
+                  scan=layer_layout(params) == "stacked", mesh=mesh, rules=rules)
     rngs = None if rng is None else {"dropout": rng}
     return model.apply({"params": params}, ids_BxT, positions_from_mask(mask_BxT), mask_BxT,
                        lora=lora, rngs=rngs)
@@ -478,6 +487,30 @@ def unstack_layers(tree):
     return out
 
 
+def _check_layout(layout: str):
+    if layout not in LAYER_LAYOUTS:
+        raise ValueError(f"layer_layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
+
+
+def layer_layout(params) -> str:
+    """``'stacked'`` (a ``layers`` subtree with a leading L axis) or ``'per_layer'`` (``layers_{i}``)."""
+    if "layers" in params:
+        return "stacked"
+    if "layers_0" in params:
+        return "per_layer"
+    raise ValueError(f"not Llama params: neither 'layers' nor 'layers_0' among the keys {sorted(params)[:8]}")
+
+
+def _lora_like(params, lora):
+    """``lora`` in the layer layout of ``params`` (a stacked LoRA tree is split for per-layer params)."""
+    if lora is None or layer_layout(params) == "per_layer":
+        return unstack_layers(lora)
+    if "layers" not in lora:
+        raise ValueError("per-layer LoRA adapters need per-layer params: load the model with "
+                         "layer_layout='per_layer', or keep the adapters stacked")
+    return lora
+
+
 def _advance(cache, kv, mask_BxT):
     """The cache after a call that wrote ``kv`` (updated per-layer buffers) at ``cache['index']``."""
     i = cache["index"]
@@ -491,7 +524,8 @@ def prefill(cfg: LlamaConfig, params, ids_BxT, mask_BxT, cache_len: int, *, lora
             mesh=None, rules=mesh_lib.DEFAULT_RULES):
     """Run a (left-padded) prompt batch; returns (last-position logits ``BxV``, filled cache)."""
     cfg.check_length(cache_len)
-    model = Llama(cfg, head="lm", lora=lora_cfg, mesh=mesh, rules=rules)
+    lora = _lora_like(params, lora)
+    model = Llama(cfg, head="lm", lora=lora_cfg, scan=layer_layout(params) == "stacked", mesh=mesh, rules=rules)
     out = model.apply({"params": params}, ids_BxT, positions_from_mask(mask_BxT), mask_BxT, lora=lora,
                       last_only=True)
     cache = init_cache(cfg, ids_BxT.shape[0], cache_len)
@@ -505,7 +539,8 @@ def decode_step(cfg: LlamaConfig, params, token_B, cache, *, lora=None, lora_cfg
                 rules=mesh_lib.DEFAULT_RULES):
     """One new token per row at each row's next position; returns (logits ``BxV``, updated cache).
 
-    ``params`` (and ``lora``) may be stacked or already ``unstack_layers``-ed (faster inside a loop).
+    ``params`` (and ``lora``) may be stacked or per-layer; per-layer is what a loop wants (a stacked
+    weight is sliced, i.e. copied, on every call).
     """
     model = Llama(cfg, head="lm", lora=lora_cfg, scan=False, mesh=mesh, rules=rules)
     params, lora = unstack_layers(params), unstack_layers(lora)
@@ -521,11 +556,14 @@ def greedy_generate(cfg: LlamaConfig, params, ids_BxT, mask_BxT, max_new_tokens:
     """Greedy continuation ``BxN`` of a left-padded batch: jitted prefill + ``lax.while_loop`` decode.
 
     After a row emits ``eos_id`` it emits ``pad_id`` (as transformers' ``generate``); the loop exits
-    early once every row is done. The full sampler lives in ``rre_jax.rollout``.
+    early once every row is done. The full sampler lives in ``rre_jax.rollout``. Stacked ``params`` are
+    split into per-layer arrays once, before the loop (a second copy of the layer weights for the
+    duration of the call); params loaded with ``layer_layout='per_layer'`` are used as they are.
     """
     B, T = ids_BxT.shape
     logits, cache = prefill(cfg, params, ids_BxT, mask_BxT, T + max_new_tokens, lora=lora, lora_cfg=lora_cfg)
-    params, lora = unstack_layers(params), unstack_layers(lora)  # once, outside the loop
+    lora = _lora_like(params, lora)
+    params, lora = unstack_layers(params), unstack_layers(lora)  # once, outside the loop (no-op if per-layer)
     out_BxN = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
     done_B = jnp.zeros((B,), bool)
 
@@ -535,7 +573,7 @@ def greedy_generate(cfg: LlamaConfig, params, ids_BxT, mask_BxT, max_new_tokens:
 
     def body(state):
         i, logits_BxV, cache, out_BxN, done_B = state
-        tok_B = jnp.where(done_B, pad_id, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32))
+        tok_B = jnp.where(done_B, pad_id, sampling.argmax(logits_BxV))
         out_BxN = lax.dynamic_update_slice(out_BxN, tok_B[:, None], (0, i))
         if eos_id is not None:
             done_B = done_B | (tok_B == eos_id)
@@ -573,26 +611,35 @@ def head_of(kind: str) -> str:
     return "lm" if kind == "causal_lm" else "score"
 
 
-def weight_map(cfg: LlamaConfig, kind: str = "causal_lm") -> dict:
-    """Our param path -> HF tensor(s), for the three layouts:
+def weight_map(cfg: LlamaConfig, kind: str = "causal_lm", layer_layout: str = "stacked") -> dict:
+    """Our param path -> HF tensor(s), for the three checkpoint layouts:
 
     ``causal_lm`` (``model.*`` + ``lm_head``, or tied), ``seq_cls`` (``LlamaForSequenceClassification``:
     ``model.*`` + ``score``, no bias) and ``starling`` (Starling-RM: ``transformer.*`` + ``v_head``, no bias).
-    HF Linear weights are ``(out, in)``; ours are ``(in, out)``.
+    HF Linear weights are ``(out, in)``; ours are ``(in, out)``. ``layer_layout='stacked'`` maps each
+    layer weight to a ``StackedWeightSpec`` under ``layers``; ``'per_layer'`` to one tensor per ``layers_{i}``.
     """
     from rre_jax.models.hf import StackedWeightSpec, WeightSpec
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; one of {KINDS}")
+    _check_layout(layer_layout)
     pre = "transformer." if kind == "starling" else "model."
     L = cfg.num_hidden_layers
     per = lambda suffix: tuple(f"{pre}layers.{i}.{suffix}" for i in range(L))
+
+    def put(path, names, transpose=None):
+        if layer_layout == "stacked":
+            wm[("layers",) + path] = StackedWeightSpec(names, transpose)
+        else:
+            wm.update({(f"layers_{i}",) + path: WeightSpec(n, transpose) for i, n in enumerate(names)})
+
     wm = {("embedding",): WeightSpec(pre + "embed_tokens.weight"), ("norm", "scale"): WeightSpec(pre + "norm.weight")}
     for ln in ("input_layernorm", "post_attention_layernorm"):
-        wm[("layers", ln, "scale")] = StackedWeightSpec(per(ln + ".weight"))
+        put((ln, "scale"), per(ln + ".weight"))
     for ours, theirs in _LAYER_NAMES.items():
-        wm[("layers", ours, "kernel")] = StackedWeightSpec(per(theirs + ".weight"), (1, 0))
+        put((ours, "kernel"), per(theirs + ".weight"), (1, 0))
         if (ours in ("q_proj", "k_proj", "v_proj") and cfg.attention_bias) or (ours == "o_proj" and cfg.o_proj_bias):
-            wm[("layers", ours, "bias")] = StackedWeightSpec(per(theirs + ".bias"))
+            put((ours, "bias"), per(theirs + ".bias"))
     if kind == "causal_lm" and not cfg.tie_word_embeddings:
         wm[("lm_head",)] = WeightSpec("lm_head.weight", (1, 0))
     elif kind != "causal_lm":
@@ -611,10 +658,12 @@ def detect_kind(names) -> str:
 
 
 def load_pretrained(path: str, *, mesh=None, rules=mesh_lib.DEFAULT_RULES, dtype=jnp.float32,
-                    param_dtype=None, kind: str | None = None, device=None):
+                    param_dtype=None, kind: str | None = None, device=None, layer_layout: str = "stacked"):
     """(kind, config, params) of a Llama-family HF directory, streamed tensor by tensor (shard by shard
     on a mesh) straight into the params' target shardings. ``device`` (e.g. ``jax.devices('cpu')[0]``)
-    instead puts every tensor on that one device: host memory for a model brought in only for eval."""
+    instead puts every tensor on that one device: host memory for a model brought in only for eval.
+    ``layer_layout='per_layer'`` gives one array per layer weight (``layers_{i}``): the layout for
+    generation, which then never copies the layer weights; training wants the default ``'stacked'``."""
     from rre_jax.models import hf
     cfg_path = os.path.join(path, "config.json")
     ckpt = hf.SafetensorsDir(path)
@@ -624,13 +673,13 @@ def load_pretrained(path: str, *, mesh=None, rules=mesh_lib.DEFAULT_RULES, dtype
         head = "v_head.weight" if kind == "starling" else "score.weight"
         over["num_labels"] = ckpt.refs[head].shape[0]
     cfg = LlamaConfig.from_hf(hf.read_config(path), cfg_path, **over)
-    abstract, specs = mesh_lib.abstract_params(abstract_init_fn(cfg, head=head_of(kind)))
+    abstract, specs = mesh_lib.abstract_params(abstract_init_fn(cfg, head=head_of(kind), layer_layout=layer_layout))
     shardings = None if mesh is None else mesh_lib.logical_shardings(specs, mesh, rules)
     if device is not None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
     tied = cfg.tie_word_embeddings and kind == "causal_lm"
     ignore = lambda n: n.endswith("rotary_emb.inv_freq") or (tied and n == "lm_head.weight")
-    params = hf.load_params(ckpt, weight_map(cfg, kind), abstract, shardings, ignore=ignore)
+    params = hf.load_params(ckpt, weight_map(cfg, kind, layer_layout), abstract, shardings, ignore=ignore)
     return kind, cfg, params
 
 
@@ -638,9 +687,13 @@ def export_pretrained(directory: str, cfg: LlamaConfig, params, *, lora=None, lo
                       max_shard_bytes: int = 5 << 30):
     """Write a causal-LM policy (LoRA merged when given) as an HF directory transformers loads."""
     from rre_jax.models import hf
+    layout = layer_layout(params)
     if lora is not None:
+        if layout != "stacked":
+            raise ValueError("export_pretrained merges LoRA into stacked params only; load the model with "
+                             "layer_layout='stacked' to export a LoRA-tuned policy")
         params = lora_lib.merge(params, lora, lora_cfg)
-    tensors = hf.export_tensors(params, weight_map(cfg, "causal_lm"), np.float32)
+    tensors = hf.export_tensors(params, weight_map(cfg, "causal_lm", layout), np.float32)
     hf.save_safetensors(tensors, directory, max_shard_bytes)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(cfg.to_hf("LlamaForCausalLM" if cfg.model_type == "llama" else
