@@ -25,6 +25,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # this checkout's rre_jax, not whichever one the venv has installed
 import common  # noqa: E402
 
 
@@ -36,6 +37,24 @@ def _roofline(reps: int = 5) -> float:
     f(a).block_until_ready()
     best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
     return common.matmul_roofline_flops() / best / 1e9
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MB, from /proc (Linux)."""
+    fields = dict(line.split(":", 1) for line in pathlib.Path("/proc/self/status").read_text().splitlines()
+                  if line.startswith(("VmRSS", "VmHWM")))
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+
+
+RSS_TRACE: list = []
+
+
+def _mark(label: str) -> None:
+    """Record the RSS (current, peak so far) after ``label``; the child's JSON carries the trace."""
+    rss, peak = _rss_mb()
+    RSS_TRACE.append({"after": label, "rss_mb": round(rss), "peak_mb": round(peak)})
+    if os.environ.get("RRE_BENCH_TRACE"):
+        print(f"# rss after {label:<28} {rss:8.0f} MB  (peak {peak:.0f})", file=sys.stderr, flush=True)
 
 
 def _timed(fn):
@@ -51,10 +70,12 @@ def child(mode: str, out: str) -> None:
     import numpy as np
     from rre_jax import advantages, policy, ppo, rollout, sampling, train
     from rre_jax.models import llama, lora as lora_lib
+    _mark("imports")
 
     work = common.Workload()
     cfg = llama.LlamaConfig(**{k: v for k, v in common.MID_MODEL.items()}, rms_norm_eps=1e-6)
     base = llama.init_params(cfg, jax.random.key(work.seed))
+    _mark("init base params")
     pspec = policy.PolicySpec(cfg, mode, lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0))
     pcfg = ppo.PPOConfig(batch_size=work.batch, mini_batch_size=work.mini_batch,
                          gradient_accumulation_steps=work.grad_accum, ppo_epochs=work.ppo_epochs)
@@ -62,13 +83,14 @@ def child(mode: str, out: str) -> None:
     state = {"trainable": trainable, "opt_state": ppo.make_optimizer(pcfg).init(trainable),
              "moments": advantages.init_moments(), "kl": advantages.init_kl(pcfg.init_kl_coef),
              "rng": jax.random.key_data(jax.random.key(2)), "step": jnp.zeros((), jnp.int32)}
+    _mark("init trainable + optimizer")
     tok = common.train_tokenizer(cfg.vocab_size, work.seed)
     prompts = common.prompt_ids(work, cfg.vocab_size)
     ids = jnp.asarray(prompts, jnp.int32)
     mask = jnp.ones_like(ids)
     scfg = sampling.SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=work.new_tokens)
     sampler = rollout.jitted_sampler(cfg, scfg, -1, common.PAD_ID, pspec.lora_cfg if mode == "lora" else None)
-    experience = train._experience_fn(pspec, work.prompt_len)
+    experience = train._experience_fn(pspec, work.prompt_len, train.experience_rows(pcfg))
     update = train._update_fn(pspec, pcfg, work.prompt_len)
 
     def iteration(state, it):
@@ -78,6 +100,7 @@ def child(mode: str, out: str) -> None:
         roll = sampler(params, ids, mask, jax.random.key(10 + it), adapters)
         roll.tokens_BxN.block_until_ready()
         times["generate_s"] = time.perf_counter() - t
+        _mark(f"generate [{it}]")
         t = time.perf_counter()
         texts = tok.decode_batch(np.asarray(roll.tokens_BxN).tolist())
         score = np.array([common.li_rp(x) for x in texts], np.float32)
@@ -87,10 +110,12 @@ def child(mode: str, out: str) -> None:
         attn = jnp.concatenate([mask, roll.mask_BxN], 1)
         exp = jax.block_until_ready(experience(state["trainable"], base, full, attn))
         times["experience_s"] = time.perf_counter() - t
+        _mark(f"experience [{it}]")
         t = time.perf_counter()
         state, stats = update(state, base, exp, jnp.asarray(score), full, attn, roll.mask_BxN, jax.random.key(it))
         jax.block_until_ready(state)
         times["update_s"] = time.perf_counter() - t
+        _mark(f"update [{it}]")
         times["step_s"] = times["experience_s"] + times["update_s"]
         times["iteration_s"] = times["generate_s"] + times["reward_s"] + times["step_s"]
         return state, times, int(np.asarray(roll.mask_BxN).sum())
@@ -107,7 +132,7 @@ def child(mode: str, out: str) -> None:
               "update_gflops": flops / times["update_s"] / 1e9, "roofline_gflops": roof,
               "update_roofline_frac": flops / times["update_s"] / 1e9 / roof,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "workload": {"prompt_sha256": common.ids_digest(prompts)},
+              "rss_trace": RSS_TRACE, "workload": {"prompt_sha256": common.ids_digest(prompts)},
               "versions": {"jax": jax.__version__}}
     pathlib.Path(out).write_text(json.dumps(result, indent=2))
 
@@ -151,7 +176,7 @@ def main():
         print(_row("update GFLOP/s", ours["update_gflops"], g(ref, "update_gflops"), "{:.1f}", True))
         print(_row("roofline GFLOP/s", ours["roofline_gflops"], g(ref, "roofline_gflops"), "{:.1f}", True))
         print(f"  update share of roofline   {ours['update_roofline_frac']:>11.1%} "
-              f"{g(ref, 'update_roofline_frac') if ref is None else format(ref['update_roofline_frac'], '.1%'):>12}")
+              f"{'-' if ref is None else format(ref['update_roofline_frac'], '.1%'):>12}")
         print(_row("peak RSS MB", ours["peak_rss_mb"], g(ref, "peak_rss_mb"), "{:.0f}"))
         print(f"  rre_jax warm-up (compile) {ours['warmup_s']:.1f} s")
 
