@@ -44,6 +44,7 @@ class RunSpec:
     mesh: mesh_lib.MeshConfig
     lora: lora_lib.LoraConfig
     mode: str
+    critic: str
     dtype: Any
     param_dtype: Any
 
@@ -63,6 +64,10 @@ def validate(config) -> RunSpec:
           for n in config.reward.counterfactual}
     if config.model.train_mode not in policy.MODES:
         raise ValueError(f"config.model.train_mode={config.model.train_mode!r}; choose one of {policy.MODES}")
+    critic = config.model.get("critic", "separate")
+    if critic not in policy.CRITICS:
+        raise ValueError(f"config.model.critic={critic!r}; choose one of {policy.CRITICS} ('separate': the "
+                         "critic has its own trunk copy; 'shared': the value head sits on the policy trunk)")
     lcfg = config.model.lora
     mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
     n_dev = mesh_cfg.num_devices or jax.device_count()
@@ -80,7 +85,7 @@ def validate(config) -> RunSpec:
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
                    lora=lora_lib.LoraConfig(rank=int(lcfg.rank), alpha=float(lcfg.alpha), dropout=float(lcfg.dropout),
                                             targets=tuple(lcfg.targets)),
-                   mode=config.model.train_mode, dtype=dtype("dtype"), param_dtype=dtype("param_dtype"))
+                   mode=config.model.train_mode, critic=critic, dtype=dtype("dtype"), param_dtype=dtype("param_dtype"))
 
 
 # ======================================================================================= set-up
@@ -204,7 +209,7 @@ def load_policy(config, spec: RunSpec, mesh, paths: dict):
                            param_dtype=spec.param_dtype)
     if base.kind != "causal_lm":
         raise ValueError(f"config.model.path={paths['policy']!r} is a {base.kind} checkpoint, not a causal LM")
-    return policy.PolicySpec(base.config, spec.mode, spec.lora), base.params
+    return policy.PolicySpec(base.config, spec.mode, spec.lora, spec.critic), base.params
 
 
 def reward_engine(config, spec: RunSpec, mesh, tokenizer, vocab_size: int, records) -> reward.RewardEngine:
