@@ -1,6 +1,6 @@
 """One PPO iteration, rre_jax vs the reference's trl 0.7.4 stack, side by side (issue 4).
 
-    python benchmarks/ppo_iteration.py [--modes full,lora] [--threads 2] [--no-reference]
+    python benchmarks/ppo_iteration.py [--modes full,lora] [--threads 2] [--no-reference] [--critic shared]
 
 Workload (benchmarks/README.md): the random "mid" Llama (58.5M params, fp32), 16 seeded prompts x 64 tokens,
 128 sampled tokens per row (no early stop), a host reward (LI*RP of the decoded text), then a PPO step of
@@ -10,6 +10,10 @@ per phase with ``block_until_ready``; the update's GFLOP/s uses the same FLOP mo
 (``common.update_flops``) and is compared with this CPU's fp32 matmul roofline measured in the same process.
 Differences in the rre_jax half: EOS is not suppressed but ignored (rows never stop early), so every row
 samples exactly 128 tokens as on the reference side; the LoRA dropout is off (trl's eval-mode PPO passes).
+Full mode puts the value head on the policy trunk (``--critic shared``, as trl 0.7.4's
+``AutoModelForCausalLMWithValueHead``); ``--critic separate`` trains rre_jax's default separate critic instead
+(twice the trainable weights and update work). Each table names the critic it ran. ``RRE_BENCH_TRACE=1`` prints
+the child's RSS after each stage as it goes (the JSON holds the same trace).
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
-def child(mode: str, out: str) -> None:
+def child(mode: str, out: str, critic: str) -> None:
     """The rre_jax half for one mode; writes the same JSON schema as ppo_reference.py."""
     import jax
     import jax.numpy as jnp
@@ -76,7 +80,7 @@ def child(mode: str, out: str) -> None:
     cfg = llama.LlamaConfig(**{k: v for k, v in common.MID_MODEL.items()}, rms_norm_eps=1e-6)
     base = llama.init_params(cfg, jax.random.key(work.seed))
     _mark("init base params")
-    pspec = policy.PolicySpec(cfg, mode, lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0))
+    pspec = policy.PolicySpec(cfg, mode, lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0), critic)
     pcfg = ppo.PPOConfig(batch_size=work.batch, mini_batch_size=work.mini_batch,
                          gradient_accumulation_steps=work.grad_accum, ppo_epochs=work.ppo_epochs)
     trainable = policy.init_trainable(pspec, base, jax.random.key(1))
@@ -126,7 +130,8 @@ def child(mode: str, out: str) -> None:
     state, times, n_tok = iteration(state, 1)
     roof = _roofline()
     flops = common.update_flops(common.MID_MODEL, work, mode)["total"]
-    result = {"stack": "rre_jax", "mode": mode, "threads": os.environ.get("RRE_THREADS", ""),
+    result = {"stack": "rre_jax", "mode": mode, "critic": "shared" if mode == "lora" else critic,
+              "threads": os.environ.get("RRE_THREADS", ""),
               "phases": times, "warmup_s": compile_s, "tokens_generated": n_tok,
               "generate_tokens_per_s": n_tok / times["generate_s"],
               "update_gflops": flops / times["update_s"] / 1e9, "roofline_gflops": roof,
@@ -137,10 +142,11 @@ def child(mode: str, out: str) -> None:
     pathlib.Path(out).write_text(json.dumps(result, indent=2))
 
 
-def _run_child(mode: str, out: str, threads: int) -> dict:
+def _run_child(mode: str, out: str, threads: int, critic: str) -> dict:
     # XLA's CPU client sizes its thread pool to the machine (2 cores here); torch gets --threads.
     env = {**os.environ, "RRE_THREADS": str(threads), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    subprocess.run([sys.executable, __file__, "--child", mode, "--out", out], env=env, check=True)
+    subprocess.run([sys.executable, __file__, "--child", mode, "--out", out, "--critic", critic], env=env,
+                   check=True)
     return json.loads(pathlib.Path(out).read_text())
 
 
@@ -154,20 +160,23 @@ def main():
     p.add_argument("--modes", default="full,lora")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-reference", action="store_true", help="run only the rre_jax half")
+    p.add_argument("--critic", default="shared", choices=("shared", "separate"),
+                   help="full mode's value head: on the policy trunk as trl 0.7.4 (default) or a separate critic")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        return child(a.child, a.out)
+        return child(a.child, a.out, a.critic)
     tmp = tempfile.mkdtemp(prefix="rre_bench_")
     for mode in a.modes.split(","):
-        ours = _run_child(mode, os.path.join(tmp, f"rre_{mode}.json"), a.threads)
+        ours = _run_child(mode, os.path.join(tmp, f"rre_{mode}.json"), a.threads, a.critic)
         ref = None if a.no_reference else common.run_reference(mode, os.path.join(tmp, f"ref_{mode}.json"),
                                                                 "--threads", str(a.threads))
         if ref and ref["workload"]["prompt_sha256"] != ours["workload"]["prompt_sha256"]:
             raise SystemExit("the two halves fed different prompts")
         g = lambda d, *k: None if d is None else (d[k[0]] if len(k) == 1 else d[k[0]][k[1]])  # noqa: E731
-        print(f"\nPPO iteration, mode={mode}, {a.threads} threads  (ratio = trl / rre_jax time, or rre_jax / trl rate)")
+        print(f"\nPPO iteration, mode={mode}, critic={ours['critic']} (trl 0.7.4: shared), {a.threads} threads  "
+              "(ratio = trl / rre_jax time, or rre_jax / trl rate)")
         print(f"  {'':<26} {'rre_jax':>12} {'trl 0.7.4':>12} {'ratio':>9}")
         for ph in ("generate_s", "reward_s", "experience_s", "update_s", "step_s", "iteration_s"):
             print(_row(ph, ours["phases"][ph], g(ref, "phases", ph)))
