@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     # lora: train LoRA adapters + value head on the shared trunk; the reference is the same network with
     # adapters off.  full: train every weight; the reference is a frozen copy of the initial policy.
     c.model.train_mode = "lora"
+    # full mode's value head: 'separate' (a critic with its own trunk copy) or 'shared' (on the policy trunk,
+    # as trl 0.7.4's AutoModelForCausalLMWithValueHead; half the weights). LoRA always shares the trunk.
+    c.model.critic = "separate"
     c.model.lora = ml_collections.ConfigDict()
     c.model.lora.rank = 8
     c.model.lora.alpha = 16.0

@@ -44,6 +44,7 @@ class RunSpec:
     mesh: mesh_lib.MeshConfig
     lora: lora_lib.LoraConfig
     mode: str
+    critic: str
     dtype: Any
     param_dtype: Any
 
@@ -63,6 +64,10 @@ def validate(config) -> RunSpec:
           for n in config.reward.counterfactual}
     if config.model.train_mode not in policy.MODES:
         raise ValueError(f"config.model.train_mode={config.model.train_mode!r}; choose one of {policy.MODES}")
+    critic = config.model.get("critic", "separate")
+    if critic not in policy.CRITICS:
+        raise ValueError(f"config.model.critic={critic!r}; choose one of {policy.CRITICS} ('separate': the "
+                         "critic has its own trunk copy; 'shared': the value head sits on the policy trunk)")
     lcfg = config.model.lora
     mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
     n_dev = mesh_cfg.num_devices or jax.device_count()
@@ -80,7 +85,7 @@ def validate(config) -> RunSpec:
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
                    lora=lora_lib.LoraConfig(rank=int(lcfg.rank), alpha=float(lcfg.alpha), dropout=float(lcfg.dropout),
                                             targets=tuple(lcfg.targets)),
-                   mode=config.model.train_mode, dtype=dtype("dtype"), param_dtype=dtype("param_dtype"))
+                   mode=config.model.train_mode, critic=critic, dtype=dtype("dtype"), param_dtype=dtype("param_dtype"))
 
 
 # ======================================================================================= set-up
@@ -195,7 +200,7 @@ def load_policy(config, spec: RunSpec, mesh, paths: dict):
                            param_dtype=spec.param_dtype)
     if base.kind != "causal_lm":
         raise ValueError(f"config.model.path={paths['policy']!r} is a {base.kind} checkpoint, not a causal LM")
-    return policy.PolicySpec(base.config, spec.mode, spec.lora), base.params
+    return policy.PolicySpec(base.config, spec.mode, spec.lora, spec.critic), base.params
 
 
 def reward_engine(config, spec: RunSpec, mesh, tokenizer, vocab_size: int, records) -> reward.RewardEngine:
@@ -269,20 +274,28 @@ def _program(name: str, build, *key):
     return _PROGRAMS[(name, key)]
 
 
-def _experience_fn(pspec: policy.PolicySpec, T: int):
-    return _program("experience", _build_experience, pspec, T)
+def _experience_fn(pspec: policy.PolicySpec, T: int, rows: int | None = None):
+    return _program("experience", _build_experience, pspec, T, rows)
+
+
+def experience_rows(pcfg: ppo.PPOConfig, shards: int = 1) -> int:
+    """Rows per group of the experience pass: the smallest multiple of the batch shards (so every group stays
+    evenly sharded) that holds a PPO mini-batch and divides the batch; the whole batch if none does."""
+    for rows in range(shards, pcfg.batch_size + 1, shards):
+        if rows >= pcfg.mini_batch_size and pcfg.batch_size % rows == 0:
+            return rows
+    return pcfg.batch_size
 
 
 def _update_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, T: int):
     return _program("update", _build_update, pspec, pcfg, T)
 
 
-def _build_experience(pspec: policy.PolicySpec, T: int):
-    """Program 2: old log-probs, values and reference log-probs of the response tokens (frozen per batch)."""
+def _build_experience(pspec: policy.PolicySpec, T: int, rows: int | None):
+    """Program 2: old log-probs, values and reference log-probs of the response tokens (frozen per batch), over
+    groups of ``rows`` rows."""
     def fn(trainable, frozen, ids_BxS, mask_BxS):
-        logp, values, _ = policy.policy_outputs(pspec, trainable, frozen, ids_BxS, mask_BxS, T)
-        ref = policy.reference_logp(pspec, frozen, ids_BxS, mask_BxS, T)
-        return logp, values, ref
+        return policy.experience(pspec, trainable, frozen, ids_BxS, mask_BxS, T, rows)
     return jax.jit(fn)
 
 
@@ -374,7 +387,8 @@ def train_step(run: Run, state, batch: batching.Batch):
     t0 = time.perf_counter()
     ids_BxS = jnp.concatenate([ids_BxT, roll.tokens_BxN], axis=1)
     attn_BxS = jnp.concatenate([mask_BxT, mask_BxN], axis=1)
-    exp = _experience_fn(run.policy, T)(state["trainable"], run.frozen, ids_BxS, attn_BxS)
+    rows = experience_rows(run.spec.ppo, run.mesh.shape["data"] * run.mesh.shape["fsdp"])
+    exp = _experience_fn(run.policy, T, rows)(state["trainable"], run.frozen, ids_BxS, attn_BxS)
     jax.block_until_ready(exp)
     t1 = time.perf_counter()
     score_B = comps["proxy"] - float(run.config.reward.baseline)  # this host's share

@@ -17,6 +17,7 @@ from test_train import REPO, rows_by_step, tiny_cfg
     ({"ppo.batch_size": 7}, "multiple"),
     ({"reward.preset": "rr"}, "unknown reward preset 'rr'"),
     ({"model.train_mode": "half"}, "train_mode"),
+    ({"model.critic": "twin"}, r"model.critic='twin'.*'separate', 'shared'"),
     ({"sampling.top_p": 0.0}, "top_p"),
     ({"data.train_file": "/nonexistent/prompts.json"}, "does not exist"),
 ])
