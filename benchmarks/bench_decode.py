@@ -6,7 +6,8 @@ Fair setup: one random checkpoint is built once by transformers (``LlamaForCausa
 ``torch.manual_seed(0)``, ``save_pretrained`` as safetensors) in its own subprocess; each side then loads
 it the way a user would (``from_pretrained`` on both sides; ours with ``layer_layout='per_layer'``, the
 generation layout) in its own subprocess, so its peak RSS (``ru_maxrss``, taken right after the timed
-generation) is its own; both run with ``MALLOC_MMAP_THRESHOLD_=131072`` (see ``_run``). Both sides
+generation) is its own; ours runs with ``MALLOC_MMAP_THRESHOLD_=131072``, torch with glibc's defaults (its
+faster setting; see ``_run``). Both sides
 decode greedily; the table says for how many steps their tokens agree.
 
 The floor: a decode step must stream every weight matrix once (168 MB in fp32), so each side also times
@@ -154,10 +155,13 @@ def worker_hf(path):
 
 
 def _run(*args):
-    # A fixed glibc mmap threshold (both sides) returns freed large buffers to the OS; with the default
-    # dynamic one, repeated calls fragment the heap and ru_maxrss measures that, not the workload.
+    # rre_jax's worker runs with a fixed glibc mmap threshold (the setting launch/ and the README recommend for
+    # CPU runs): freed large XLA buffers go back to the OS instead of fragmenting the heap, which ru_maxrss
+    # would otherwise measure. torch runs with glibc's defaults: with the fixed threshold its decode step is
+    # ~2x slower (every large temporary becomes a fresh mmap), so the default is its best setting.
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(THREADS))
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    if args[0] == "ours":
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     out = subprocess.run([sys.executable, __file__, "--worker", *args], env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"worker {args[0]} failed:\n{out.stderr[-4000:]}")

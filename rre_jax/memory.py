@@ -227,7 +227,8 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     lcfg = config.model.lora
     pspec = policy.PolicySpec(pcfg, config.model.train_mode,
                               lora_lib.LoraConfig(rank=int(lcfg.rank), alpha=float(lcfg.alpha), dropout=0.0,
-                                                  targets=tuple(lcfg.targets)))
+                                                  targets=tuple(lcfg.targets)),
+                              critic=str(config.model.get("critic", "separate")))
     base = param_report(pcfg, mesh_shape, rules=rules, lora_cfg=pspec.lora_cfg)
     frozen, _ = abstract_llama(pcfg)
     trainable = jax.eval_shape(lambda b, r: policy.init_trainable(pspec, b, r), frozen, jax.random.key(0))
@@ -235,7 +236,9 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     nbytes = lambda t: sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(t))  # noqa: E731
     if pspec.mode == "lora":
         trainable_pd = base["lora_bytes_per_device"] + nbytes(trainable["value"])
-    else:
+    elif pspec.critic == "shared":  # policy copy + value head (one trunk)
+        trainable_pd = base["bytes_per_device"] + nbytes(trainable["value"])
+    else:  # policy copy + critic copy (own trunk + value head)
         trainable_pd = 2 * base["bytes_per_device"] + nbytes(trainable["critic"]) - nbytes(frozen)
     names = (config.reward.preset, *config.reward.counterfactual)
     needs_relevance = any(reward.preset(n).needs_relevance for n in names)
@@ -243,7 +246,8 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     rows = lambda n: -(-int(n) // batch_shards)  # noqa: E731
     lines = {
         "policy params": base["bytes_per_device"],
-        "trainable (LoRA + value head)" if pspec.mode == "lora" else "trainable (policy + critic)": trainable_pd,
+        {"lora": "trainable (LoRA + value head)", "shared": "trainable (policy + value head)"}.get(
+            pspec.mode if pspec.mode == "lora" else pspec.critic, "trainable (policy + critic)"): trainable_pd,
         "optimizer state": int(nbytes(opt) * trainable_pd / max(nbytes(trainable), 1)),
         "relevance encoder (float32)": 4 * bert_params() if needs_relevance else 0,
         "kv cache (rollout)": kv_cache_bytes(pcfg, int(config.ppo.batch_size), S, mesh_shape, rules),

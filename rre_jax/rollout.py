@@ -35,6 +35,7 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
     B, T = ids_BxT.shape
     N = scfg.max_new_tokens
     logits_BxV, cache = llama.prefill(cfg, params, ids_BxT, mask_BxT, T + N, lora=lora, lora_cfg=lora_cfg)
+    params, lora = llama.unstack_layers(params), llama.unstack_layers(lora)  # once: no per-step weight slices
 
     def cond(state):
         i, _, _, _, _, done_B = state

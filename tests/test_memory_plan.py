@@ -88,3 +88,19 @@ def test_cli_prints_the_plan():
     for line in ("policy params", "optimizer state", "kv cache (rollout)", "activations (update micro-batch)",
                  "host memory: gold RM", "fits"):
         assert line in out, out
+
+
+def test_full_mode_shared_critic_holds_one_trunk_copy_less():
+    """config.model.critic='shared' (trl 0.7.4's layout) trains one policy copy + value head; 'separate' adds a
+    second trunk copy, and its Adam moments: the plan differs by those bytes."""
+    plans = {}
+    for critic in ("separate", "shared"):
+        cfg = alpacafarm_rer.get_config("rer,v4-32")
+        cfg.model.train_mode, cfg.model.critic = "full", critic
+        plans[critic] = memory.plan(cfg)
+    sep, shared = plans["separate"], plans["shared"]
+    params = sep.lines["policy params"]
+    assert "trainable (policy + value head)" in shared.lines and "trainable (policy + critic)" in sep.lines
+    extra = sep.lines["trainable (policy + critic)"] - shared.lines["trainable (policy + value head)"]
+    assert extra == params  # the critic's trunk copy (the value head is in both)
+    assert sep.lines["optimizer state"] - shared.lines["optimizer state"] == 2 * params  # Adam mu + nu
