@@ -30,6 +30,14 @@ MODES = ("lora", "full")
 CRITICS = ("separate", "shared")
 
 
+def check_critic(critic: str) -> str:
+    """``critic`` if it names a critic layout, else an error naming ``config.model.critic`` and the choices."""
+    if critic not in CRITICS:
+        raise ValueError(f"config.model.critic={critic!r}; choose one of {CRITICS} ('separate': the critic has "
+                         "its own trunk copy; 'shared': the value head sits on the policy trunk, as in trl 0.7.4)")
+    return critic
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicySpec:
     """Static description of the trained network (a hashable jit argument)."""
@@ -42,9 +50,7 @@ class PolicySpec:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"model.train_mode={self.mode!r}; choose one of {MODES}")
-        if self.critic not in CRITICS:
-            raise ValueError(f"model.critic={self.critic!r}; choose one of {CRITICS} ('separate': the critic has "
-                             "its own trunk copy; 'shared': the value head sits on the policy trunk, as in trl 0.7.4)")
+        check_critic(self.critic)
         if self.mode == "lora" and self.lora_cfg is None:
             raise ValueError("model.train_mode='lora' needs a LoRA config (config.model.lora)")
 

@@ -64,10 +64,7 @@ def validate(config) -> RunSpec:
           for n in config.reward.counterfactual}
     if config.model.train_mode not in policy.MODES:
         raise ValueError(f"config.model.train_mode={config.model.train_mode!r}; choose one of {policy.MODES}")
-    critic = config.model.get("critic", "separate")
-    if critic not in policy.CRITICS:
-        raise ValueError(f"config.model.critic={critic!r}; choose one of {policy.CRITICS} ('separate': the "
-                         "critic has its own trunk copy; 'shared': the value head sits on the policy trunk)")
+    critic = policy.check_critic(config.model.get("critic", "separate"))
     lcfg = config.model.lora
     mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
     n_dev = mesh_cfg.num_devices or jax.device_count()

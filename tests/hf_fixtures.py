@@ -5,6 +5,7 @@ loader maps wrongly -- or leaves at its init -- shows up in the logits.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
@@ -95,3 +96,13 @@ def save(model, directory, max_shard_size=None):
     kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(directory), safe_serialization=True, **kw)
     return str(directory)
+
+
+def left_padded(seed, B, T, vocab, pads):
+    """(ids, mask) int32 [B, T]: random ids in 1..vocab-1, row b left-padded (id 0, mask 0) with pads[b] slots."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, (B, T))
+    mask = np.ones((B, T), np.int32)
+    for b, n in enumerate(pads):
+        ids[b, :n], mask[b, :n] = 0, 0
+    return ids.astype(np.int32), mask

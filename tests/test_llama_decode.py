@@ -11,20 +11,11 @@ from rre_jax import models
 from rre_jax.models import llama
 
 
-def _left_padded(seed, B, T, vocab, pads):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (B, T))
-    mask = np.ones((B, T), np.int32)
-    for b, n in enumerate(pads):
-        ids[b, :n], mask[b, :n] = 0, 0
-    return ids.astype(np.int32), mask
-
-
 @pytest.mark.parametrize("variant", ["llama_gqa", "qwen2"])
 def test_cached_steps_equal_full_recompute(variant, tmp_path):
     loaded = models.from_pretrained(F.save(F.causal_lm(variant), tmp_path))
     cfg, params = loaded.config, loaded.params
-    ids, mask = _left_padded(0, 3, 14, cfg.vocab_size, (0, 2, 5))
+    ids, mask = F.left_padded(0, 3, 14, cfg.vocab_size, (0, 2, 5))
     T0 = 6  # prompt part: rows 1, 2 are left-padded inside it
     full = np.asarray(llama.forward(cfg, params, ids, mask)["logits"])
     logits, cache = llama.prefill(cfg, params, ids[:, :T0], mask[:, :T0], 16)
@@ -40,7 +31,7 @@ def test_cached_steps_equal_full_recompute(variant, tmp_path):
 def test_greedy_matches_transformers_generate(variant, tmp_path):
     ref = F.causal_lm(variant, seed=1)
     loaded = models.from_pretrained(F.save(ref, tmp_path))
-    ids, mask = _left_padded(5, 4, 9, loaded.config.vocab_size, (0, 1, 4, 6))
+    ids, mask = F.left_padded(5, 4, 9, loaded.config.vocab_size, (0, 1, 4, 6))
     with torch.no_grad():
         theirs = ref.generate(input_ids=torch.tensor(ids, dtype=torch.long),
                               attention_mask=torch.tensor(mask, dtype=torch.long), max_new_tokens=32,
@@ -55,7 +46,7 @@ def test_greedy_stops_rows_at_eos():
     cfg = llama.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                             num_attention_heads=2)
     params = llama.init_params(cfg, jax.random.key(0))
-    ids, mask = _left_padded(1, 2, 4, 16, (0, 2))
+    ids, mask = F.left_padded(1, 2, 4, 16, (0, 2))
     free = np.asarray(llama.greedy_generate(cfg, params, ids, mask, 12))
     eos = int(free[0, 2])
     out = np.asarray(llama.greedy_generate(cfg, params, ids, mask, 12, eos_id=eos, pad_id=0))

@@ -14,15 +14,6 @@ from rre_jax import models
 from rre_jax.models import hf, llama, lora as lora_lib
 
 
-def _left_padded(seed, B, T, vocab, pads):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (B, T))
-    mask = np.ones((B, T), np.int32)
-    for b, n in enumerate(pads):
-        ids[b, :n], mask[b, :n] = 0, 0
-    return ids.astype(np.int32), mask
-
-
 def _close_to_stacked(ours, stacked, what):
     ours, stacked = np.asarray(ours), np.asarray(stacked)
     err = np.abs(ours - stacked).max()
@@ -41,7 +32,7 @@ def test_per_layer_load_matches_transformers_and_stacked(variant, tmp_path):
     assert sorted(k for k in params if k.startswith("layers")) == [f"layers_{i}" for i in range(L)]
     assert params["layers_1"]["q_proj"]["kernel"].shape == (cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim)
 
-    ids, mask = _left_padded(3, 4, 9, cfg.vocab_size, (0, 1, 4, 6))
+    ids, mask = F.left_padded(3, 4, 9, cfg.vocab_size, (0, 1, 4, 6))
     pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
     with torch.no_grad():
         t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
@@ -91,7 +82,7 @@ def test_stacked_lora_applies_to_per_layer_params(tmp_path):
     lcfg = lora_lib.LoraConfig(rank=4, targets=("q_proj", "v_proj", "down_proj"))
     adapters = lora_lib.init(cfg, lcfg, jax.random.key(0))
     adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapters)
-    ids, mask = _left_padded(6, 3, 8, cfg.vocab_size, (0, 2, 5))
+    ids, mask = F.left_padded(6, 3, 8, cfg.vocab_size, (0, 2, 5))
     want = llama.forward(cfg, stacked.params, ids, mask, lora=adapters, lora_cfg=lcfg)["logits"]
     got = llama.forward(cfg, per.params, ids, mask, lora=adapters, lora_cfg=lcfg)["logits"]
     plain = llama.forward(cfg, per.params, ids, mask)["logits"]
