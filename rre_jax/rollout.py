@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rre_jax import sampling
+from rre_jax import compiled, sampling
 from rre_jax.models import llama
 
 
@@ -88,5 +88,5 @@ def jitted_sampler(cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id
         def fn(params, ids_BxT, mask_BxT, rng, lora):
             return sample(cfg, params, ids_BxT, mask_BxT, rng, scfg, eos_id=eos_id, pad_id=pad_id, lora=lora,
                           lora_cfg=lora_cfg)
-        _SAMPLERS[key] = jax.jit(fn)
+        _SAMPLERS[key] = compiled.AheadOfTime(jax.jit(fn))
     return _SAMPLERS[key]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rre_jax import advantages, checkpoint, mesh as mesh_lib, metrics as metrics_lib, policy, ppo, reward
+from rre_jax import advantages, checkpoint, compiled, mesh as mesh_lib, metrics as metrics_lib, policy, ppo, reward
 from rre_jax import rollout, sampling
 from rre_jax.data import batching, prompts as prompts_lib, templates, tiny_prompts_path
 from rre_jax.models import llama, lora as lora_lib
@@ -262,12 +262,12 @@ def restore(run: Run, ckpt: checkpoint.CheckpointManager, step: int, state):
 
 # ======================================================================================= jitted programs
 
-_PROGRAMS: dict = {}  # (name, static args) -> jitted function; one entry per prompt bucket
+_PROGRAMS: dict = {}  # (name, static args) -> AheadOfTime program; one executable per prompt bucket
 
 
 def _program(name: str, build, *key):
     if (name, key) not in _PROGRAMS:
-        _PROGRAMS[(name, key)] = build(*key)
+        _PROGRAMS[(name, key)] = compiled.AheadOfTime(build(*key))
     return _PROGRAMS[(name, key)]
 
 

