@@ -7,12 +7,15 @@
 Nothing crosses to the host: ids -> bytes (per-tokenizer table) -> code points (UTF-8 decoding) -> classes
 (bitsets of ``\\w`` / ``\\s`` taken from Python's ``re`` itself) -> words -> trigram hashes -> hash table -> counts.
 
-Letters: B batch, T response tokens, V vocabulary, L longest token in bytes, N byte-stream length (static
-``max_bytes``), K = 2 independent hashes, C = 0x110000 / 32 words of a class bitset.
+Letters: B batch, T response tokens, V vocabulary, L longest token in bytes, N bytes per response (static
+``max_bytes``), P packed-stream length (static ``total_bytes``), W word slots (= P), K = 2 independent
+hashes, C = 0x110000 / 32 words of a class bitset.
 
-Work happens at *byte positions*: every byte of a UTF-8 unit carries that unit's code point and class, and
-``start_BxN`` marks the first byte of each decoded character. Word runs are maximal runs of one class
-(word or other) between spaces, so they can be found by comparing neighbouring byte positions.
+Work happens at *byte positions* of one packed stream (the batch's responses back to back): every byte of a
+UTF-8 unit carries that unit's code point and class, and ``start_P`` marks the first byte of each decoded
+character. Word runs are maximal runs of one class (word or other) between spaces, so they can be found by
+comparing neighbouring byte positions; each word then gets one slot of a compacted word array (``Words``), where
+trigrams are three neighbouring slots of one row.
 
 Invalid UTF-8 is decoded exactly like Python's ``bytes.decode('utf-8', errors='replace')``: each maximal
 subpart of an ill-formed sequence (a valid lead byte plus the valid continuation bytes that follow it, or a
@@ -109,10 +112,24 @@ def _shift(x_BxN: jax.Array, k: int, fill=0) -> jax.Array:
     return padded[..., k:] if k > 0 else padded[..., :k]
 
 
-def _scan(x_BxN: jax.Array, op, reverse: bool = False) -> jax.Array:
-    """Inclusive scan along the last axis: ``op`` is 'add' (uint32 sums wrap), 'max' or 'min'."""
-    fn = {"add": jax.lax.cumsum, "max": jax.lax.cummax, "min": jax.lax.cummin}[op]
-    return fn(x_BxN, axis=x_BxN.ndim - 1, reverse=reverse)
+def _materialize(x_N: jax.Array) -> jax.Array:
+    """``x_N`` written to memory once. XLA fuses a cheap producer into each consumer, so a value read at
+    shifted or gathered positions (bytes, code points, classes) would be re-derived at every read; its CPU
+    pipeline drops ``optimization_barrier``, but a scatter's result is always a buffer of its own."""
+    n = x_N.shape[0]
+    return jnp.zeros_like(x_N).at[jnp.arange(n)].set(x_N, indices_are_sorted=True, unique_indices=True)
+
+
+def _cumsum(x_N: jax.Array, block: int = 128) -> jax.Array:
+    """Inclusive integer prefix sum of a long 1-D stream, in two levels: within blocks of ``block``, then the
+    blocks' running totals added on. The same integers as ``jnp.cumsum`` (integer sums are exact, uint32
+    wraps alike) at about half its cost on XLA CPU for a stream of ~80k positions."""
+    n = x_N.shape[0]
+    blocks_Kxb = jnp.pad(x_N, (0, -n % block)).reshape(-1, block)
+    inner = jnp.cumsum(blocks_Kxb, axis=1)
+    total = inner[:, -1]
+    return (inner + (jnp.cumsum(total) - total)[:, None]).reshape(-1)[:n]
+
 
 
 # ----------------------------------------------------------------------------------------------- bytes
@@ -136,8 +153,8 @@ def packed_bytes(ids_BxT, mask_BxT, bytes_VxL, len_V, max_bytes: int, total_byte
         1, mode="drop")
     row_starts = jnp.concatenate([off_B[1:], (off_B[-1] + kept_B[-1] + 1)[None]])
     seg_P = jnp.zeros(total_bytes, jnp.int32).at[row_starts].add(1, mode="drop")
-    seg_P = _scan(seg_P, "add")
-    tok_P = jnp.minimum(_scan(ends_P, "add"), b * t - 1)
+    seg_P = _cumsum(seg_P)
+    tok_P = jnp.minimum(_cumsum(ends_P), b * t - 1)
     off_Bp, kept_Bp = (jnp.concatenate([x, jnp.zeros(1, x.dtype)]) for x in (off_B, kept_B))
     local_P = jnp.arange(total_bytes) - off_Bp[seg_P]
     start_P = (end_BxT - len_BxT).ravel()[tok_P]
@@ -183,19 +200,27 @@ def char_class(cp_BxN, word_C, space_C):
 
 
 def _occurrences(bytes_BxN, stop_strings: Sequence[str]):
-    """hit_SxBxN: stop string s starts at byte n (one compare per pattern column, all patterns at once)."""
-    patterns = [s.encode("utf-8") for s in stop_strings]
-    width = max(map(len, patterns))
-    pattern_SxW = np.full((len(patterns), width), -1, np.int32)  # -1: past the pattern's end, matches all
-    for i, p in enumerate(patterns):
-        pattern_SxW[i, :len(p)] = list(p)
-    n = bytes_BxN.shape[1]
-    padded = jnp.pad(bytes_BxN, ((0, 0), (0, width)), constant_values=-2)
-    hit = jnp.ones((len(patterns),) + bytes_BxN.shape, bool)
-    for k in range(width):
-        want_S = jnp.asarray(pattern_SxW[:, k])[:, None, None]
-        hit &= (padded[None, :, k:k + n] == want_S) | (want_S == -1)
-    return hit
+    """hit_SxBxN: stop string s starts at byte n.
+
+    The stream is read four bytes at a time (w[n] = bytes n..n+3 as one uint32, little end first), so a
+    pattern of length l costs ceil(l / 4) masked word compares instead of l byte compares. Bytes past the
+    stream read as 0, so a hit there may be spurious: callers keep only matches wholly inside the stream.
+    """
+    pad = lambda x, k: jnp.pad(x, ((0, 0), (0, k)), constant_values=0)[:, k:] if k else x  # noqa: E731
+    b = bytes_BxN.astype(jnp.uint32)
+    word = b | pad(b, 1) << 8 | pad(b, 2) << 16 | pad(b, 3) << 24
+    hits = []
+    for s in stop_strings:
+        pattern = s.encode("utf-8")
+        hit = jnp.ones(bytes_BxN.shape, bool)
+        for j in range(0, len(pattern), 4):
+            chunk = pattern[j:j + 4]
+            want = int.from_bytes(chunk, "little")
+            mask = (1 << (8 * len(chunk))) - 1
+            w = pad(word, j)
+            hit &= (w & jnp.uint32(mask)) == jnp.uint32(want)
+        hits.append(hit)
+    return jnp.stack(hits)
 
 
 def clean_span(bytes_P, seg_P, real_P, n_rows: int, stop_strings: Sequence[str]):
@@ -240,28 +265,38 @@ _SEEDS_Kx4 = np.array([[0x3C6EF372, 0x1B873593, 0x27D4EB2F, 0x165667B1],
                        [0x6A09E667, 0xBB67AE85, 0x510E527F, 0x9B05688C]], np.uint32)
 
 
-def word_hashes(cp_BxN, start_BxN, class_BxN):
-    """K independent 32-bit hashes of every word's code points, read at the word's last byte.
+class Words(NamedTuple):
+    """The words of a packed stream, compacted: word i of the stream (rows in order) sits in slot i."""
 
-    A word is a maximal run of WORD or of OTHER characters. h = fmix(sum_k g(cp_k, k) + fmix(len ^ seed))
-    with g(cp, k) = fmix(cp * phi ^ fmix(k + seed)), k the 1-based index of the character in its word; the
-    sums are prefix-sum differences (uint32 wraps). Returns (hash_KxBxN, word_start_BxN, word_end_BxN).
+    hash_KxW: jax.Array  # uint32, K independent hashes of each word's code points
+    row_W: jax.Array  # int32, the word's row; ``n_rows`` in the slots past the last word
+    n_words_R: jax.Array  # int32 words per row
+
+
+def word_hashes(cp_P, start_P, class_P, seg_P, n_rows: int) -> Words:
+    """K independent 32-bit hashes of every word of a packed stream, one slot per word (``Words``).
+
+    A word is a maximal run of WORD or of OTHER characters (rows are separated by a space, so no word spans
+    two rows). h = fmix(sum_k g(cp_k, k) ^ seed) with g(cp, k) = fmix(cp * phi ^ fmix(k + seed')), k the
+    1-based index of the character in its word: two different words differ in at least one (cp, k) pair, so
+    their sums differ by a non-empty signed sum of independent random values. The per-word sums are one
+    scatter-add into the word slots (uint32 wraps), so no per-byte hash is ever gathered or recomputed.
     """
-    n = cp_BxN.shape[1]
-    in_word = class_BxN != SPACE
-    word_start = in_word & (class_BxN != _shift(class_BxN, -1, SPACE))
-    word_end = in_word & (_shift(word_start, 1, True) | ~_shift(in_word, 1, False))
-    first_BxN = _scan(jnp.where(word_start, jnp.arange(n), 0), "max")  # start byte of own word
-    chars_BxN = _scan(start_BxN.astype(jnp.int32), "add")  # characters so far, inclusive
-    k_BxN = chars_BxN - jnp.take_along_axis(chars_BxN - start_BxN, first_BxN, axis=1)  # 1-based
-    seeds = jnp.asarray(_SEEDS_Kx4)[:, :, None, None]  # K x 4 x 1 x 1
-    k_u32 = k_BxN.astype(jnp.uint32)[None]
-    g = _fmix32(cp_BxN.astype(jnp.uint32)[None] * jnp.uint32(0x9E3779B1) ^ _fmix32(k_u32 + seeds[:, 0]))
-    g = jnp.where((start_BxN & in_word)[None], g, jnp.uint32(0))
-    acc = _scan(g, "add")
-    base = jnp.take_along_axis(acc - g, jnp.broadcast_to(first_BxN[None], acc.shape), axis=2)
-    hash_KxBxN = _fmix32(acc - base + _fmix32(k_u32 ^ seeds[:, 1]))
-    return hash_KxBxN, word_start, word_end
+    p = cp_P.shape[0]
+    in_word = class_P != SPACE
+    word_start = in_word & (class_P != _shift(class_P, -1, SPACE))
+    wid_P = _cumsum(word_start.astype(jnp.int32)) - 1  # index of the word each byte is in (or follows)
+    chars_P = _cumsum(start_P.astype(jnp.int32))  # characters so far, inclusive
+    at_start = jnp.where(word_start, wid_P, p)  # slot of the word a byte starts (p: none, dropped)
+    before_W = jnp.zeros(p, jnp.int32).at[at_start].set(chars_P - 1, mode="drop")  # characters before it
+    row_W = jnp.full(p, n_rows, jnp.int32).at[at_start].set(seg_P, mode="drop")
+    k_u32 = (chars_P - before_W[jnp.maximum(wid_P, 0)]).astype(jnp.uint32)[None]  # 1-based, in words
+    seeds = jnp.asarray(_SEEDS_Kx4)[:, :, None]  # K x 4 x 1
+    g = _fmix32(cp_P.astype(jnp.uint32)[None] * jnp.uint32(0x9E3779B1) ^ _fmix32(k_u32 + seeds[:, 0]))
+    at_char = jnp.where(start_P & in_word, wid_P, p)
+    sum_KxW = jnp.zeros((g.shape[0], p), jnp.uint32).at[:, at_char].add(g, mode="drop")
+    n_words_R = jax.ops.segment_sum(word_start.astype(jnp.int32), seg_P, num_segments=n_rows + 1)[:n_rows]
+    return Words(_fmix32(sum_KxW ^ seeds[:, 1]), row_W, n_words_R)
 
 
 def first_occurrences(keys: Sequence[jax.Array], active_N, n_slots: int | None = None):
@@ -300,29 +335,23 @@ def first_occurrences(keys: Sequence[jax.Array], active_N, n_slots: int | None =
     return jax.lax.while_loop(lambda s: s[1].any(), round_, init)[2]
 
 
-def trigram_counts(hash_KxN, word_start_N, word_end_N, seg_N, n_rows: int):
-    """(n_words_R, n_trigrams_R, n_distinct_R) per row of a packed stream from the words' hashes.
+def trigram_counts(words: Words, n_rows: int):
+    """(n_trigrams_R, n_distinct_R) per row from the compacted words.
 
-    Each trigram (three consecutive words of one row) gets K = 2 independent 32-bit identities t_k (fmix
-    chain over the k-th hashes of its words); distinct (row, t_0, t_1) tuples are counted exactly by
-    ``first_occurrences``. Hash collisions can only merge, and two different trigrams of one row merge only
-    if both 32-bit identities collide: under the random-function model, with D distinct trigrams in a row,
-    P(wrong) <= D^2 / 2^65, e.g. 7e-15 for D = 512.
+    Each trigram (three consecutive words of one row: slots i, i+1, i+2) gets K = 2 independent 32-bit
+    identities t_k (fmix chain over the k-th hashes of its words); distinct (row, t_0, t_1) tuples are counted
+    exactly by ``first_occurrences``. Hash collisions can only merge, and two different trigrams of one row
+    merge only if both 32-bit identities collide: under the random-function model, with D distinct trigrams
+    in a row, P(wrong) <= D^2 / 2^65, e.g. 7e-15 for D = 512.
     """
-    n = word_end_N.shape[0]
-    seg_sum = functools.partial(jax.ops.segment_sum, num_segments=n_rows + 1)
-    e2 = _shift(_scan(jnp.where(word_end_N, jnp.arange(n), n), "min", reverse=True), 1, n)
-    pad = lambda x, v: jnp.concatenate([x, jnp.full_like(x[..., :1], v)], axis=-1)  # noqa: E731  index n
-    e3 = pad(e2, n)[e2]
-    is_tri = word_end_N & (e3 < n) & (pad(seg_N, -1)[e3] == seg_N)
-    hpad = pad(hash_KxN, 0)
+    h, row_W = words.hash_KxW, words.row_W
+    is_tri = (row_W < n_rows) & (_shift(row_W, 2, n_rows) == row_W)
     seeds = jnp.asarray(_SEEDS_Kx4)[:, 2:, None]
-    t = _fmix32(_fmix32(_fmix32(hash_KxN ^ seeds[:, 0]) + hpad[:, e2] * jnp.uint32(0x9E3779B1)) ^ hpad[:, e3])
+    t = _fmix32(_fmix32(_fmix32(h ^ seeds[:, 0]) + _shift(h, 1) * jnp.uint32(0x9E3779B1)) ^ _shift(h, 2))
     t = _fmix32(t + seeds[:, 1])
-    first = first_occurrences([t[0], t[1], seg_N], is_tri)
-    counts_Nx3 = jnp.stack([word_start_N, is_tri, first], axis=-1).astype(jnp.int32)
-    counts_Rx3 = seg_sum(counts_Nx3, seg_N)[:n_rows]  # one scatter for the three counts
-    return counts_Rx3[:, 0], counts_Rx3[:, 1], counts_Rx3[:, 2]
+    first = first_occurrences([t[0], t[1], row_W], is_tri)
+    n_distinct_R = jax.ops.segment_sum(first.astype(jnp.int32), row_W, num_segments=n_rows + 1)[:n_rows]
+    return jnp.maximum(words.n_words_R - 2, 0), n_distinct_R
 
 
 # ----------------------------------------------------------------------------------------------- entry
@@ -347,17 +376,21 @@ def text_features(ids_BxT, mask_BxT, tables: FeatureTables, stop_strings: Sequen
     b, t = ids_BxT.shape
     n = int(max_bytes or t * tables.bytes_VxL.shape[1])
     p = int(total_bytes or b * (n + 1))
-    stage = jax.lax.optimization_barrier  # keeps XLA from re-computing one stage inside the next's gathers
-    bytes_P, seg_P, tok_P, n_bytes_B, kept_B, off_B = stage(
-        packed_bytes(ids_BxT, mask_BxT, tables.bytes_VxL, tables.len_V, n, p))
-    cp_1xP, start_1xP = stage(utf8_decode(bytes_P[None]))
+    bytes_P, seg_P, tok_P, n_bytes_B, kept_B, off_B = packed_bytes(
+        ids_BxT, mask_BxT, tables.bytes_VxL, tables.len_V, n, p)
+    bytes_P = _materialize(bytes_P)
+    cp_1xP, start_1xP = utf8_decode(bytes_P[None])
     real_P = jnp.arange(p) < jnp.concatenate([off_B + kept_B, jnp.zeros(1, off_B.dtype)])[seg_P]
     lo_R, hi_R, cut_R = clean_span(bytes_P, seg_P, real_P, b, stop_strings)
     pos_P = jnp.arange(p)
     in_span = (pos_P >= lo_R[seg_P]) & (pos_P < hi_R[seg_P])
-    class_1xP = stage(jnp.where(in_span, char_class(cp_1xP, tables.word_C, tables.space_C), SPACE))
-    hash_Kx1xP, word_start, word_end = stage(word_hashes(cp_1xP, start_1xP, class_1xP))
-    n_words, n_tri, n_distinct = trigram_counts(hash_Kx1xP[:, 0], word_start[0], word_end[0], seg_P, b)
+    class_P = jnp.where(in_span, char_class(cp_1xP[0], tables.word_C, tables.space_C), SPACE)
+    # One int32 per byte: code point (21 bits), unit start (bit 21), class (bits 22-23), written once.
+    info_P = _materialize(cp_1xP[0] | start_1xP[0].astype(jnp.int32) << 21 | class_P << 22)
+    cp_P, start_P, class_P = info_P & 0x1FFFFF, (info_P >> 21 & 1).astype(bool), info_P >> 22
+    words = word_hashes(cp_P, start_P, class_P, seg_P, b)
+    n_words = words.n_words_R
+    n_tri, n_distinct = trigram_counts(words, b)
     cut_B = cut_R[:b]
     found = cut_B < p
     cut_token = jnp.where(found, tok_P[jnp.minimum(cut_B, p - 1)] - jnp.arange(b) * t,

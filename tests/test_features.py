@@ -350,13 +350,17 @@ def test_word_hashes_have_no_collisions():
     word_C, space_C = map(jnp.asarray, F.class_bitsets())
 
     @jax.jit
-    def hashes(b):
-        cp, start = F.utf8_decode(b)
-        return F.word_hashes(cp, start, F.char_class(cp, word_C, space_C))
+    def hashes(b, seg):  # the rows packed into one stream, as text_features does
+        cp, start = F.utf8_decode(b[None])
+        return F.word_hashes(cp[0], start[0], F.char_class(cp, word_C, space_C)[0], seg, len(rows))
 
-    h, _, end = map(np.asarray, hashes(jnp.asarray(data)))
-    pairs = h[:, end]  # K x n_words, in order
-    assert pairs.shape == (2, len(words))
+    seg = np.repeat(np.arange(len(rows), dtype=np.int32), data.shape[1])
+    got = hashes(jnp.asarray(data.ravel()), jnp.asarray(seg))
+    assert np.asarray(got.n_words_R).tolist() == [4096] * len(rows)
+    row_W = np.asarray(got.row_W)
+    np.testing.assert_array_equal(row_W[:len(words)], np.repeat(np.arange(len(rows)), 4096))
+    assert (row_W[len(words):] == len(rows)).all()
+    pairs = np.asarray(got.hash_KxW)[:, :len(words)]  # K x n_words, in order
     ids64 = pairs[0].astype(np.uint64) << np.uint64(32) | pairs[1].astype(np.uint64)
     assert len(np.unique(ids64)) == len(words)
     expected = len(words) ** 2 / 2 ** 33  # birthday: ~8 colliding pairs per 32-bit hash
