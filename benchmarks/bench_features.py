@@ -7,8 +7,11 @@ with a SentencePiece-style tokenizer trained here on the data. Device path: ``te
 [n, max_tokens] id batch (one jitted call, ``max_bytes`` = the batch's longest response rounded up to 256,
 ``total_bytes`` = the packed stream's length bucketed like ``reward.score_texts`` does).
 Python path: ``tokenizer.batch_decode`` of the same ids, then clean() + nltk.wordpunct_tokenize + LI + RP
-(tests/reference_features.py); timed with and without the decode. Both run in one process, alternating,
-and the medians are printed with their ratio.
+(tests/reference_features.py); timed with and without the decode. Both run in one process: each repeat
+times a block of ``--block`` consecutive calls of each path in turn (throughput, as when scoring an eval set
+batch after batch), and the medians over repeats are printed with their ratio. ``--block 1`` times isolated
+calls between the Python ones instead: there XLA's worker threads and caches start cold every call, which
+costs the device path 15-25% on this 2-core machine.
 """
 from __future__ import annotations
 
@@ -33,13 +36,11 @@ from rre_jax import tokenizer as tk  # noqa: E402
 from rre_jax.reward import packed_bucket  # noqa: E402
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _seconds_per_call(fn, block: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(block):
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return (time.perf_counter() - t0) / block
 
 
 def main():
@@ -47,7 +48,8 @@ def main():
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--block", type=int, default=8, help="consecutive calls per timed block")
     args = p.parse_args()
     data = pathlib.Path(args.data)
     if not (data / "alpacafarm_val.json").exists():
@@ -85,14 +87,15 @@ def main():
 
     t_dev, t_txt, t_ids = [], [], []
     for _ in range(args.repeats):  # alternate, so both see the same machine load
-        t_dev.append(_median_seconds(device, 1))
-        t_txt.append(_median_seconds(python_text, 1))
-        t_ids.append(_median_seconds(python_ids, 1))
+        t_dev.append(_seconds_per_call(device, args.block))
+        t_txt.append(_seconds_per_call(python_text, args.block))
+        t_ids.append(_seconds_per_call(python_ids, args.block))
     n = len(seqs)
     dev, txt, pid = (n / statistics.median(t) for t in (t_dev, t_txt, t_ids))
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {n} responses, "
           f"{args.max_tokens} tokens max, bytes mean {np.mean(n_bytes):.0f} max {max(n_bytes)}, "
-          f"max_bytes {max_bytes}, total_bytes {total_bytes}, compile {compile_s:.1f} s")
+          f"max_bytes {max_bytes}, total_bytes {total_bytes}, compile {compile_s:.1f} s, "
+          f"median of {args.repeats} blocks of {args.block} calls")
     print(f"jitted text_features (ids -> LI, RP, cut) : {dev:10.0f} responses/s")
     print(f"python reference, from text                : {txt:10.0f} responses/s   ratio device/python {dev / txt:.2f}")
     print(f"python reference, from ids (decode + text) : {pid:10.0f} responses/s   ratio device/python {dev / pid:.2f}")

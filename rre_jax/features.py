@@ -123,12 +123,14 @@ def _materialize(x_N: jax.Array) -> jax.Array:
 def _cumsum(x_N: jax.Array, block: int = 128) -> jax.Array:
     """Inclusive integer prefix sum of a long 1-D stream, in two levels: within blocks of ``block``, then the
     blocks' running totals added on. The same integers as ``jnp.cumsum`` (integer sums are exact, uint32
-    wraps alike) at about half its cost on XLA CPU for a stream of ~80k positions."""
+    wraps alike) at about half its cost on XLA CPU for a stream of ~80k positions. The blocks' offsets are
+    added to their first elements before the in-block scan, so the scan's own output is the result: one
+    buffer, which consumers read instead of each re-adding the offsets."""
     n = x_N.shape[0]
     blocks_Kxb = jnp.pad(x_N, (0, -n % block)).reshape(-1, block)
-    inner = jnp.cumsum(blocks_Kxb, axis=1)
-    total = inner[:, -1]
-    return (inner + (jnp.cumsum(total) - total)[:, None]).reshape(-1)[:n]
+    total_K = blocks_Kxb.sum(axis=1, dtype=x_N.dtype)
+    first_Kx1 = blocks_Kxb[:, :1] + (jnp.cumsum(total_K) - total_K)[:, None]
+    return jnp.cumsum(jnp.concatenate([first_Kx1, blocks_Kxb[:, 1:]], axis=1), axis=1).reshape(-1)[:n]
 
 
 
@@ -142,6 +144,8 @@ def packed_bytes(ids_BxT, mask_BxT, bytes_VxL, len_V, max_bytes: int, total_byte
     UTF-8 sequence there. Returns (bytes_P int32, seg_P: the row of each position (B past the last row),
     tok_P: flat token index b * T + t of each byte, n_bytes_B (uncut total), kept_B, off_B (row starts)).
     Byte p belongs to flat token #{(b, t) : off_b + end_bt <= p}: a scatter-add of token ends, a prefix sum.
+    A token ending at the row's last kept byte is counted one position later, after the separator, so the
+    separator still belongs to its row's last token and the row of every position is that count // T.
     """
     b, t = ids_BxT.shape
     len_BxT = jnp.where(mask_BxT, len_V[ids_BxT], 0)
@@ -149,12 +153,11 @@ def packed_bytes(ids_BxT, mask_BxT, bytes_VxL, len_V, max_bytes: int, total_byte
     n_bytes_B = end_BxT[:, -1]
     kept_B = jnp.minimum(n_bytes_B, max_bytes)
     off_B = jnp.cumsum(kept_B + 1) - (kept_B + 1)
-    ends_P = jnp.zeros(total_bytes, jnp.int32).at[(off_B[:, None] + jnp.minimum(end_BxT, max_bytes)).ravel()].add(
-        1, mode="drop")
-    row_starts = jnp.concatenate([off_B[1:], (off_B[-1] + kept_B[-1] + 1)[None]])
-    seg_P = jnp.zeros(total_bytes, jnp.int32).at[row_starts].add(1, mode="drop")
-    seg_P = _cumsum(seg_P)
-    tok_P = jnp.minimum(_cumsum(ends_P), b * t - 1)
+    end_kept = jnp.minimum(end_BxT, max_bytes)
+    marks = off_B[:, None] + end_kept + (end_kept == kept_B[:, None])
+    count_P = _cumsum(jnp.zeros(total_bytes, jnp.int32).at[marks.ravel()].add(1, mode="drop"))
+    seg_P = jnp.minimum(count_P // t, b)
+    tok_P = jnp.minimum(count_P, b * t - 1)
     off_Bp, kept_Bp = (jnp.concatenate([x, jnp.zeros(1, x.dtype)]) for x in (off_B, kept_B))
     local_P = jnp.arange(total_bytes) - off_Bp[seg_P]
     start_P = (end_BxT - len_BxT).ravel()[tok_P]
