@@ -276,7 +276,7 @@ class Words(NamedTuple):
     n_words_R: jax.Array  # int32 words per row
 
 
-def word_hashes(cp_P, start_P, class_P, seg_P, n_rows: int) -> Words:
+def word_hashes(cp_P, start_P, class_P, seg_P, last_R) -> Words:
     """K independent 32-bit hashes of every word of a packed stream, one slot per word (``Words``).
 
     A word is a maximal run of WORD or of OTHER characters (rows are separated by a space, so no word spans
@@ -284,21 +284,29 @@ def word_hashes(cp_P, start_P, class_P, seg_P, n_rows: int) -> Words:
     1-based index of the character in its word: two different words differ in at least one (cp, k) pair, so
     their sums differ by a non-empty signed sum of independent random values. The per-word sums are one
     scatter-add into the word slots (uint32 wraps), so no per-byte hash is ever gathered or recomputed.
+    ``seg_P``: the row of each position; ``last_R``: each row's last position (rows are contiguous, in order).
     """
-    p = cp_P.shape[0]
+    p, n_rows = cp_P.shape[0], last_R.shape[0]
     in_word = class_P != SPACE
     word_start = in_word & (class_P != _shift(class_P, -1, SPACE))
     wid_P = _cumsum(word_start.astype(jnp.int32)) - 1  # index of the word each byte is in (or follows)
     chars_P = _cumsum(start_P.astype(jnp.int32))  # characters so far, inclusive
     at_start = jnp.where(word_start, wid_P, p)  # slot of the word a byte starts (p: none, dropped)
-    before_W = jnp.zeros(p, jnp.int32).at[at_start].set(chars_P - 1, mode="drop")  # characters before it
-    row_W = jnp.full(p, n_rows, jnp.int32).at[at_start].set(seg_P, mode="drop")
+    bits = max(p - 1, 1).bit_length()
+    if bits + n_rows.bit_length() <= 31:  # one scatter: characters before the word | row << bits
+        packed_W = jnp.full(p, n_rows << bits, jnp.int32).at[at_start].set(chars_P - 1 | seg_P << bits,
+                                                                          mode="drop")
+        before_W, row_W = packed_W & ((1 << bits) - 1), packed_W >> bits
+    else:
+        before_W = jnp.zeros(p, jnp.int32).at[at_start].set(chars_P - 1, mode="drop")  # characters before it
+        row_W = jnp.full(p, n_rows, jnp.int32).at[at_start].set(seg_P, mode="drop")
     k_u32 = (chars_P - before_W[jnp.maximum(wid_P, 0)]).astype(jnp.uint32)[None]  # 1-based, in words
     seeds = jnp.asarray(_SEEDS_Kx4)[:, :, None]  # K x 4 x 1
     g = _fmix32(cp_P.astype(jnp.uint32)[None] * jnp.uint32(0x9E3779B1) ^ _fmix32(k_u32 + seeds[:, 0]))
     at_char = jnp.where(start_P & in_word, wid_P, p)
     sum_KxW = jnp.zeros((g.shape[0], p), jnp.uint32).at[:, at_char].add(g, mode="drop")
-    n_words_R = jax.ops.segment_sum(word_start.astype(jnp.int32), seg_P, num_segments=n_rows + 1)[:n_rows]
+    started_R = wid_P[jnp.minimum(last_R, p - 1)] + 1  # words started up to each row's last position
+    n_words_R = started_R - jnp.concatenate([jnp.zeros(1, started_R.dtype), started_R[:-1]])
     return Words(_fmix32(sum_KxW ^ seeds[:, 1]), row_W, n_words_R)
 
 
@@ -352,7 +360,9 @@ def trigram_counts(words: Words, n_rows: int):
     seeds = jnp.asarray(_SEEDS_Kx4)[:, 2:, None]
     t = _fmix32(_fmix32(_fmix32(h ^ seeds[:, 0]) + _shift(h, 1) * jnp.uint32(0x9E3779B1)) ^ _shift(h, 2))
     t = _fmix32(t + seeds[:, 1])
-    first = first_occurrences([t[0], t[1], row_W], is_tri)
+    # Trigrams fill at most a fraction of the W slots (a word is ~4-6 bytes of text), so N slots keep the
+    # table sparse: the first round settles nearly everything.
+    first = first_occurrences([t[0], t[1], row_W], is_tri, 1 << max(row_W.shape[0] - 1, 15).bit_length())
     n_distinct_R = jax.ops.segment_sum(first.astype(jnp.int32), row_W, num_segments=n_rows + 1)[:n_rows]
     return jnp.maximum(words.n_words_R - 2, 0), n_distinct_R
 
@@ -391,7 +401,7 @@ def text_features(ids_BxT, mask_BxT, tables: FeatureTables, stop_strings: Sequen
     # One int32 per byte: code point (21 bits), unit start (bit 21), class (bits 22-23), written once.
     info_P = _materialize(cp_1xP[0] | start_1xP[0].astype(jnp.int32) << 21 | class_P << 22)
     cp_P, start_P, class_P = info_P & 0x1FFFFF, (info_P >> 21 & 1).astype(bool), info_P >> 22
-    words = word_hashes(cp_P, start_P, class_P, seg_P, b)
+    words = word_hashes(cp_P, start_P, class_P, seg_P, off_B + kept_B)  # each row's separator
     n_words = words.n_words_R
     n_tri, n_distinct = trigram_counts(words, b)
     cut_B = cut_R[:b]

@@ -352,7 +352,8 @@ def test_word_hashes_have_no_collisions():
     @jax.jit
     def hashes(b, seg):  # the rows packed into one stream, as text_features does
         cp, start = F.utf8_decode(b[None])
-        return F.word_hashes(cp[0], start[0], F.char_class(cp, word_C, space_C)[0], seg, len(rows))
+        last = jnp.arange(1, len(rows) + 1) * data.shape[1] - 1  # each row's last position
+        return F.word_hashes(cp[0], start[0], F.char_class(cp, word_C, space_C)[0], seg, last)
 
     seg = np.repeat(np.arange(len(rows), dtype=np.int32), data.shape[1])
     got = hashes(jnp.asarray(data.ravel()), jnp.asarray(seg))
