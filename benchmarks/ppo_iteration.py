@@ -67,7 +67,7 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
-def child(mode: str, out: str, critic: str) -> None:
+def child(mode: str, out: str, critic: str, remat: str) -> None:
     """The rre_jax half for one mode; writes the same JSON schema as ppo_reference.py."""
     import jax
     import jax.numpy as jnp
@@ -80,7 +80,7 @@ def child(mode: str, out: str, critic: str) -> None:
     cfg = llama.LlamaConfig(**{k: v for k, v in common.MID_MODEL.items()}, rms_norm_eps=1e-6)
     base = llama.init_params(cfg, jax.random.key(work.seed))
     _mark("init base params")
-    pspec = policy.PolicySpec(cfg, mode, lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0), critic)
+    pspec = policy.PolicySpec(cfg, mode, lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0), critic, remat)
     pcfg = ppo.PPOConfig(batch_size=work.batch, mini_batch_size=work.mini_batch,
                          gradient_accumulation_steps=work.grad_accum, ppo_epochs=work.ppo_epochs)
     trainable = policy.init_trainable(pspec, base, jax.random.key(1))
@@ -130,7 +130,7 @@ def child(mode: str, out: str, critic: str) -> None:
     state, times, n_tok = iteration(state, 1)
     roof = _roofline()
     flops = common.update_flops(common.MID_MODEL, work, mode)["total"]
-    result = {"stack": "rre_jax", "mode": mode, "critic": "shared" if mode == "lora" else critic,
+    result = {"stack": "rre_jax", "mode": mode, "critic": "shared" if mode == "lora" else critic, "remat": remat,
               "threads": os.environ.get("RRE_THREADS", ""),
               "phases": times, "warmup_s": compile_s, "tokens_generated": n_tok,
               "generate_tokens_per_s": n_tok / times["generate_s"],
@@ -142,10 +142,10 @@ def child(mode: str, out: str, critic: str) -> None:
     pathlib.Path(out).write_text(json.dumps(result, indent=2))
 
 
-def _run_child(mode: str, out: str, threads: int, critic: str) -> dict:
+def _run_child(mode: str, out: str, threads: int, critic: str, remat: str) -> dict:
     # XLA's CPU client sizes its thread pool to the machine (2 cores here); torch gets --threads.
     env = {**os.environ, "RRE_THREADS": str(threads), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    subprocess.run([sys.executable, __file__, "--child", mode, "--out", out, "--critic", critic], env=env,
+    subprocess.run([sys.executable, __file__, "--child", mode, "--out", out, "--critic", critic, "--remat", remat], env=env,
                    check=True)
     return json.loads(pathlib.Path(out).read_text())
 
@@ -162,20 +162,26 @@ def main():
     p.add_argument("--no-reference", action="store_true", help="run only the rre_jax half")
     p.add_argument("--critic", default="shared", choices=("shared", "separate"),
                    help="full mode's value head: on the policy trunk as trl 0.7.4 (default) or a separate critic")
+    p.add_argument("--remat", default=None, choices=("none", "dots", "full"),
+                   help="what the update's backward keeps of each layer (default: rre-train's config.model.remat)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.remat is None:
+        from rre_jax import defaults
+        a.remat = defaults.base_config().model.remat
     if a.child:
-        return child(a.child, a.out, a.critic)
+        return child(a.child, a.out, a.critic, a.remat)
     tmp = tempfile.mkdtemp(prefix="rre_bench_")
     for mode in a.modes.split(","):
-        ours = _run_child(mode, os.path.join(tmp, f"rre_{mode}.json"), a.threads, a.critic)
+        ours = _run_child(mode, os.path.join(tmp, f"rre_{mode}.json"), a.threads, a.critic, a.remat)
         ref = None if a.no_reference else common.run_reference(mode, os.path.join(tmp, f"ref_{mode}.json"),
                                                                 "--threads", str(a.threads))
         if ref and ref["workload"]["prompt_sha256"] != ours["workload"]["prompt_sha256"]:
             raise SystemExit("the two halves fed different prompts")
         g = lambda d, *k: None if d is None else (d[k[0]] if len(k) == 1 else d[k[0]][k[1]])  # noqa: E731
-        print(f"\nPPO iteration, mode={mode}, critic={ours['critic']} (trl 0.7.4: shared), {a.threads} threads  "
+        print(f"\nPPO iteration, mode={mode}, critic={ours['critic']} (trl 0.7.4: shared), remat={a.remat}, "
+              f"{a.threads} threads  "
               "(ratio = trl / rre_jax time, or rre_jax / trl rate)")
         print(f"  {'':<26} {'rre_jax':>12} {'trl 0.7.4':>12} {'ratio':>9}")
         for ph in ("generate_s", "reward_s", "experience_s", "update_s", "step_s", "iteration_s"):

@@ -30,6 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
     # full mode's value head: 'separate' (a critic with its own trunk copy) or 'shared' (on the policy trunk,
     # as trl 0.7.4's AutoModelForCausalLMWithValueHead; half the weights). LoRA always shares the trunk.
     c.model.critic = "separate"
+    # What the PPO update's backward pass keeps of each layer: 'dots' (matmul outputs; norms, RoPE, softmax
+    # and SiLU are recomputed: less memory at about the same speed), 'none' (everything) or 'full' (layer
+    # inputs only; recomputes each layer, a third more update work, least memory).
+    c.model.remat = "dots"
     c.model.lora = ml_collections.ConfigDict()
     c.model.lora.rank = 8
     c.model.lora.alpha = 16.0

@@ -228,7 +228,8 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     pspec = policy.PolicySpec(pcfg, config.model.train_mode,
                               lora_lib.LoraConfig(rank=int(lcfg.rank), alpha=float(lcfg.alpha), dropout=0.0,
                                                   targets=tuple(lcfg.targets)),
-                              critic=str(config.model.get("critic", "separate")))
+                              critic=str(config.model.get("critic", "separate")),
+                              remat=str(config.model.get("remat", "dots")))
     base = param_report(pcfg, mesh_shape, rules=rules, lora_cfg=pspec.lora_cfg)
     frozen, _ = abstract_llama(pcfg)
     trainable = jax.eval_shape(lambda b, r: policy.init_trainable(pspec, b, r), frozen, jax.random.key(0))

@@ -46,11 +46,13 @@ class PolicySpec:
     mode: str = "lora"
     lora_cfg: lora_lib.LoraConfig | None = None
     critic: str = "separate"  # full mode only; LoRA's value head always shares the (adapted) trunk
+    remat: str = "none"  # llama.REMAT: what the update's backward pass keeps of each layer
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"model.train_mode={self.mode!r}; choose one of {MODES}")
         check_critic(self.critic)
+        llama.check_remat(self.remat)
         if self.mode == "lora" and self.lora_cfg is None:
             raise ValueError("model.train_mode='lora' needs a LoRA config (config.model.lora)")
 
@@ -91,7 +93,7 @@ def _run(spec, params, ids_BxS, mask_BxS, *, lora=None, value_head=False, rng=No
     """Llama forward; ``rng`` turns on LoRA dropout (``config.model.lora.dropout``). Callers read ``hidden``
     (and ``values``); the full-sequence logits the module also returns are dead code that XLA removes."""
     return llama.forward(spec.cfg, params, ids_BxS, mask_BxS, value_head=value_head, lora=lora,
-                         lora_cfg=spec.lora_cfg if lora is not None else None, rng=rng)
+                         lora_cfg=spec.lora_cfg if lora is not None else None, rng=rng, remat=spec.remat)
 
 
 def policy_outputs(spec: PolicySpec, trainable, frozen, ids_BxS, mask_BxS, T: int, rng=None):

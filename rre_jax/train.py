@@ -45,6 +45,7 @@ class RunSpec:
     lora: lora_lib.LoraConfig
     mode: str
     critic: str
+    remat: str
     dtype: Any
     param_dtype: Any
 
@@ -65,6 +66,7 @@ def validate(config) -> RunSpec:
     if config.model.train_mode not in policy.MODES:
         raise ValueError(f"config.model.train_mode={config.model.train_mode!r}; choose one of {policy.MODES}")
     critic = policy.check_critic(config.model.get("critic", "separate"))
+    remat = llama.check_remat(config.model.get("remat", "dots"))
     lcfg = config.model.lora
     mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
     n_dev = mesh_cfg.num_devices or jax.device_count()
@@ -82,7 +84,7 @@ def validate(config) -> RunSpec:
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
                    lora=lora_lib.LoraConfig(rank=int(lcfg.rank), alpha=float(lcfg.alpha), dropout=float(lcfg.dropout),
                                             targets=tuple(lcfg.targets)),
-                   mode=config.model.train_mode, critic=critic, dtype=dtype("dtype"), param_dtype=dtype("param_dtype"))
+                   mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"), param_dtype=dtype("param_dtype"))
 
 
 # ======================================================================================= set-up
@@ -197,7 +199,7 @@ def load_policy(config, spec: RunSpec, mesh, paths: dict):
                            param_dtype=spec.param_dtype)
     if base.kind != "causal_lm":
         raise ValueError(f"config.model.path={paths['policy']!r} is a {base.kind} checkpoint, not a causal LM")
-    return policy.PolicySpec(base.config, spec.mode, spec.lora, spec.critic), base.params
+    return policy.PolicySpec(base.config, spec.mode, spec.lora, spec.critic, spec.remat), base.params
 
 
 def reward_engine(config, spec: RunSpec, mesh, tokenizer, vocab_size: int, records) -> reward.RewardEngine:

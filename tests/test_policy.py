@@ -131,6 +131,12 @@ def test_experience_over_row_groups_equals_one_pass(model):
         policy.experience(spec, trainable, params, ids, mask, T, 3)
 
 
+def test_bad_remat_is_named():
+    with pytest.raises(ValueError, match=r"model.remat='some'.*'none', 'dots', 'full'"):
+        policy.PolicySpec(llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                            num_attention_heads=1), "lora", LCFG, remat="some")
+
+
 def test_bad_critic_is_named():
     with pytest.raises(ValueError, match="model.critic='twin'"):
         policy.PolicySpec(llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
@@ -142,13 +148,15 @@ def _hf_to_jax(hf, tmp_path):
     return llama.load_pretrained(str(tmp_path))[2]
 
 
-def test_shared_critic_update_matches_trl_step_loop(model, tmp_path):
+@pytest.mark.parametrize("remat", llama.REMAT)
+def test_shared_critic_update_matches_trl_step_loop(model, tmp_path, remat):
     """Full fine-tuning, value head on the policy trunk: one rre_jax update == trl's epochs over the same
-    minibatches with torch autograd and Adam on the HF model + a Linear value head."""
+    minibatches with torch autograd and Adam on the HF model + a Linear value head, whatever the backward
+    keeps of each layer (``remat``: recomputed activations give the same gradients)."""
     hf, cfg, params = model
     pcfg = ppo.PPOConfig(batch_size=B, mini_batch_size=1, gradient_accumulation_steps=2, ppo_epochs=2,
                          learning_rate=3e-3, max_grad_norm=None)
-    spec = policy.PolicySpec(cfg, "full", critic="shared")
+    spec = policy.PolicySpec(cfg, "full", critic="shared", remat=remat)
     ids, mask = _batch(1)
     trainable = policy.init_trainable(spec, params, jax.random.key(0))
     trainable["value"] = {k: jnp.asarray(v) for k, v in _value_head().items()}

@@ -18,6 +18,7 @@ from test_train import REPO, rows_by_step, tiny_cfg
     ({"reward.preset": "rr"}, "unknown reward preset 'rr'"),
     ({"model.train_mode": "half"}, "train_mode"),
     ({"model.critic": "twin"}, r"model.critic='twin'.*'separate', 'shared'"),
+    ({"model.remat": "all"}, r"model.remat='all'.*'none', 'dots', 'full'"),
     ({"sampling.top_p": 0.0}, "top_p"),
     ({"data.train_file": "/nonexistent/prompts.json"}, "does not exist"),
 ])

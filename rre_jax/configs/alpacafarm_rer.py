@@ -10,9 +10,11 @@ branching), ``rer`` (default), ``rer_random_qtype``, ``rer_predicted_qtype``. Me
 ``cpu`` (default: all local devices on ``data``), ``v4-8``, ``v5e-8``, ``v4-32``, ``v5e-32``, ``gpu-8``.
 Each preset's memory plan (``rre-params --config configs/alpacafarm_rer.py:rer,<preset>``; checked for every
 preset by tests/test_memory_plan.py) fits the chip: the update micro-batch (1 row of 1024 tokens per device)
-keeps ~11.6 GiB of activations for backward on LLaMA-7B, so the 16-32 GiB TPU presets split heads and MLP
-over ``tensor`` = 2, and where the gold RM does not fit beside the policy (``v5e-8``: 16 GiB chips) it is
-kept in host memory and brought in for evaluation only (``gold_rm.placement = 'host'``).
+keeps ~11.6 GiB of activations for backward on LLaMA-7B (7.2 GiB with the default ``model.remat = 'dots'``,
+which recomputes the elementwise ops), so the 16-32 GiB TPU presets split heads and MLP over ``tensor`` = 2,
+and where the gold RM does not fit beside the policy with every activation kept (``v5e-8``: 16 GiB chips) it
+is kept in host memory and brought in for evaluation only (``gold_rm.placement = 'host'``), which leaves
+room for ``--config.model.remat=none``.
 """
 import ml_collections
 
