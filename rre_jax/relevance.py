@@ -107,13 +107,6 @@ def load_tokenizer(path: str):
     return tok
 
 
-def _compiler_options() -> dict:
-    """XLA options for the encoder program: on CPU, plain XLA dot kernels instead of YNNPACK fusions, which
-    were 15-25% slower for BERT's [~4096 tokens, 384] x [384, 1536] matmuls (benchmarks/bench_relevance.py:
-    10.1 -> 8.5 s for 256 AlpacaEval pairs); other backends keep their defaults."""
-    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
-
-
 def _check_texts(texts):
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, got a single str (wrap it in a list)")
@@ -150,8 +143,7 @@ class RelevanceEncoder:
                 self.row_multiple *= mesh.shape[a]
         self.tokens_per_batch = tokens_per_batch
         self._embed = jax.jit(lambda p, ids, mask: bert.embed(p, cfg, ids, mask, precision=precision),
-                              in_shardings=None if in_sh is None else (None, in_sh, in_sh),
-                              compiler_options=_compiler_options())
+                              in_shardings=None if in_sh is None else (None, in_sh, in_sh))
 
     @classmethod
     def from_pretrained(cls, path: str, *, mesh=None, rules=None, dtype=jnp.float32, **kwargs) -> "RelevanceEncoder":
