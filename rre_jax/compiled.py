@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import functools
+import gc
 
 import jax
 
@@ -38,10 +38,11 @@ def release_host_memory() -> bool:
 
 
 def _signature(x):
+    """What an executable is specialised on: shape, dtype, weak type and placement of a device array; shape
+    and dtype (or only the type, for a Python scalar) of anything else."""
     if isinstance(x, jax.Array):
         return (x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding)
-    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-    return (type(x), shape, dtype) if shape is not None else (type(x), x if x is None else None)
+    return (type(x), getattr(x, "shape", None), getattr(x, "dtype", None))
 
 
 class AheadOfTime:
@@ -61,9 +62,6 @@ class AheadOfTime:
             exe = self._executables[key] = self.jitted.lower(*args).compile()
             release_host_memory()
         return exe(*args)
-
-    def lower(self, *args):
-        return self.jitted.lower(*args)
 
     def _cache_size(self) -> int:
         return len(self._executables)

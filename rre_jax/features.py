@@ -268,6 +268,9 @@ _SEEDS_Kx4 = np.array([[0x3C6EF372, 0x1B873593, 0x27D4EB2F, 0x165667B1],
                        [0x6A09E667, 0xBB67AE85, 0x510E527F, 0x9B05688C]], np.uint32)
 
 
+_PACK_BITS = 31  # a word slot's (characters before it, row) share one int32 scatter when they fit in this
+
+
 class Words(NamedTuple):
     """The words of a packed stream, compacted: word i of the stream (rows in order) sits in slot i."""
 
@@ -293,7 +296,7 @@ def word_hashes(cp_P, start_P, class_P, seg_P, last_R) -> Words:
     chars_P = _cumsum(start_P.astype(jnp.int32))  # characters so far, inclusive
     at_start = jnp.where(word_start, wid_P, p)  # slot of the word a byte starts (p: none, dropped)
     bits = max(p - 1, 1).bit_length()
-    if bits + n_rows.bit_length() <= 31:  # one scatter: characters before the word | row << bits
+    if bits + n_rows.bit_length() <= _PACK_BITS:  # one scatter: characters before the word | row << bits
         packed_W = jnp.full(p, n_rows << bits, jnp.int32).at[at_start].set(chars_P - 1 | seg_P << bits,
                                                                           mode="drop")
         before_W, row_W = packed_W & ((1 << bits) - 1), packed_W >> bits

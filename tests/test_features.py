@@ -402,6 +402,27 @@ def test_many_distinct_trigrams(families):
     assert got["n_distinct_B"].max() > 1000
 
 
+def test_word_slots_without_packing_give_the_same_features(families, answers, monkeypatch):
+    """Batches whose stream length x rows does not fit one int32 write a word slot's character offset and row
+    with two scatters instead of one packed scatter; forcing that path changes nothing."""
+    fam = families["sentencepiece"]
+    seqs, _ = encode(fam, answers[:BATCH])
+    ids = np.zeros((BATCH, 512), np.int32)
+    mask = np.zeros((BATCH, 512), bool)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s[:512])], mask[r, :len(s[:512])] = s[:512], True
+
+    def run():  # a fresh function each time, so the module constant is read at trace time
+        return jax.jit(lambda i, m: F.text_features(i, m, fam[2], max_bytes=4096))(ids, mask)
+
+    packed = run()
+    monkeypatch.setattr(F, "_PACK_BITS", 0)
+    unpacked = run()
+    assert int(np.asarray(packed.n_distinct_B).sum()) > 1000
+    for f, v in packed._asdict().items():
+        np.testing.assert_array_equal(np.asarray(unpacked._asdict()[f]), np.asarray(v), err_msg=f)
+
+
 # ------------------------------------------------------------------------------------------- contract
 
 

@@ -435,15 +435,12 @@ def positions_from_mask(mask_BxT):
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("head", "value_head"))
 def init_params(cfg: LlamaConfig, rng, head: str = "lm", value_head: bool = False):
-    """Random boxed-free params (a plain dict) of a ``Llama`` with ``head``; for tests and from-scratch runs."""
-    return _init_params(cfg, rng, head, value_head)
+    """Random boxed-free params (a plain dict) of a ``Llama`` with ``head``; for tests and from-scratch runs.
 
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _init_params(cfg: LlamaConfig, rng, head: str, value_head: bool):
-    # One compiled program: an eager init dispatches (and keeps the compiled code of) hundreds of small ops,
-    # which cost about twice the params' size in resident memory for the mid model.
+    One compiled program: an eager init dispatches (and keeps the compiled code of) hundreds of small ops,
+    which cost about twice the params' size in resident memory for the mid model."""
     model = Llama(cfg, head=head, value_head=value_head)
     ids = jnp.zeros((1, 2), jnp.int32)
     return nn.meta.unbox(model.init(rng, ids, ids, jnp.ones((1, 2), jnp.int32))["params"])
