@@ -132,17 +132,19 @@ class RelevanceEncoder:
         self.tokenizer, self.cfg, self.params = tokenizer, cfg, params
         self.max_length, self.min_length, self.progress = max_length, min(min_length, max_length), progress
         self.row_multiple = 1
-        in_sh = None
+        in_sh = batch_axes = None
         if mesh is not None:
             from rre_jax import mesh as mesh_lib
             rules = rules if rules is not None else mesh_lib.DEFAULT_RULES
             spec = mesh_lib.logical_to_mesh_spec(("batch", None), rules)
             in_sh = NamedSharding(mesh, spec)
+            batch_axes = spec[0]
             axes = () if spec[0] is None else (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
             for a in axes:
                 self.row_multiple *= mesh.shape[a]
         self.tokens_per_batch = tokens_per_batch
-        self._embed = jax.jit(lambda p, ids, mask: bert.embed(p, cfg, ids, mask, precision=precision),
+        self._embed = jax.jit(lambda p, ids, mask: bert.embed(p, cfg, ids, mask, precision=precision, mesh=mesh,
+                                                                batch_axes=batch_axes),
                               in_shardings=None if in_sh is None else (None, in_sh, in_sh))
 
     @classmethod

@@ -227,3 +227,31 @@ def test_sequence_longer_than_positions_is_an_error(tmp_path):
     cfg, params = bert.load_pretrained(path)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings 64"):
         bert.embed(params, cfg, np.ones((1, 65), np.int32), np.ones((1, 65), np.int32))
+
+
+def _qkv_mask(B, T, H=12, K=8, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.float32) for _ in range(3))
+    lengths = rng.integers(1, T + 1, B)
+    return q, k, v, jnp.asarray(np.arange(T)[None, :] < lengths[:, None], jnp.int32)
+
+
+@pytest.mark.parametrize("T", [16, 200, 320, 512])  # head blocks of 12, 6, 2 and 1 heads (12 heads)
+def test_cpu_attention_loop_matches_batched_attention(T):
+    """The CPU layout (a loop over blocks of one row's heads) computes the batched attention."""
+    q, k, v, mask = _qkv_mask(3, T)
+    looped = np.asarray(jax.jit(bert._attention_looped)(q, k, v, mask))
+    batched = np.asarray(jax.jit(bert._attention_rows)(q, k, v, mask))
+    np.testing.assert_allclose(looped, batched, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_attention_row_does_not_depend_on_its_batch():
+    """A row's attention output is bit-identical alone, in a batch of 5 and on an 8-device mesh."""
+    q, k, v, mask = _qkv_mask(8, 320, seed=1)
+    attend = jax.jit(bert.attention)
+    alone = np.asarray(attend(q[:1], k[:1], v[:1], mask[:1]))
+    np.testing.assert_array_equal(np.asarray(attend(q[:5], k[:5], v[:5], mask[:5]))[:1], alone)
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(4, 2, 1)), jax.devices())
+    on_mesh = jax.jit(lambda *a: bert.attention(*a, mesh=mesh, batch_axes=("data", "fsdp")))(q, k, v, mask)
+    assert len(on_mesh.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(on_mesh)[:1], alone)

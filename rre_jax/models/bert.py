@@ -22,6 +22,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from rre_jax.models import hf
 
@@ -114,6 +115,64 @@ def _layer_norm(cfg: BertConfig, param_dtype, name: str) -> nn.LayerNorm:
                         bias_init=_init(nn.initializers.zeros, "norm"), name=name)
 
 
+# Score block per step of the CPU attention loop: the [G, T, T] scores of G heads of one row stay in a
+# core's L2 cache between the QK^T product, the softmax and the PV product.
+_SCORE_BLOCK_BYTES = 1 << 20
+
+
+def _attention_rows(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None):
+    """Softmax attention, ``[B, T, H, K] -> [B, T, H, K]``, as one batched computation (TPU / GPU)."""
+    K = q_BxTxHxK.shape[-1]
+    s_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK, precision=precision,
+                           preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(K))
+    s_BxHxTxT = jnp.where(mask_BxT[:, None, None, :] > 0, s_BxHxTxT, jnp.finfo(jnp.float32).min)
+    p_BxHxTxT = jax.nn.softmax(s_BxHxTxT, axis=-1).astype(v_BxTxHxK.dtype)
+    return jnp.einsum("bhqs,bshk->bqhk", p_BxHxTxT, v_BxTxHxK, precision=precision)
+
+
+def _attention_looped(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None):
+    """The same attention as a loop over (row, group of G heads) blocks: the CPU layout.
+
+    Batched over all rows, XLA:CPU writes the whole ``[B, H, T, T]`` score tensor to memory between the
+    matmuls and each softmax pass (100 MB per layer for 8 x 512 tokens); one block's scores fit in cache.
+    G is the largest divisor of H whose ``[G, T, T]`` float32 scores fit ``_SCORE_BLOCK_BYTES``. Every block
+    runs the same computation, so a row's bits do not depend on how many rows share its batch.
+    """
+    B, T, H, K = q_BxTxHxK.shape
+    G = max(g for g in range(1, H + 1) if H % g == 0 and (g == 1 or g * T * T * 4 <= _SCORE_BLOCK_BYTES))
+
+    def block(args):
+        q_GxTxK, k_GxTxK, v_GxTxK, m_T = args
+        s_GxTxT = jnp.einsum("gqk,gsk->gqs", q_GxTxK, k_GxTxK, precision=precision,
+                             preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(K))
+        s_GxTxT = jnp.where(m_T[None, None, :] > 0, s_GxTxT, jnp.finfo(jnp.float32).min)
+        p_GxTxT = jax.nn.softmax(s_GxTxT, axis=-1).astype(v_GxTxK.dtype)
+        return jnp.einsum("gqs,gsk->gqk", p_GxTxT, v_GxTxK, precision=precision)
+
+    blocks = lambda x_BxTxHxK: x_BxTxHxK.transpose(0, 2, 1, 3).reshape(B * H // G, G, T, K)  # noqa: E731
+    m_NxT = jnp.repeat(mask_BxT, H // G, axis=0)
+    o_NxGxTxK = jax.lax.map(block, (blocks(q_BxTxHxK), blocks(k_BxTxHxK), blocks(v_BxTxHxK), m_NxT))
+    return o_NxGxTxK.reshape(B, H, T, K).transpose(0, 2, 1, 3)
+
+
+def attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, *, precision=None, mesh=None, batch_axes=None):
+    """Bidirectional softmax attention over the keys ``mask_BxT`` keeps; ``[B, T, H, K] -> [B, T, H, K]``.
+
+    On CPU (``jax.default_backend()`` at trace time) it loops over blocks of one row's heads
+    (``_attention_looped``: 3-4x faster for 256-512 tokens); elsewhere it is one batched computation.
+    With ``mesh`` the loop runs on each device's rows (``shard_map`` over ``batch_axes``, the mesh axes
+    of the batch dimension), so it never iterates over a sharded dimension.
+    """
+    if jax.default_backend() != "cpu":
+        return _attention_rows(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision)
+    looped = functools.partial(_attention_looped, precision=precision)
+    if mesh is None or mesh.size == 1:
+        return looped(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT)
+    rows = P(batch_axes)
+    return jax.shard_map(looped, mesh=mesh, in_specs=(rows, rows, rows, rows), out_specs=rows,
+                         check_vma=False)(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT)
+
+
 class _Layer(nn.Module):
     """One post-LN encoder layer: ``h = LN(x + Attn(x)); LN(h + W2 act(W1 h))``."""
 
@@ -121,6 +180,8 @@ class _Layer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: Any = None
+    mesh: Any = None
+    batch_axes: Any = None
 
     def _dense(self, features, axes, name):
         """Dense with kernel axes ``(in, out)``; the bias takes the ``out`` axis."""
@@ -139,11 +200,8 @@ class _Layer(nn.Module):
         q_BxTxHxK = self._dense(D, ("embed", "heads"), "query")(x_BxTxD).reshape(B, T, H, K)
         k_BxTxHxK = self._dense(D, ("embed", "heads"), "key")(x_BxTxD).reshape(B, T, H, K)
         v_BxTxHxK = self._dense(D, ("embed", "heads"), "value")(x_BxTxD).reshape(B, T, H, K)
-        s_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK, precision=self.precision,
-                               preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(K))
-        s_BxHxTxT = jnp.where(mask_BxT[:, None, None, :] > 0, s_BxHxTxT, jnp.finfo(jnp.float32).min)
-        p_BxHxTxT = jax.nn.softmax(s_BxHxTxT, axis=-1).astype(self.dtype)
-        a_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", p_BxHxTxT, v_BxTxHxK, precision=self.precision)
+        a_BxTxHxK = attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=self.precision,
+                              mesh=self.mesh, batch_axes=self.batch_axes)
         a_BxTxD = self._dense(D, ("heads", "embed"), "attn_out")(a_BxTxHxK.reshape(B, T, D))
         h_BxTxD = self._ln(x_BxTxD + a_BxTxD, "attn_ln")
         f_BxTxF = ACTIVATIONS[cfg.hidden_act](self._dense(cfg.intermediate_size, ("embed", "mlp"), "ffn_in")(h_BxTxD))
@@ -154,13 +212,17 @@ class _Layer(nn.Module):
 class BertEncoder(nn.Module):
     """``(input_ids_BxT, mask_BxT, token_type_ids_BxT) -> last hidden states f[B, T, D]``.
 
-    Positions are ``0..T-1`` for every row, as ``BertModel`` uses them: pad on the right.
+    Positions are ``0..T-1`` for every row, as ``BertModel`` uses them: pad on the right. ``mesh`` /
+    ``batch_axes``: the mesh the batch rows are split over, and its axes for the batch dimension
+    (see ``attention``).
     """
 
     cfg: BertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: Any = None
+    mesh: Any = None
+    batch_axes: Any = None
 
     @nn.compact
     def __call__(self, input_ids_BxT, mask_BxT, token_type_ids_BxT=None):
@@ -180,7 +242,8 @@ class BertEncoder(nn.Module):
                            name="position")(jnp.arange(T)[None, :]))
         x_BxTxD = _layer_norm(cfg, self.param_dtype, "embed_ln")(x_BxTxD).astype(self.dtype)
         for i in range(cfg.num_hidden_layers):
-            x_BxTxD = _Layer(cfg, self.dtype, self.param_dtype, self.precision, name=f"layer_{i}")(x_BxTxD, mask_BxT)
+            x_BxTxD = _Layer(cfg, self.dtype, self.param_dtype, self.precision, self.mesh, self.batch_axes,
+                             name=f"layer_{i}")(x_BxTxD, mask_BxT)
         return x_BxTxD
 
 
@@ -196,15 +259,17 @@ def mean_pool(hidden_BxTxD: jax.Array, mask_BxT: jax.Array) -> jax.Array:
 
 
 def embed(params, cfg: BertConfig, input_ids, attention_mask, token_type_ids=None, *,
-          precision=None) -> jax.Array:
+          precision=None, mesh=None, batch_axes=None) -> jax.Array:
     """Mean-pooled last hidden states f32[B, D] of int[B, T] inputs. Jittable with ``cfg`` static.
 
     Computes in the params' dtype (bf16 params: bf16 matmuls, float32 softmax / LayerNorm / pooling).
     ``precision`` goes to every matmul: on TPU the default rounds float32 matmul inputs to bf16, pass
     ``jax.lax.Precision.HIGHEST`` for float32 parity there (CPU is full float32 by default).
+    ``mesh`` / ``batch_axes``: the mesh axes the batch rows are sharded over, if any (``attention``).
     """
     dtype = params["word"]["embedding"].dtype
-    model = BertEncoder(cfg, dtype=dtype, param_dtype=dtype, precision=precision)
+    model = BertEncoder(cfg, dtype=dtype, param_dtype=dtype, precision=precision, mesh=mesh,
+                        batch_axes=batch_axes)
     hidden_BxTxD = model.apply({"params": params}, input_ids, attention_mask, token_type_ids)
     return mean_pool(hidden_BxTxD, attention_mask)
 
