@@ -7,9 +7,9 @@ plain dot product ``E(a) . E(b)`` -- not the cosine. ``RelevanceEncoder`` reprod
 fast on an accelerator:
 
 * texts are deduplicated and sorted by token length, so each batch holds similar lengths;
-* each batch is right-padded to a length bucket (``length_bucket``: 16, 32, 64, 96, 128, ..., 512) and
-  holds a power-of-two number of rows within a token budget (``plan_batches``), so ``jit`` compiles a
-  handful of shapes, not one per batch, and short texts are batched wide;
+* each batch is right-padded to a length bucket (``length_bucket``: 16, 24, 32, 48, 64, 96, 128, ..., 512)
+  and holds a number of rows within a token budget, rounded to a few sizes (``plan_batches``), so ``jit``
+  compiles a bounded set of shapes, not one per batch, and short texts are batched wide;
 * with a mesh, params follow their logical shardings and batch rows are split over the ``batch`` axis.
 
 None of this changes the result: padded keys are masked out of attention and the pooled mean, and rows
@@ -34,37 +34,54 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def length_bucket(n: int, max_length: int, min_length: int = 16, step: int = 32) -> int:
-    """Padded length for ``n`` tokens: powers of two up to ``2 * step``, then multiples of ``step``.
+def _geometric_ceil(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^(k-1)) that is >= ``n``."""
+    p = _pow2_ceil(n)
+    return 3 * p // 4 if p >= 4 and n <= 3 * p // 4 else p
 
-    Capped at ``max_length``. With step 32, seventeen shapes cover 1..512 tokens; plain powers of two
-    would pad a 260-token text to 512 and waste up to half the FLOPs of long texts.
+
+def length_bucket(n: int, max_length: int, min_length: int = 16, step: int = 32) -> int:
+    """Padded length for ``n`` tokens: 2^k and 3 * 2^(k-1) up to ``2 * step``, then multiples of ``step``.
+
+    Capped at ``max_length``. With step 32, nineteen shapes cover 1..512 tokens (16, 24, 32, 48, 64, 96,
+    128, 160, ..., 512); plain powers of two would pad a 260-token text to 512 and waste up to half the
+    FLOPs of long texts.
     """
-    b = max(min_length, _pow2_ceil(n)) if n <= 2 * step else -(-n // step) * step
+    b = max(min_length, _geometric_ceil(n)) if n <= 2 * step else -(-n // step) * step
     return min(b, max_length)
+
+
+TAIL_GRANULES = 16
+MIN_BATCH_TOKENS = 64
 
 
 def plan_batches(lengths: Sequence[int], tokens_per_batch: int, max_length: int, row_multiple: int = 1,
                  min_length: int = 16, step: int = 32) -> list[tuple[list[int], int, int]]:
     """``[(text indices, T, B)]``: longest buckets first; each batch's rows fit ``tokens_per_batch``.
 
-    A batch holds texts of one length bucket only, so a text's padded length T depends on its own length, and
-    B is a power of two of at least 2 (and a multiple of ``row_multiple``): XLA's CPU matmuls give a row the
-    same bits in any such batch. An embedding therefore does not depend on which other texts were scored with
-    it -- a host scoring its share of a batch gets exactly what one process scoring the whole batch gets.
+    A batch holds texts of one length bucket only, so a text's padded length T depends on its own length.
+    A full batch has the largest power of two of rows that fits the budget (a multiple of ``row_multiple``);
+    a bucket's last batch has the fewer of: its rows rounded up to a multiple of a sixteenth of a full
+    batch (``TAIL_GRANULES``), or to the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... So a bucket compiles a
+    bounded set of shapes, and padding rows -- real FLOPs, most of the work when a bucket holds a few
+    texts, as in a PPO step's rollouts -- stay under 1/16 of a full batch or a third of the batch. Every
+    batch spans at least ``MIN_BATCH_TOKENS`` tokens (XLA:CPU picks other matmul kernels below that).
     """
     lengths = [int(n) for n in lengths]
-    ceil_multiple = lambda b: -(-b // row_multiple) * row_multiple  # noqa: E731
+    ceil_multiple = lambda b, m: -(-b // m) * m  # noqa: E731
     buckets: dict[int, list[int]] = {}
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         buckets.setdefault(length_bucket(lengths[i], max_length, min_length, step), []).append(i)
     plan = []
     for T in sorted(buckets, reverse=True):
         order = buckets[T]
-        rows = ceil_multiple(max(2, 1 << (max(1, tokens_per_batch // T).bit_length() - 1)))
+        least = -(-MIN_BATCH_TOKENS // T)
+        rows = ceil_multiple(max(least, 1 << (max(1, tokens_per_batch // T).bit_length() - 1)), row_multiple)
+        granule = max(1, rows // TAIL_GRANULES)
         for start in range(0, len(order), rows):
             idx = order[start:start + rows]
-            plan.append((idx, T, rows if len(idx) == rows else min(rows, ceil_multiple(max(2, _pow2_ceil(len(idx)))))))
+            tail = min(ceil_multiple(len(idx), granule), _geometric_ceil(len(idx)))
+            plan.append((idx, T, min(rows, ceil_multiple(max(least, tail), row_multiple))))
     return plan
 
 

@@ -102,7 +102,7 @@ def test_relevance_matches_reference_torch_path(tiny_dir):
     assert np.abs(ours - cos).max() > 0.1  # it really is the unnormalised dot product
 
 
-BUCKETS = {16, 32, 64} | set(range(96, 513, 32))
+BUCKETS = {16, 24, 32, 48, 64} | set(range(96, 513, 32))
 
 
 @pytest.mark.parametrize("row_multiple", [1, 8])
@@ -113,9 +113,14 @@ def test_plan_batches_covers_every_text_within_bucketed_shapes(row_multiple):
     assert seen == list(range(len(lengths)))
     for idx, T, B in plan:
         assert T in BUCKETS and max(lengths[i] for i in idx) <= T
-        assert len(idx) <= B and B % row_multiple == 0 and B & (B - 1) == 0
+        full = -(-max(1 << ((4096 // T).bit_length() - 1), -(-64 // T)) // row_multiple) * row_multiple
+        assert len(idx) <= B <= full and B % row_multiple == 0 and B * T >= 64
+        # padding rows: under 1/16 of a full batch or 1/3 of the texts (or what the minimum size needs)
+        assert B == full or B - len(idx) < max(full // 16, len(idx) / 2, row_multiple, -(-64 // T))
         assert B * T <= 4096 or B == row_multiple
-    assert len({(T, B) for _, T, B in plan}) <= 2 * len(BUCKETS)  # per bucket: a full shape and its tail
+    shapes = {(T, B) for _, T, B in plan}
+    for T in BUCKETS:  # per bucket: a full shape and at most 16 + 2 log2(rows) tails
+        assert len({B for T_, B in shapes if T_ == T}) <= 17 + 2 * (4096 // T).bit_length()
     for idx, T, _ in plan:  # a text's padded length depends on its own length only
         assert all(relevance.length_bucket(int(lengths[i]), 512) == T for i in idx)
 
