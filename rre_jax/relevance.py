@@ -4,21 +4,28 @@ The reference (Kim & Seo's ``ContrieverModelForInference``) tokenizes with the e
 ``truncation=True, max_length=512`` and ``truncation_side='left'`` (so ``[CLS]`` + the *last* 510 word
 pieces + ``[SEP]`` survive), mean-pools the last hidden states over the attention mask and takes the
 plain dot product ``E(a) . E(b)`` -- not the cosine. ``RelevanceEncoder`` reproduces that, and makes it
-fast on an accelerator:
+fast:
 
-* texts are deduplicated and sorted by token length, so each batch holds similar lengths;
-* each batch is right-padded to a length bucket (``length_bucket``: 16, 24, 32, 48, 64, 96, 128, ..., 512)
-  and holds a number of rows within a token budget, rounded to a few sizes (``plan_batches``), so ``jit``
-  compiles a bounded set of shapes, not one per batch, and short texts are batched wide;
-* with a mesh, params follow their logical shardings and batch rows are split over the ``batch`` axis.
+* texts are deduplicated and sorted by token length;
+* on CPU (one device), texts are packed one after another into streams of ``tokens_per_batch`` tokens
+  (``plan_streams``): the per-token layers run on real tokens only, and each text attends within its own
+  window (``bert.embed_packed``). One compiled shape per stream size, and a text's embedding is
+  bit-identical whatever else is scored with it (streams stay under 4096 tokens, where XLA:CPU's matmul
+  kernels do not change with the row count) -- so a host scoring its share of a batch gets exactly what
+  one process scoring the whole batch gets;
+* otherwise (accelerators, multi-device meshes) each batch is right-padded to a length bucket
+  (``length_bucket``: 16, 24, 32, 48, 64, 96, 128, ..., 512) and holds a number of rows within the token
+  budget, rounded to a few sizes (``plan_batches``), so ``jit`` compiles a bounded set of shapes; with a
+  mesh, params follow their logical shardings and batch rows are split over the ``batch`` axis.
 
-None of this changes the result: padded keys are masked out of attention and the pooled mean, and rows
-are independent, so embeddings equal the reference's up to float rounding.
+None of this changes the result: padded and foreign keys are masked out of attention and the pooled
+mean, so embeddings equal the reference's up to float rounding.
 
 Shapes: N texts, B batch rows, T tokens (bucketed), D hidden size.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -47,6 +54,7 @@ def length_bucket(n: int, max_length: int, min_length: int = 16, step: int = 32)
     128, 160, ..., 512); plain powers of two would pad a 260-token text to 512 and waste up to half the
     FLOPs of long texts.
     """
+    n = int(n)
     b = max(min_length, _geometric_ceil(n)) if n <= 2 * step else -(-n // step) * step
     return min(b, max_length)
 
@@ -82,6 +90,46 @@ def plan_batches(lengths: Sequence[int], tokens_per_batch: int, max_length: int,
             idx = order[start:start + rows]
             tail = min(ceil_multiple(len(idx), granule), _geometric_ceil(len(idx)))
             plan.append((idx, T, min(rows, ceil_multiple(max(least, tail), row_multiple))))
+    return plan
+
+
+def windows(max_length: int, min_length: int = 16, step: int = 32) -> tuple[int, ...]:
+    """Every length bucket up to ``max_length``, longest first: the attention windows of packed texts."""
+    return tuple(sorted({length_bucket(n, max_length, min_length, step) for n in range(1, max_length + 1)},
+                        reverse=True))
+
+
+def plan_streams(lengths: Sequence[int], tokens_per_stream: int, max_length: int, min_length: int = 16,
+                 step: int = 32) -> list[tuple[int, list[tuple[int, int]]]]:
+    """``[(N, [(text index, offset), ...])]``: texts packed one after another into streams of N tokens.
+
+    Longest texts first, each into the first stream where its attention window (``length_bucket`` of its
+    length) still ends inside the stream; a text occupies only its own tokens, so shorter texts fill the
+    room behind long ones. Within a stream texts come longest first (windows in ``windows`` order). A
+    stream is ``tokens_per_stream`` tokens, or the smallest of its halvings (down to ``MIN_BATCH_TOKENS``)
+    that holds its texts: one compiled shape per stream size, at most a handful in all.
+    """
+    lengths = [int(n) for n in lengths]
+    longest = length_bucket(max([1] + lengths), max_length, min_length, step)
+    if tokens_per_stream < longest:
+        raise ValueError(f"relevance tokens_per_batch {tokens_per_stream} is smaller than the longest text's "
+                         f"window ({longest} tokens); raise it to at least max_length ({max_length})")
+    streams: list[list] = []  # [filled tokens, [(text, offset)], end of the furthest window]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        window = length_bucket(max(lengths[i], 1), max_length, min_length, step)
+        stream = next((st for st in streams if st[0] + window <= tokens_per_stream), None)
+        if stream is None:
+            stream = [0, [], 0]
+            streams.append(stream)
+        stream[1].append((i, stream[0]))
+        stream[2] = max(stream[2], stream[0] + window)
+        stream[0] += max(lengths[i], 1)
+    plan = []
+    for _, items, end in streams:
+        n = tokens_per_stream
+        while n % 2 == 0 and n // 2 >= max(end, MIN_BATCH_TOKENS):
+            n //= 2
+        plan.append((n, items))
     return plan
 
 
@@ -129,18 +177,37 @@ def _check_texts(texts):
         raise TypeError("texts must be a sequence of strings, got a single str (wrap it in a list)")
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_packed(cfg: bert.BertConfig, windows: tuple[int, ...], precision):
+    """One jitted ``embed_packed`` per encoder shape: encoders of one checkpoint (a run's reward engine,
+    its counterfactual presets, its evals, a second run in the same process) share their executables."""
+    return jax.jit(lambda p, *stream: bert.embed_packed(p, cfg, *stream, windows=windows, precision=precision))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_padded(cfg: bert.BertConfig, precision, mesh, batch_axes, in_sh):
+    """As ``_compiled_packed``, for padded batches (with their mesh and input shardings)."""
+    return jax.jit(lambda p, ids, mask: bert.embed(p, cfg, ids, mask, precision=precision, mesh=mesh,
+                                                   batch_axes=batch_axes),
+                   in_shardings=None if in_sh is None else (None, in_sh, in_sh))
+
+
 class RelevanceEncoder:
     """``embed_texts(texts) -> f32[N, D]`` and ``relevance(a, b) -> f32[N]`` (row-wise dot products).
 
     ``max_length``: tokens kept per text, special tokens included (the reference: 512).
-    ``tokens_per_batch``: padded tokens per forward; rows per batch follow from each length bucket.
+    ``tokens_per_batch``: tokens per forward. On CPU without a multi-device mesh (``packed``) texts are
+    packed one after another into streams of this many tokens (``plan_streams``, ``bert.embed_packed``):
+    no padding tokens, one compiled shape per stream size. Otherwise padded rows (``plan_batches``), the
+    layout for accelerators. ``packed`` forces one or the other (default: as just said).
     ``mesh`` / ``rules``: params in their logical shardings, batch rows split over the ``batch`` axis.
     ``precision``: matmul precision (``jax.lax.Precision.HIGHEST`` for float32 parity on TPU).
     ``progress``: tqdm bar over batches (default: only when there are more than 8 batches).
     """
 
-    def __init__(self, tokenizer, cfg: bert.BertConfig, params, *, max_length: int = 512, tokens_per_batch: int = 4096,
-                 min_length: int = 16, mesh=None, rules=None, precision=None, progress: bool | None = None):
+    def __init__(self, tokenizer, cfg: bert.BertConfig, params, *, max_length: int = 512, tokens_per_batch: int = 2048,
+                 min_length: int = 16, mesh=None, rules=None, precision=None, progress: bool | None = None,
+                 packed: bool | None = None):
         if max_length > cfg.max_position_embeddings:
             raise ValueError(f"relevance max_length {max_length} exceeds the encoder's max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
@@ -160,9 +227,14 @@ class RelevanceEncoder:
             for a in axes:
                 self.row_multiple *= mesh.shape[a]
         self.tokens_per_batch = tokens_per_batch
-        self._embed = jax.jit(lambda p, ids, mask: bert.embed(p, cfg, ids, mask, precision=precision, mesh=mesh,
-                                                                batch_axes=batch_axes),
-                              in_shardings=None if in_sh is None else (None, in_sh, in_sh))
+        single = mesh is None or mesh.size == 1
+        if packed and not single:
+            raise ValueError("relevance: packed streams run on one device; use padded batches (packed=False) "
+                             "with a multi-device mesh")
+        self.packed = (jax.default_backend() == "cpu" and single) if packed is None else bool(packed)
+        self.windows = windows(max_length, self.min_length)
+        self._embed_packed = _compiled_packed(cfg, self.windows, precision)
+        self._embed = _compiled_padded(cfg, precision, mesh, batch_axes, in_sh)
 
     @classmethod
     def from_pretrained(cls, path: str, *, mesh=None, rules=None, dtype=jnp.float32, **kwargs) -> "RelevanceEncoder":
@@ -187,30 +259,52 @@ class RelevanceEncoder:
             mask_BxT[i, :len(r)] = 1
         return ids_BxT, mask_BxT
 
+    def _stream(self, rows: list[list[int]], n: int, items: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
+        """The arrays of one packed stream of ``n`` tokens (see ``bert.embed_packed``)."""
+        ids_N = np.full(n, self.tokenizer.pad_token_id, np.int32)
+        positions_N = np.zeros(n, np.int32)
+        segments_N = np.full(n, n, np.int32)  # slot n is past the last: dropped from the pooled sums
+        offsets_S, lengths_S = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        bounds = np.zeros(len(self.windows) + 1, np.int32)
+        for s, (i, off) in enumerate(items):
+            r = rows[i]
+            ids_N[off:off + len(r)] = r
+            positions_N[off:off + len(r)] = np.arange(len(r))
+            segments_N[off:off + len(r)] = s
+            offsets_S[s], lengths_S[s] = off, len(r)
+            window = length_bucket(max(len(r), 1), self.max_length, self.min_length)
+            bounds[self.windows.index(window) + 1:] += 1
+        return ids_N, positions_N, segments_N, offsets_S, lengths_S, bounds
+
+    def _launches(self, rows: list[list[int]]):
+        """``[(text indices, launch)]``: one forward per stream (packed) or padded batch."""
+        lengths = [len(r) for r in rows]
+        if self.packed:
+            return [([i for i, _ in items],
+                     lambda n=n, items=items: self._embed_packed(self.params, *self._stream(rows, n, items)))
+                    for n, items in plan_streams(lengths, self.tokens_per_batch, self.max_length, self.min_length)]
+        return [(idx, lambda idx=idx, T=T, B=B: self._embed(self.params, *self._pad([rows[i] for i in idx], T, B)))
+                for idx, T, B in plan_batches(lengths, self.tokens_per_batch, self.max_length, self.row_multiple,
+                                              self.min_length)]
+
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Mean-pooled embeddings f32[N, D] of ``texts`` (deduplicated, batched by length)."""
         _check_texts(texts)
         unique = list(dict.fromkeys(texts))
         if not unique:
             return np.zeros((0, self.cfg.hidden_size), np.float32)
-        rows = self.tokenize(unique)
-        batches = plan_batches([len(r) for r in rows], self.tokens_per_batch, self.max_length, self.row_multiple,
-                               self.min_length)
+        launches = self._launches(self.tokenize(unique))
         out_UxD = np.zeros((len(unique), self.cfg.hidden_size), np.float32)
         from tqdm.auto import tqdm
-        show = self.progress if self.progress is not None else len(batches) > 8
-        bar = tqdm(total=len(batches), desc="relevance", unit="batch", disable=not show)
-        in_flight = None  # one batch on the device while the host pads the next
-        for batch in batches + [None]:
-            launched = None
-            if batch is not None:
-                idx, T, B = batch
-                ids_BxT, mask_BxT = self._pad([rows[i] for i in idx], T, B)
-                launched = (idx, self._embed(self.params, ids_BxT, mask_BxT))
+        show = self.progress if self.progress is not None else len(launches) > 8
+        bar = tqdm(total=len(launches), desc="relevance", unit="batch", disable=not show)
+        in_flight = None  # one forward on the device while the host prepares the next
+        for launch in launches + [None]:
+            started = None if launch is None else (launch[0], launch[1]())
             if in_flight is not None:
                 out_UxD[in_flight[0]] = np.asarray(in_flight[1])[:len(in_flight[0])]
                 bar.update(1)
-            in_flight = launched
+            in_flight = started
         bar.close()
         where = {t: i for i, t in enumerate(unique)}
         return out_UxD[[where[t] for t in texts]]

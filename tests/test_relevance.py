@@ -87,12 +87,14 @@ def test_left_truncation_keeps_last_tokens_and_specials(tiny_dir):
     assert ids[1:-1] == full[-510:]  # the *end* of the text survives: "... the end of it"
 
 
-def test_relevance_matches_reference_torch_path(tiny_dir):
+@pytest.mark.parametrize("packed", [True, False])
+def test_relevance_matches_reference_torch_path(tiny_dir, packed):
     """Dot products (not cosines), duplicates, >512-token texts, an empty text, several length buckets."""
     queries, responses = texts_for_tiny()
-    enc = relevance.RelevanceEncoder.from_pretrained(tiny_dir, tokens_per_batch=1024)
+    enc = relevance.RelevanceEncoder.from_pretrained(tiny_dir, tokens_per_batch=1024, packed=packed)
     ref = ReferenceRelevance(tiny_dir)
-    assert len(relevance.plan_batches([len(r) for r in enc.tokenize(queries + responses)], 1024, 512)) >= 3
+    lengths = [len(r) for r in enc.tokenize(queries + responses)]
+    assert len(relevance.plan_batches(lengths, 1024, 512)) >= 3 and len(relevance.plan_streams(lengths, 1024, 512)) >= 2
     ours, want = enc.relevance(queries, responses), ref.relevance(queries, responses)
     assert ours.shape == (8,) and ours.dtype == np.float32
     np.testing.assert_array_less(np.abs(ours - want), 1e-4 * np.abs(want))
@@ -127,10 +129,27 @@ def test_plan_batches_covers_every_text_within_bucketed_shapes(row_multiple):
 
 def test_bucketing_reuses_compiled_shapes(tiny_dir):
     """Texts of different lengths in one bucket share one executable: no recompile per batch."""
-    enc = relevance.RelevanceEncoder.from_pretrained(tiny_dir)
+    enc = relevance.RelevanceEncoder.from_pretrained(tiny_dir, packed=False, max_length=40)
+    before = enc._embed._cache_size()
     enc.embed_texts(["a b c"])
     enc.embed_texts(["the cats of the poem are with you"])
-    assert enc._embed._cache_size() == 1
+    assert enc._embed._cache_size() == before + 1
+
+
+def test_packed_streams_reuse_one_executable_per_stream_size(tiny_dir):
+    enc = relevance.RelevanceEncoder.from_pretrained(tiny_dir, tokens_per_batch=256, max_length=48)
+    assert enc.packed  # the CPU default
+    padded = enc._embed._cache_size()
+    enc.embed_texts(["a b c"])
+    assert enc._embed_packed._cache_size() == 1
+    enc.embed_texts(["the cats of the poem are with you " * 3, "a", "b c"])
+    assert enc._embed_packed._cache_size() == 1  # both fit a 64-token stream
+    enc.embed_texts(["the cats of the poem are with you " * 5] * 9)
+    assert enc._embed_packed._cache_size() == 1  # one text, deduplicated
+    enc.embed_texts([f"text {i} " * 10 for i in range(40)])
+    assert enc._embed._cache_size() == padded and enc._embed_packed._cache_size() <= 3  # 256 + halvings
+    again = relevance.RelevanceEncoder.from_pretrained(tiny_dir, tokens_per_batch=256, max_length=48)
+    assert again._embed_packed is enc._embed_packed  # a second encoder of the same shape compiles nothing
 
 
 def test_sharded_over_batch_axis_matches_single_device(tiny_dir):
@@ -163,12 +182,13 @@ def test_mismatched_pairs_and_bare_string_rejected(tiny_dir):
     assert enc.embed_texts([]).shape == (0, 32)
 
 
-def test_minilm_relevance_on_real_prompts_matches_reference(shared_data):
+@pytest.mark.parametrize("packed", [True, False])
+def test_minilm_relevance_on_real_prompts_matches_reference(shared_data, packed):
     """Real all-MiniLM-L6-v2 weights and tokenizer, real AlpacaEval instructions and reference answers (AR/QR)."""
     items = json.loads((shared_data / "alpaca_eval.json").read_text())
     items = sorted(items, key=lambda it: -len(it["output"]))[:1] + items[:5]  # the longest answer + five plain
     queries, answers = [it["instruction"] for it in items], [it["output"] for it in items]
-    enc = relevance.RelevanceEncoder.from_pretrained(MINILM)
+    enc = relevance.RelevanceEncoder.from_pretrained(MINILM, packed=packed)
     ref = ReferenceRelevance(MINILM, batch_size=3)
     ours, want = enc.relevance(queries, answers), ref.relevance(queries, answers)
     np.testing.assert_array_less(np.abs(ours - want), 1e-4 * np.abs(want))
@@ -184,3 +204,41 @@ def test_encoder_path_resolves_the_packaged_minilm_and_names_the_setting(tmp_pat
         relevance.encoder_path(str(tmp_path / "nope"), "--config.relevance.path")
     with pytest.raises(ValueError, match=r"set --config.relevance.path \(a BERT checkpoint dir or 'minilm'\)"):
         relevance.encoder_path("", "--config.relevance.path")
+
+
+def test_packed_embedding_does_not_depend_on_the_other_texts(shared_data):
+    """Real MiniLM on real texts: a text's embedding has the same bits alone, in a subset and among all
+    (different streams, offsets and neighbours) -- what lets each host score only its own rollouts."""
+    items = json.loads((shared_data / "alpaca_eval.json").read_text())[:40]
+    texts = [it["instruction"] for it in items] + [it["output"] for it in items]
+    enc = relevance.RelevanceEncoder.from_pretrained(MINILM)
+    assert enc.packed
+    lengths = [len(r) for r in enc.tokenize(texts)]
+    assert len(relevance.plan_streams(lengths, enc.tokens_per_batch, 512)) >= 3
+    every = enc.embed_texts(texts)
+    subset = np.random.default_rng(0).permutation(len(texts))[:17]
+    np.testing.assert_array_equal(enc.embed_texts([texts[i] for i in subset]), every[subset])
+    for i in (0, 3, 41, 55, 79):  # short instructions and long answers, alone in a small stream
+        np.testing.assert_array_equal(enc.embed_texts([texts[i]])[0], every[i])
+
+
+def test_plan_streams_packs_every_text_with_its_window_inside_the_stream():
+    lengths = list(np.random.default_rng(1).integers(0, 513, 400)) + [1, 2, 512, 512]
+    plan = relevance.plan_streams(lengths, 2048, 512)
+    placed = sorted(i for _, items in plan for i, _ in items)
+    assert placed == list(range(len(lengths)))
+    windows = relevance.windows(512)
+    for n, items in plan:
+        assert n in (2048, 1024, 512, 256, 128, 64)
+        used = np.zeros(n, int)
+        ranks = []
+        for i, off in items:
+            window = relevance.length_bucket(max(lengths[i], 1), 512)
+            assert off + window <= n  # the text's attention window ends inside the stream
+            used[off:off + max(lengths[i], 1)] += 1
+            ranks.append(windows.index(window))
+        assert used.max() == 1  # texts never overlap
+        assert ranks == sorted(ranks)  # longest windows first, as packed_attention's bounds expect
+    assert sum(n for n, _ in plan) < 1.1 * sum(max(n, 1) for n in lengths) + 2048  # little room left empty
+    with pytest.raises(ValueError, match="tokens_per_batch 256 is smaller than the longest"):
+        relevance.plan_streams([300], 256, 512)

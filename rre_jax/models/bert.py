@@ -155,7 +155,7 @@ def _attention_looped(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None)
     return o_NxGxTxK.reshape(B, H, T, K).transpose(0, 2, 1, 3)
 
 
-def attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, *, precision=None, mesh=None, batch_axes=None):
+def attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None, mesh=None, batch_axes=None):
     """Bidirectional softmax attention over the keys ``mask_BxT`` keeps; ``[B, T, H, K] -> [B, T, H, K]``.
 
     On CPU (``jax.default_backend()`` at trace time) it loops over blocks of one row's heads
@@ -174,14 +174,16 @@ def attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, *, precision=None, mesh
 
 
 class _Layer(nn.Module):
-    """One post-LN encoder layer: ``h = LN(x + Attn(x)); LN(h + W2 act(W1 h))``."""
+    """One post-LN encoder layer: ``h = LN(x + Attn(x)); LN(h + W2 act(W1 h))``.
+
+    ``attend(q, k, v) -> a`` (all ``[B, T, H, K]``) is the attention pattern: padded rows (``attention``)
+    or packed texts (``packed_attention``).
+    """
 
     cfg: BertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: Any = None
-    mesh: Any = None
-    batch_axes: Any = None
 
     def _dense(self, features, axes, name):
         """Dense with kernel axes ``(in, out)``; the bias takes the ``out`` axis."""
@@ -193,15 +195,14 @@ class _Layer(nn.Module):
         return _layer_norm(self.cfg, self.param_dtype, name)(x).astype(self.dtype)
 
     @nn.compact
-    def __call__(self, x_BxTxD, mask_BxT):
+    def __call__(self, x_BxTxD, attend):
         cfg = self.cfg
         B, T, D = x_BxTxD.shape
         H, K = cfg.num_attention_heads, cfg.head_dim
         q_BxTxHxK = self._dense(D, ("embed", "heads"), "query")(x_BxTxD).reshape(B, T, H, K)
         k_BxTxHxK = self._dense(D, ("embed", "heads"), "key")(x_BxTxD).reshape(B, T, H, K)
         v_BxTxHxK = self._dense(D, ("embed", "heads"), "value")(x_BxTxD).reshape(B, T, H, K)
-        a_BxTxHxK = attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=self.precision,
-                              mesh=self.mesh, batch_axes=self.batch_axes)
+        a_BxTxHxK = attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
         a_BxTxD = self._dense(D, ("heads", "embed"), "attn_out")(a_BxTxHxK.reshape(B, T, D))
         h_BxTxD = self._ln(x_BxTxD + a_BxTxD, "attn_ln")
         f_BxTxF = ACTIVATIONS[cfg.hidden_act](self._dense(cfg.intermediate_size, ("embed", "mlp"), "ffn_in")(h_BxTxD))
@@ -214,7 +215,8 @@ class BertEncoder(nn.Module):
 
     Positions are ``0..T-1`` for every row, as ``BertModel`` uses them: pad on the right. ``mesh`` /
     ``batch_axes``: the mesh the batch rows are split over, and its axes for the batch dimension
-    (see ``attention``).
+    (see ``attention``). ``position_ids_BxT`` / ``attend`` replace the positions and the attention
+    pattern (``embed_packed``: several texts per row, each attending to itself).
     """
 
     cfg: BertConfig
@@ -225,12 +227,17 @@ class BertEncoder(nn.Module):
     batch_axes: Any = None
 
     @nn.compact
-    def __call__(self, input_ids_BxT, mask_BxT, token_type_ids_BxT=None):
+    def __call__(self, input_ids_BxT, mask_BxT, token_type_ids_BxT=None, *, position_ids_BxT=None, attend=None):
         cfg = self.cfg
         T = input_ids_BxT.shape[1]
-        if T > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
-                             f"{cfg.max_position_embeddings}; truncate the input")
+        if position_ids_BxT is None:
+            if T > cfg.max_position_embeddings:
+                raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
+                                 f"{cfg.max_position_embeddings}; truncate the input")
+            position_ids_BxT = jnp.arange(T)[None, :]
+        if attend is None:
+            attend = functools.partial(attention, mask_BxT=mask_BxT, precision=self.precision, mesh=self.mesh,
+                                       batch_axes=self.batch_axes)
         if token_type_ids_BxT is None:
             token_type_ids_BxT = jnp.zeros_like(input_ids_BxT)
         embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=self.dtype,
@@ -239,11 +246,10 @@ class BertEncoder(nn.Module):
                    + embed(cfg.type_vocab_size, embedding_init=_init(_normal, "token_type", "embed"),
                            name="token_type")(token_type_ids_BxT)
                    + embed(cfg.max_position_embeddings, embedding_init=_init(_normal, "position", "embed"),
-                           name="position")(jnp.arange(T)[None, :]))
+                           name="position")(position_ids_BxT))
         x_BxTxD = _layer_norm(cfg, self.param_dtype, "embed_ln")(x_BxTxD).astype(self.dtype)
         for i in range(cfg.num_hidden_layers):
-            x_BxTxD = _Layer(cfg, self.dtype, self.param_dtype, self.precision, self.mesh, self.batch_axes,
-                             name=f"layer_{i}")(x_BxTxD, mask_BxT)
+            x_BxTxD = _Layer(cfg, self.dtype, self.param_dtype, self.precision, name=f"layer_{i}")(x_BxTxD, attend)
         return x_BxTxD
 
 
@@ -272,6 +278,57 @@ def embed(params, cfg: BertConfig, input_ids, attention_mask, token_type_ids=Non
                         batch_axes=batch_axes)
     hidden_BxTxD = model.apply({"params": params}, input_ids, attention_mask, token_type_ids)
     return mean_pool(hidden_BxTxD, attention_mask)
+
+
+def packed_attention(q_NxHxK, k_NxHxK, v_NxHxK, offsets_S, lengths_S, bounds, windows, precision=None):
+    """Attention of each text over its own tokens, for texts packed one after another in a stream of N.
+
+    Text s occupies tokens ``[offsets_S[s], offsets_S[s] + lengths_S[s])``. Texts are ordered by window:
+    texts ``bounds[w] <= s < bounds[w + 1]`` attend within a window of ``windows[w]`` tokens starting at their
+    offset (keys past their length masked, as padding is in ``attention``), so a text's computation -- and its
+    bits -- depend on its own tokens and window only, never on its neighbours in the stream. Every window must
+    end inside the stream (``offset + window <= N``; ``rre_jax.relevance.plan_streams`` places texts so), so
+    windows longer than the stream are skipped.
+    """
+    out_NxHxK = jnp.zeros_like(v_NxHxK)
+    for w, W in enumerate(windows):
+        if W > out_NxHxK.shape[0]:  # no window this long fits the stream, so no text has it
+            continue
+
+        def text(s, out_NxHxK, W=W):
+            window = lambda x: jax.lax.dynamic_slice_in_dim(x, offsets_S[s], W, axis=0)  # noqa: E731
+            m_W = (jnp.arange(W) < lengths_S[s]).astype(jnp.int32)
+            o_WxHxK = _attention_looped(window(q_NxHxK)[None], window(k_NxHxK)[None], window(v_NxHxK)[None],
+                                        m_W[None], precision)[0]
+            keep_WxHxK = jnp.where(m_W[:, None, None] > 0, o_WxHxK, window(out_NxHxK))  # neighbours untouched
+            return jax.lax.dynamic_update_slice_in_dim(out_NxHxK, keep_WxHxK, offsets_S[s], axis=0)
+        out_NxHxK = jax.lax.fori_loop(bounds[w], bounds[w + 1], text, out_NxHxK)
+    return out_NxHxK
+
+
+def embed_packed(params, cfg: BertConfig, ids_N, positions_N, segments_N, offsets_S, lengths_S, bounds, *,
+                 windows: tuple[int, ...], precision=None) -> jax.Array:
+    """Mean-pooled embeddings f32[S, D] of texts packed in one stream of N tokens (no padding tokens).
+
+    The CPU layout of ``embed``: every per-token layer (embeddings, projections, FFN, LayerNorm) runs on the
+    N stream tokens -- real tokens only, where padded rows compute the padding too -- and attention runs text
+    by text (``packed_attention``). ``positions_N``: each token's index in its text; ``segments_N``: its text
+    slot (S or more for unused stream tokens); ``offsets_S`` / ``lengths_S`` / ``bounds`` / ``windows`` as in
+    ``packed_attention``. Slots past ``bounds[-1]`` are unused and give zero vectors. Jittable with ``cfg``
+    and ``windows`` static.
+    """
+    dtype = params["word"]["embedding"].dtype
+    model = BertEncoder(cfg, dtype=dtype, param_dtype=dtype, precision=precision)
+
+    def attend(q_1xNxHxK, k_1xNxHxK, v_1xNxHxK):
+        return packed_attention(q_1xNxHxK[0], k_1xNxHxK[0], v_1xNxHxK[0], offsets_S, lengths_S, bounds, windows,
+                                precision)[None]
+
+    h_1xNxD = model.apply({"params": params}, ids_N[None], None, position_ids_BxT=positions_N[None], attend=attend)
+    S = offsets_S.shape[0]
+    total_SxD = jax.ops.segment_sum(h_1xNxD[0].astype(jnp.float32), segments_N, num_segments=S,
+                                    indices_are_sorted=False)
+    return total_SxD / jnp.maximum(lengths_S, 1).astype(jnp.float32)[:, None]
 
 
 def init_fn(cfg: BertConfig, dtype=jnp.float32) -> Callable[[jax.Array], Any]:
