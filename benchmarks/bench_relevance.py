@@ -114,7 +114,8 @@ def main():
     for name, t in [("torch reference (4 pairs/forward)", t_ref), (f"torch, sorted ({srt_budget} tok/batch)", t_srt),
                     ("rre_jax RelevanceEncoder", t_ours)]:
         print(f"{name:<34}{t:>9.2f}{n_texts / t:>10.1f}")
-    print(f"rre_jax warm-up incl. compile: {warm:.2f} s ({enc._embed._cache_size() + enc._embed_packed._cache_size()} shapes)")
+    shapes = enc._embed._cache_size() + enc._embed_packed._cache_size()
+    print(f"rre_jax warm-up incl. compile: {warm:.2f} s ({shapes} shapes)")
     print(f"speed-up vs torch reference: {t_ref / t_ours:.2f}x; vs torch sorted: {t_srt / t_ours:.2f}x")
     print(f"max relative score difference vs torch reference: {err:.2e}; "
           f"torch sorted vs reference: {float(np.max(np.abs(srt - ref) / np.abs(ref))):.2e}")
