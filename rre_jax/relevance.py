@@ -10,8 +10,8 @@ fast:
 * on CPU (one device), texts are packed one after another into streams of ``tokens_per_batch`` tokens
   (``plan_streams``): the per-token layers run on real tokens only, and each text attends within its own
   window (``bert.embed_packed``). One compiled shape per stream size, and a text's embedding is
-  bit-identical whatever else is scored with it (streams stay under 4096 tokens, where XLA:CPU's matmul
-  kernels do not change with the row count) -- so a host scoring its share of a batch gets exactly what
+  bit-identical whatever else is scored with it (the default streams stay under 4096 tokens: from 4096
+  rows up, XLA:CPU's matmul results for a row change in the last bit with the row count) -- so a host scoring its share of a batch gets exactly what
   one process scoring the whole batch gets;
 * otherwise (accelerators, multi-device meshes) each batch is right-padded to a length bucket
   (``length_bucket``: 16, 24, 32, 48, 64, 96, 128, ..., 512) and holds a number of rows within the token
