@@ -11,8 +11,8 @@ fast:
   (``plan_streams``): the per-token layers run on real tokens only, and each text attends within its own
   window (``bert.embed_packed``). One compiled shape per stream size, and a text's embedding is
   bit-identical whatever else is scored with it (the default streams stay under 4096 tokens: from 4096
-  rows up, XLA:CPU's matmul results for a row change in the last bit with the row count) -- so a host scoring its share of a batch gets exactly what
-  one process scoring the whole batch gets;
+  rows up, XLA:CPU's matmul results for a row change in the last bit with the row count) -- so a host
+  scoring its share of a batch gets exactly what one process scoring the whole batch gets;
 * otherwise (accelerators, multi-device meshes) each batch is right-padded to a length bucket
   (``length_bucket``: 16, 24, 32, 48, 64, 96, 128, ..., 512) and holds a number of rows within the token
   budget, rounded to a few sizes (``plan_batches``), so ``jit`` compiles a bounded set of shapes; with a

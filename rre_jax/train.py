@@ -84,7 +84,8 @@ def validate(config) -> RunSpec:
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
                    lora=lora_lib.LoraConfig(rank=int(lcfg.rank), alpha=float(lcfg.alpha), dropout=float(lcfg.dropout),
                                             targets=tuple(lcfg.targets)),
-                   mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"), param_dtype=dtype("param_dtype"))
+                   mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
+                   param_dtype=dtype("param_dtype"))
 
 
 # ======================================================================================= set-up

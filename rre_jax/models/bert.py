@@ -120,13 +120,18 @@ def _layer_norm(cfg: BertConfig, param_dtype, name: str) -> nn.LayerNorm:
 _SCORE_BLOCK_BYTES = 1 << 20
 
 
+def _probabilities(s_XxTxT, keep_XxT, head_dim: int, dtype):
+    """Attention weights from raw float32 scores: scaled by 1/sqrt(head_dim), keys where ``keep`` is 0
+    masked, softmax over keys in float32, cast to ``dtype`` for the PV product."""
+    s_XxTxT = jnp.where(keep_XxT > 0, s_XxTxT / jnp.sqrt(jnp.float32(head_dim)), jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(s_XxTxT, axis=-1).astype(dtype)
+
+
 def _attention_rows(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None):
     """Softmax attention, ``[B, T, H, K] -> [B, T, H, K]``, as one batched computation (TPU / GPU)."""
-    K = q_BxTxHxK.shape[-1]
     s_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK, precision=precision,
-                           preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(K))
-    s_BxHxTxT = jnp.where(mask_BxT[:, None, None, :] > 0, s_BxHxTxT, jnp.finfo(jnp.float32).min)
-    p_BxHxTxT = jax.nn.softmax(s_BxHxTxT, axis=-1).astype(v_BxTxHxK.dtype)
+                           preferred_element_type=jnp.float32)
+    p_BxHxTxT = _probabilities(s_BxHxTxT, mask_BxT[:, None, None, :], q_BxTxHxK.shape[-1], v_BxTxHxK.dtype)
     return jnp.einsum("bhqs,bshk->bqhk", p_BxHxTxT, v_BxTxHxK, precision=precision)
 
 
@@ -144,9 +149,8 @@ def _attention_looped(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None)
     def block(args):
         q_GxTxK, k_GxTxK, v_GxTxK, m_T = args
         s_GxTxT = jnp.einsum("gqk,gsk->gqs", q_GxTxK, k_GxTxK, precision=precision,
-                             preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(K))
-        s_GxTxT = jnp.where(m_T[None, None, :] > 0, s_GxTxT, jnp.finfo(jnp.float32).min)
-        p_GxTxT = jax.nn.softmax(s_GxTxT, axis=-1).astype(v_GxTxK.dtype)
+                             preferred_element_type=jnp.float32)
+        p_GxTxT = _probabilities(s_GxTxT, m_T[None, None, :], K, v_GxTxK.dtype)
         return jnp.einsum("gqs,gsk->gqk", p_GxTxT, v_GxTxK, precision=precision)
 
     blocks = lambda x_BxTxHxK: x_BxTxHxK.transpose(0, 2, 1, 3).reshape(B * H // G, G, T, K)  # noqa: E731
@@ -326,8 +330,7 @@ def embed_packed(params, cfg: BertConfig, ids_N, positions_N, segments_N, offset
 
     h_1xNxD = model.apply({"params": params}, ids_N[None], None, position_ids_BxT=positions_N[None], attend=attend)
     S = offsets_S.shape[0]
-    total_SxD = jax.ops.segment_sum(h_1xNxD[0].astype(jnp.float32), segments_N, num_segments=S,
-                                    indices_are_sorted=False)
+    total_SxD = jax.ops.segment_sum(h_1xNxD[0].astype(jnp.float32), segments_N, num_segments=S)
     return total_SxD / jnp.maximum(lengths_S, 1).astype(jnp.float32)[:, None]
 
 
