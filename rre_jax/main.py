@@ -27,12 +27,21 @@ def _define_flags():
             "Config file, optionally with ':arg' (e.g. configs/alpacafarm_rer.py:li).", lock_config=True)
         _FLAGS["workdir"] = flags.DEFINE_string(
             "workdir", None, "Run directory: checkpoints, metrics, exports. Resumes if present.")
+        _FLAGS["compile_only"] = flags.DEFINE_bool(
+            "compile_only", False, "Compile every program from shapes for config.mesh.topology (or the local "
+            "devices), print per-device memory and roofline step times, exit 1 if a program does not fit. "
+            "Reads no weights and writes nothing but --compile_report.")
+        _FLAGS["compile_report"] = flags.DEFINE_string(
+            "compile_report", "", "With --compile_only: also write the table as JSON to this path.")
 
 
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set as --config.a.b=value")
     config = _FLAGS["config"].value
+    if _FLAGS["compile_only"].value:
+        from rre_jax import aot
+        sys.exit(aot.main(config, _FLAGS["compile_report"].value))
     from rre_jax import distributed, train  # after flag parsing: keeps --help fast
     distributed.maybe_initialize(config.distributed)
     try:

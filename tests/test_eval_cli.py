@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rre_jax import alignment_tax as at, eval_cli, metrics, reward, rollout, train
+from rre_jax import alignment_tax as at, eval_cli, metrics, programs, reward, train
 from rre_jax.data import load_prompts
 
 from test_train import tiny_cfg
@@ -147,7 +147,7 @@ def no_sampling(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("sampled despite bad input")
     monkeypatch.setattr(train, "sample_and_score", fail)
-    monkeypatch.setattr(rollout, "jitted_sampler", fail)
+    monkeypatch.setattr(programs.RunPrograms, "sampler", fail)
 
 
 def _bad(workdir, capsys, extra, eval_set=EVAL_SET):
