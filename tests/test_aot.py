@@ -1,5 +1,6 @@
 """The tiny config's programs compiled by XLA's TPU compiler (libtpu) for a v5e 2x2 topology, on this CPU host:
 the shardings the executables were compiled with, and the per-device bytes XLA reports."""
+import json
 import math
 
 import jax
@@ -8,6 +9,7 @@ from jax.sharding import NamedSharding
 
 from rre_jax import aot, mesh as mesh_lib, policy, programs, train
 from rre_jax.configs import tiny as tiny_config
+from rre_jax.models import llama
 
 pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is part of the test extra")
 
@@ -16,9 +18,18 @@ MESH = (1, 2, 2)  # every mesh axis but data splits something: fsdp the embed di
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    """(config, layout, {program: Program}, {program: executable}) for the tiny config on the topology."""
+def compiled(tmp_path_factory):
+    """(config, layout, {program: Program}, {program: executable}) for the tiny config on the topology.
+
+    The policy is the tiny one widened so that every weight shard fills whole TPU tiles (XLA lays out the two
+    minor dimensions in tiles of 8 x 128 for 32-bit types): per-device bytes then measure the sharding, not
+    the padding of 64-wide shards."""
+    arch = tmp_path_factory.mktemp("arch")
+    wide = llama.LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4)
+    (arch / "config.json").write_text(json.dumps(wide.to_hf()))
     cfg = tiny_config.get_config()
+    cfg.plan.policy, cfg.model.lora.rank = str(arch), 128
     cfg.mesh.shape, cfg.mesh.topology = MESH, TOPOLOGY
     mesh, devices = aot.mesh_for(mesh_lib.MeshConfig.from_config(cfg.mesh), TOPOLOGY)
     assert len(devices) == 4 and devices[0].platform == "tpu"
@@ -101,7 +112,8 @@ def _pspec(cfg):
 
 def test_update_argument_bytes_are_the_sharded_share(compiled):
     """XLA's per-device argument bytes of the update are each leaf's total over the devices it is split on
-    (within 10%: XLA pads and aligns small buffers); a replicated weight would show up as up to 4x."""
+    (within 10%: XLA pads the few small leaves -- norms, value head, scalars -- to whole tiles); a replicated
+    weight would show up as up to 4x."""
     _, _, progs, exes = compiled
     args = progs["update"].args
     share = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(args))
