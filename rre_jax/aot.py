@@ -165,6 +165,7 @@ def fits(rows: list[Compiled], chip: Chip | None) -> bool:
 
 
 def write_report(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
 
@@ -254,17 +255,19 @@ def compile_run(config, report: str = "") -> int:
         row.flops, row.bytes_accessed = cost(exe)
         rows.append(row)
         print(f"compiled {name} in {row.seconds:.1f} s", flush=True)
-    phases = roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) if chip is not None else {}
     where = topology or f"{len(devices)} local {devices[0].platform} devices"
     shape = ",".join(str(mesh.shape[a]) for a in mesh_lib.MESH_AXES)
-    print(table(rows, phases, chip, f"{config.name}: mesh {shape} (data,fsdp,tensor) on {where}"))
     ok = fits(rows, chip)
+    payload = {"config": str(config.name), "topology": topology, "mesh": shape, "devices": len(devices),
+               "chip": None if chip is None else dataclasses.asdict(chip), "resident": resident,
+               "programs": [dataclasses.asdict(r) | {"total": r.total} for r in rows], "phases": {}, "fits": ok}
+    if report:  # the memory verdict first: the roofline's extra compiles come after
+        write_report(report, payload)
+    phases = roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) if chip is not None else {}
+    print(table(rows, phases, chip, f"{config.name}: mesh {shape} (data,fsdp,tensor) on {where}"))
     if report:
-        write_report(report, {"config": str(config.name), "topology": topology, "mesh": shape,
-                              "devices": len(devices), "chip": None if chip is None else dataclasses.asdict(chip),
-                              "resident": resident, "programs": [dataclasses.asdict(r) | {"total": r.total}
-                                                                 for r in rows],
-                              "phases": {k: {"flops": f, "bytes": b} for k, (f, b) in phases.items()}, "fits": ok})
+        payload["phases"] = {k: {"flops": f, "bytes": b} for k, (f, b) in phases.items()}
+        write_report(report, payload)
     return 0 if ok else 1
 
 
@@ -275,15 +278,19 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
     layout) at 1 and 2 layers, ``cost(L) = cost(1) + (L - 1) (cost(2) - cost(1))`` exactly; loops over data
     are multiplied by their trip counts: the sampler is its prefill plus ``N`` decode steps (sampler minus
     prefill: one body), the experience pass one group times the groups, the update one micro-batch step times
-    the ``epochs x steps x accumulation`` steps (the optimizer step and pre-epoch maths, a few percent, are
-    counted that many times too: an upper bound). The relevance encoder has no loop.
+    the ``epochs x batch / mini-batch`` micro-batch steps (the optimizer step and pre-epoch maths, a few
+    percent, are counted that many times too: an upper bound; a micro-batch of fewer rows than the batch
+    shards is costed as one row per shard, as each device then computes at least one). The relevance encoder
+    has no loop.
     """
     from rre_jax import policy, programs, train
     B, N, pc = spec.ppo.batch_size, spec.sampling.max_new_tokens, spec.ppo
     T = -(-int(config.data.max_prompt_length) // int(config.data.bucket)) * int(config.data.bucket)
     shards = lay.mesh.shape["data"] * lay.mesh.shape["fsdp"]
     group = train.experience_rows(pc, shards)
-    micro = dataclasses.replace(pc, batch_size=pc.mini_batch_size, gradient_accumulation_steps=1, ppo_epochs=1)
+    m_rows = -(-pc.mini_batch_size // shards) * shards  # a micro-batch smaller than the shards: one row each
+    micro = dataclasses.replace(pc, batch_size=m_rows, mini_batch_size=m_rows, gradient_accumulation_steps=1,
+                                ppo_epochs=1)
     lora_cfg = spec.lora if spec.mode == "lora" else None
     at = {}
     for L in (1, 2):

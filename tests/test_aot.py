@@ -2,6 +2,9 @@
 the shardings the executables were compiled with, and the per-device bytes XLA reports."""
 import json
 import math
+import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -121,3 +124,33 @@ def test_update_argument_bytes_are_the_sharded_share(compiled):
     xla = exes["update"].memory_analysis().argument_size_in_bytes
     assert abs(xla - share) <= 0.1 * share, (xla, share)
     assert xla < 0.6 * total, "most argument bytes are split over the 4 devices"
+
+
+def _rre_train(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "rre_jax.cli.train", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=900)
+
+
+def test_compile_only_cli_writes_nothing_but_the_report(tmp_path):
+    """``rre-train --compile_only`` on the tiny config (li: no relevance encoder) for v5e 2x2: exit 0, one table
+    row per program that fits, the roofline phases, and the workdir holds the report alone."""
+    work = tmp_path / "W"
+    out = _rre_train("--config", "tiny:li", "--workdir", str(work), "--compile_only", "--config.mesh.shape=1,2,2",
+                     "--config.mesh.topology=v5e:2x2", f"--compile_report={work / 'report.json'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in work.iterdir()) == ["report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["W"]
+    rep = json.loads((work / "report.json").read_text())
+    assert rep["fits"] and rep["devices"] == 4 and rep["chip"]["kind"] == "TPU v5 lite"
+    assert [r["name"] for r in rep["programs"]] == ["init", "sampler", "experience", "update", "gold"]
+    for phase in ("rollout", "experience", "update"):
+        assert rep["phases"][phase]["flops"] > 0, phase
+        assert re.search(rf"^{phase} .* \d+\.\d+$", out.stdout, re.M), out.stdout
+
+
+def test_compile_only_names_a_bad_topology(tmp_path):
+    out = _rre_train("--config", "tiny", "--workdir", str(tmp_path / "W"), "--compile_only",
+                     "--config.mesh.topology=v5x:2x2", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "config.mesh.topology='v5x:2x2'" in out.stderr and "v5e:2x4" in out.stderr, out.stderr
+    assert not (tmp_path / "W").exists()
