@@ -171,7 +171,8 @@ def bootstrap_fit(form: str, points: Callable[[np.ndarray], tuple], n_prompts: i
     ci = {}
     for j, name in enumerate(("alpha", "beta", "d_star", "r_star")):
         col = draws[:, j][~np.isnan(draws[:, j])]
-        ci[name] = tuple(float(x) for x in np.percentile(col, q)) if len(col) else (math.nan, math.nan)
+        method = "linear" if np.all(np.isfinite(col)) else "nearest"  # no peak (inf) in some resamples
+        ci[name] = tuple(float(x) for x in np.percentile(col, q, method=method)) if len(col) else (math.nan,) * 2
     return dataclasses.replace(base, ci=ci)
 
 
