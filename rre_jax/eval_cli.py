@@ -317,7 +317,8 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
     from rre_jax.data import batching, prompts as prompts_lib
     ckpt = open_checkpoints(workdir)
     steps = resolve_steps(ckpt, steps)
-    config = apply_overrides(config if config is not None else config_from_checkpoint(ckpt, steps[-1]), overrides)
+    latest = steps[-1] or ckpt.all_steps()[-1]  # step 0 (the initial policy) has no checkpoint meta
+    config = apply_overrides(config if config is not None else config_from_checkpoint(ckpt, latest), overrides)
     scfg = sampling.SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     records = prompts_lib.load_prompts(eval_set, missing_qtype=config.data.missing_qtype)
     if not records:
@@ -505,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rre-eval", description=__doc__.split("\n\n")[0])
     _common_args(parser)
     parser.add_argument("--eval-set", required=True, help="AlpacaEval/AlpacaFarm prompt file (.json or .jsonl)")
-    parser.add_argument("--steps", type=_steps_arg, default=None, help="e.g. 0,500,1000; 0 is the initial policy (default: every checkpoint)")
+    parser.add_argument("--steps", type=_steps_arg, default=None,
+                        help="e.g. 0,500,1000; 0 is the initial policy (default: every checkpoint)")
     parser.add_argument("--out", default=None, help="rollout store and report directory (default: WORKDIR/eval)")
     parser.add_argument("--skip-existing", action="store_true", help="keep steps already stored, sample the rest")
     parser.add_argument("--temperature", type=float, default=0.7)

@@ -46,13 +46,13 @@ class BonPlan:
     state: Any
     step: int
     n: int
-    ks: list
+    ks: list  # the k of the best-of-k curve, each <= n
+    extra: dict  # run facts stored in the samples' meta
     out_dir: pathlib.Path
+    overwrite: bool
     scfg: Any
     seed: int
-    overwrite: bool
     n_boot: int
-    extra: dict
 
 
 def check_references(specs: dict, records) -> None:
@@ -109,8 +109,8 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
     _, mesh, paths, tokenizer = eval_cli._open(config, workdir)  # the tiny config builds its assets here
     prompts = batching.tokenize_prompts(records, tokenizer, max_prompt_length=bcfg.max_prompt_length)
     repeat = lambda x: np.repeat(np.asarray(x), n, axis=0)  # noqa: E731  prompt-major: p * n + j
-    prompts_n = dc.replace(prompts, ids=tuple(a for a in prompts.ids for _ in range(n)), lengths=repeat(prompts.lengths),
-                           index=repeat(prompts.index), qtype=repeat(prompts.qtype))
+    prompts_n = dc.replace(prompts, ids=tuple(a for a in prompts.ids for _ in range(n)),
+                           lengths=repeat(prompts.lengths), index=repeat(prompts.index), qtype=repeat(prompts.qtype))
     gold = train.gold_rm(config, spec, paths, mesh)
     run = eval_cli._make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts_n, bcfg, gold=gold)
     state = train.init_state(run, jax.random.key(int(config.seed)))
@@ -121,8 +121,8 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
              "eval_set_sha256": eval_cli._file_sha256(eval_set), "best_of_n": {"n": n, "ks": ks},
              "dropped_prompts": [int(i) for i in prompts.dropped],
              "gold_rm_fingerprint": eval_cli.gold_rm_fingerprint(paths["gold_rm"])}
-    return BonPlan(run, state, step, n, ks, out_dir, scfg, int(config.seed if seed is None else seed), overwrite,
-                   n_boot, extra)
+    return BonPlan(run, state, step, n, ks, extra, out_dir, overwrite, scfg, int(config.seed if seed is None else seed),
+                   n_boot)
 
 
 def run_best_of_n(plan: BonPlan, progress: bool = True) -> dict:
