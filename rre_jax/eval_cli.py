@@ -276,7 +276,10 @@ def step_rollouts(run, step: int, sampled: dict, gold, scfg, seed: int, extra: d
     records = run.dev[0]
     recs = [records[i] for i in sampled["index"]]
     comps = sampled["comps"]
-    if "log_ratio" in comps:  # the RL curves' distance (`evaluate.curves.rl_curves`)
+    if "log_ratio" in comps and not np.all(np.isfinite(comps["log_ratio"])):
+        log.warning("step %d: the sampled KL is infinite (top-k / top-p: the reference gives a sampled token zero "
+                    "probability); it is not recorded and the step stays off the RL curves", step)
+    elif "log_ratio" in comps:  # the RL curves' distance (`evaluate.curves.rl_curves`)
         from rre_jax import sampled_kl
         extra = {**extra, "kl": {**sampled_kl.estimate(comps["log_ratio"]),
                                  "log_ratio": comps["log_ratio"].tolist()}}
