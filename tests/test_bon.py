@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -67,9 +68,7 @@ def test_samples_stored_and_curves_recomputed_from_them(out):
 def test_nothing_overwritten_without_overwrite(setup, out, capsys):
     root, common = setup
     before = snapshot(out)
-    with pytest.raises(SystemExit) as e:
-        bon.main(common + ARGS)
-    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert bon.main(common + ARGS) == 2 and "--overwrite" in capsys.readouterr().err
     assert snapshot(out) == before
 
 
@@ -81,11 +80,9 @@ def test_nothing_overwritten_without_overwrite(setup, out, capsys):
 def test_bad_input_fails_before_sampling(setup, tmp_path, capsys, extra, message):
     root, common = setup
     common = [a if a != str(root / "wd") else str(tmp_path / "wd") for a in common]
-    with pytest.raises(SystemExit) as e:
-        bon.main(common + extra)
+    assert bon.main(common + extra) == 2
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("rre-bon: error: ") and err.count("\n") == 1
-    import re
+    assert err.startswith("rre-bon: error: ") and err.count("\n") == 1
     assert re.search(message, err), err
     assert not (tmp_path / "wd" / "bon").exists()
 
@@ -98,10 +95,9 @@ def test_preset_needing_references_on_eval_set_without_them(setup, tmp_path, cap
     bad.write_text(json.dumps(rows))
     common = common[:-1] + [str(bad)]
     common[1] = str(tmp_path / "wd")
-    with pytest.raises(SystemExit) as e:
-        bon.main(common + ["--n", "2"])
+    assert bon.main(common + ["--n", "2"]) == 2
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "item(s) [2] have an empty 'output'" in err and "'rer'" in err
+    assert "item(s) [2] have an empty 'output'" in err and "'rer'" in err
     assert not (tmp_path / "wd").exists()
 
 
@@ -109,6 +105,5 @@ def test_missing_checkpoint(setup, tmp_path, capsys):
     root, common = setup
     (tmp_path / "wd" / "checkpoints").mkdir(parents=True)
     common[1] = str(tmp_path / "wd")
-    with pytest.raises(SystemExit) as e:
-        bon.main(common + ["--n", "2", "--step", "5"])
-    assert e.value.code == 2 and "no checkpoints in" in capsys.readouterr().err
+    assert bon.main(common + ["--n", "2", "--step", "5"]) == 2
+    assert "no checkpoints in" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """``rre-bon``: best-of-n overoptimization curves of one policy (`rre_jax.evaluate.best_of_n`).
 
     rre-bon --workdir DIR --eval-set alpaca_eval.json --n 16 [--k 1,2,4,8,16] [--step N | --config FILE[:arg]]
-            [--set key=value ...] [--out DIR] [--overwrite] [--temperature 0.7 --top-p 1 --max-new-tokens 512]
+            [--config.a.b=VALUE ...] [--out DIR] [--overwrite] [--temperature 0.7 --top-p 1 --max-new-tokens 512]
             [--batch-size B] [--seed S] [--n-boot 1000]
 
 Without ``--step`` it samples the initial policy of ``--config``; with it, checkpoint N of the run in
@@ -15,8 +15,8 @@ import math
 import sys
 from typing import Sequence
 
-from rre_jax import eval_cli
-from rre_jax.errors import UserError, exits_cleanly
+from rre_jax import errors
+from rre_jax.cli import eval as eval_cmd
 
 
 def _ints(text: str) -> list[int]:
@@ -26,9 +26,9 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rre-bon", description=__doc__.split("\n\n")[0])
-    eval_cli._common_args(p)
+    eval_cmd.common_args(p)
     p.add_argument("--eval-set", required=True, help="AlpacaEval/AlpacaFarm prompt file (.json or .jsonl)")
     p.add_argument("--n", type=int, required=True, help="samples per prompt")
     p.add_argument("--k", type=_ints, default=None, help="best-of-k values, each <= n (default: 1, 2, 4, ..., n)")
@@ -42,17 +42,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-@exits_cleanly("rre-bon", catch=(UserError, OSError, ValueError, KeyError))
 def main(argv: Sequence[str] | None = None) -> int:
-    """``rre-bon`` (see the module docstring); a user mistake prints one line and exits 2."""
+    """Run ``rre-bon`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
     from rre_jax.evaluate import best_of_n
-    args = parser().parse_args(argv)
-    eval_cli._logging()
-    plan = best_of_n.plan_best_of_n(
-        args.workdir, args.eval_set, n=args.n, ks=args.k, step=args.step, config=eval_cli._config(args),
-        overrides=args.overrides, out=args.out, overwrite=args.overwrite, temperature=args.temperature,
-        top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-        n_boot=args.n_boot)
+    try:
+        args, config, overrides = eval_cmd.parse(build_parser(), argv)
+        eval_cmd.quiet_libraries()
+        plan = best_of_n.plan_best_of_n(
+            args.workdir, args.eval_set, n=args.n, ks=args.k, step=args.step, config=config, overrides=overrides,
+            out=args.out, overwrite=args.overwrite, temperature=args.temperature, top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, n_boot=args.n_boot)
+    except eval_cmd.USER_ERRORS as e:
+        return errors.report("rre-bon", e.args[0] if isinstance(e, KeyError) and e.args else e)
     curves = best_of_n.run_best_of_n(plan)
     for name, v in curves.get("variants", {}).items():
         fit = v["gold"]["fit"]

@@ -64,8 +64,8 @@ def check_references(specs: dict, records) -> None:
         raise UserError(f"reward presets {needing} score answer relevance against each prompt's reference answer, "
                         f"but eval-set item(s) {empty[:5]}{' ...' if len(empty) > 5 else ''} have an empty "
                         "'output': use an eval set with reference answers, or drop those presets "
-                        "(--set reward.counterfactual=\"('li', 'li_rp', 'qr_li_rp')\" and a non-branching "
-                        "reward.preset)")
+                        "(--config.reward.counterfactual=\"('li', 'li_rp', 'qr_li_rp')\" and a non-branching "
+                        "--config.reward.preset)")
 
 
 def check_outputs(out_dir: pathlib.Path, step: int, overwrite: bool) -> None:
@@ -83,44 +83,45 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
 
     import jax
 
-    from rre_jax import eval_cli, sampling, train
+    from rre_jax import checkpoint_eval, sampling, train
     from rre_jax.data import batching, prompts as prompts_lib
     ks = oo.check_ks(ks or (oo.powers_of_two(n) if n >= 1 else [1]), n)
     ckpt = None
     if step is not None:
-        ckpt = eval_cli.open_checkpoints(workdir)
-        step, = eval_cli.resolve_steps(ckpt, [step])
+        ckpt = checkpoint_eval.open_checkpoints(workdir)
+        step, = checkpoint_eval.resolve_steps(ckpt, [step])
     if config is None and not step:
         raise UserError("--config is needed for the initial policy (without --step there is no checkpoint to read "
                         "the run's config from)")
-    config = eval_cli.apply_overrides(config if config is not None else eval_cli.config_from_checkpoint(ckpt, step),
-                                      overrides)
+    if config is None:
+        config = checkpoint_eval.config_from_checkpoint(ckpt, step)
+    config = checkpoint_eval.apply_overrides(config, overrides)
     scfg = sampling.SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     records = prompts_lib.load_prompts(eval_set, missing_qtype=config.data.missing_qtype)
     if not records:
         raise UserError(f"eval set {eval_set!r} holds no prompts")
-    spec = eval_cli._with_eval_proxy(train.validate(config))
+    spec = checkpoint_eval._with_eval_proxy(train.validate(config))
     check_references({config.reward.preset: spec.reward, **{k[3:]: v for k, v in spec.counterfactual.items()}},
                      records)
     step = int(step or 0)
     out_dir = pathlib.Path(out or os.path.join(workdir, "bon", f"step_{step}"))
     check_outputs(out_dir, step, overwrite)
-    bcfg = eval_cli._batching(config, spec, batch_size)
-    _, mesh, paths, tokenizer = eval_cli._open(config, workdir)  # the tiny config builds its assets here
+    bcfg = checkpoint_eval._batching(config, spec, batch_size)
+    _, mesh, paths, tokenizer = checkpoint_eval._open(config, workdir)  # the tiny config builds its assets here
     prompts = batching.tokenize_prompts(records, tokenizer, max_prompt_length=bcfg.max_prompt_length)
     repeat = lambda x: np.repeat(np.asarray(x), n, axis=0)  # noqa: E731  prompt-major: p * n + j
     prompts_n = dc.replace(prompts, ids=tuple(a for a in prompts.ids for _ in range(n)),
                            lengths=repeat(prompts.lengths), index=repeat(prompts.index), qtype=repeat(prompts.qtype))
     gold = train.gold_rm(config, spec, paths, mesh)
-    run = eval_cli._make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts_n, bcfg, gold=gold)
+    run = checkpoint_eval._make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts_n, bcfg, gold=gold)
     state = train.init_state(run, jax.random.key(int(config.seed)))
     if step:
         state = train.restore(run, ckpt, step, state)[0]
         ckpt.close()
     extra = {"run": config.name, "split": "best_of_n", "eval_set": os.path.abspath(eval_set),
-             "eval_set_sha256": eval_cli._file_sha256(eval_set), "best_of_n": {"n": n, "ks": ks},
+             "eval_set_sha256": checkpoint_eval._file_sha256(eval_set), "best_of_n": {"n": n, "ks": ks},
              "dropped_prompts": [int(i) for i in prompts.dropped],
-             "gold_rm_fingerprint": eval_cli.gold_rm_fingerprint(paths["gold_rm"])}
+             "gold_rm_fingerprint": checkpoint_eval.gold_rm_fingerprint(paths["gold_rm"])}
     return BonPlan(run, state, step, n, ks, extra, out_dir, overwrite, scfg, int(config.seed if seed is None else seed),
                    n_boot)
 
@@ -130,18 +131,18 @@ def run_best_of_n(plan: BonPlan, progress: bool = True) -> dict:
     import jax
     from tqdm.auto import tqdm
 
-    from rre_jax import eval_cli
+    from rre_jax import checkpoint_eval
     from rre_jax.data import templates
     records, prompts_n, bcfg = plan.run.dev
     bar = tqdm(total=-(-len(prompts_n) // bcfg.global_batch_size), desc="rre-bon", unit="batch",
                disable=not progress or jax.process_index() != 0)
-    sampled = eval_cli.sample_step(plan.run, plan.state, plan.step, plan.scfg, plan.seed, bar, kl=False)
+    sampled = checkpoint_eval.sample_step(plan.run, plan.state, plan.step, plan.scfg, plan.seed, bar, kl=False)
     bar.close()
     gold = None
     if plan.run.gold is not None:
         gold = plan.run.gold.score([templates.alpaca_prompt(records[i].instruction) for i in sampled["index"]],
                                    sampled["texts"])
-    rollouts = eval_cli.step_rollouts(plan.run, plan.step, sampled, gold, plan.scfg, plan.seed, plan.extra)
+    rollouts = checkpoint_eval.step_rollouts(plan.run, plan.step, sampled, gold, plan.scfg, plan.seed, plan.extra)
     if jax.process_index() != 0:
         return {}
     store.write_step(plan.out_dir / SAMPLES_DIR, rollouts, overwrite=plan.overwrite)
