@@ -72,7 +72,7 @@ def child(mode: str, out: str, critic: str, remat: str) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from rre_jax import advantages, policy, ppo, rollout, sampling, train
+    from rre_jax import mesh as mesh_lib, policy, ppo, programs, sampling, train
     from rre_jax.models import llama, lora as lora_lib
     _mark("imports")
 
@@ -83,19 +83,19 @@ def child(mode: str, out: str, critic: str, remat: str) -> None:
     pspec = policy.PolicySpec(cfg, mode, lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0), critic, remat)
     pcfg = ppo.PPOConfig(batch_size=work.batch, mini_batch_size=work.mini_batch,
                          gradient_accumulation_steps=work.grad_accum, ppo_epochs=work.ppo_epochs)
-    trainable = policy.init_trainable(pspec, base, jax.random.key(1))
-    state = {"trainable": trainable, "opt_state": ppo.make_optimizer(pcfg).init(trainable),
-             "moments": advantages.init_moments(), "kl": advantages.init_kl(pcfg.init_kl_coef),
-             "rng": jax.random.key_data(jax.random.key(2)), "step": jnp.zeros((), jnp.int32)}
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
+    progs = programs.RunPrograms(mesh, mesh_lib.DEFAULT_RULES, pspec, pcfg, base, eos_id=-1, pad_id=common.PAD_ID,
+                                 experience_rows=train.experience_rows(pcfg))
+    state = progs.init_state(base, jax.random.key(1))
     _mark("init trainable + optimizer")
     tok = common.train_tokenizer(cfg.vocab_size, work.seed)
     prompts = common.prompt_ids(work, cfg.vocab_size)
     ids = jnp.asarray(prompts, jnp.int32)
     mask = jnp.ones_like(ids)
     scfg = sampling.SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=work.new_tokens)
-    sampler = rollout.jitted_sampler(cfg, scfg, -1, common.PAD_ID, pspec.lora_cfg if mode == "lora" else None)
-    experience = train._experience_fn(pspec, work.prompt_len, train.experience_rows(pcfg))
-    update = train._update_fn(pspec, pcfg, work.prompt_len)
+    sampler = progs.sampler(scfg)
+    experience = progs.experience(work.prompt_len, work.new_tokens)
+    update = progs.update(work.prompt_len, work.new_tokens)
 
     def iteration(state, it):
         times = {}

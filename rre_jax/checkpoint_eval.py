@@ -130,7 +130,7 @@ def _make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts, b
     pspec, frozen = train.load_policy(config, spec, mesh, paths)
     engine = train.reward_engine(config, spec, mesh, tokenizer, pspec.cfg.vocab_size, records) if scoring else None
     return train.Run(config, spec, workdir, mesh, tokenizer, [], prompts, None, (records, prompts, bcfg), pspec,
-                     frozen, engine, gold, paths)
+                     frozen, engine, gold, paths, train.run_programs(spec, mesh, pspec, frozen, tokenizer))
 
 
 def _with_eval_proxy(spec):
@@ -269,7 +269,6 @@ class EvalPlan:
     overwrite: bool
     n_boot: int
     extra: dict
-    state: Any = None  # a train state of the run's shapes and shardings, restored into at each step
 
 
 def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides=(), out=None,
@@ -294,16 +293,13 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
     out_dir = pathlib.Path(out or os.path.join(workdir, "eval"))
     todo = check_store(out_dir, steps, [records[i].instruction for i in prompts.index], overwrite=overwrite,
                        skip_existing=skip_existing)
-    run = state = None
+    run = None
     if todo:
-        import jax
-
         from rre_jax import train
         gold = train.gold_rm(config, spec, paths, mesh)  # checks the gold tokenizer before the policy loads
         if gold is None:
             log.warning("the run has no gold RM (config.gold_rm.path is empty): gold scores are stored as NaN")
         run = _make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts, bcfg, gold=gold)
-        state = train.init_state(run, jax.random.key(int(config.seed)))
     seed = int(config.seed if seed is None else seed)
     extra = {"run": config.name, "split": "eval", "eval_set": os.path.abspath(eval_set),
              "eval_set_sha256": _file_sha256(eval_set), "checkpoints": str(ckpt.directory),
@@ -312,7 +308,7 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
              "reward_specs": {proxy: dataclasses.asdict(s) for proxy, s in
                               proxy_scores({"proxy": spec.reward, **spec.counterfactual}, config.reward.preset).items()},
              "config": json.loads(config.to_json_best_effort())}
-    return EvalPlan(run, ckpt, todo, out_dir, scfg, seed, overwrite, n_boot, extra, state)
+    return EvalPlan(run, ckpt, todo, out_dir, scfg, seed, overwrite, n_boot, extra)
 
 
 def run_eval(plan: EvalPlan, progress: bool = True) -> dict:
@@ -329,7 +325,8 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> dict:
                    disable=not progress or jax.process_index() != 0)
         for step in plan.steps:
             bar.set_postfix(step=step)
-            state = train.restore(plan.run, plan.ckpt, step, plan.state)[0] if step else plan.state  # 0: initial
+            state = (train.restore(plan.run, plan.ckpt, step)[0] if step  # 0: the initial policy
+                     else train.init_state(plan.run, jax.random.key(int(plan.run.config.seed))))
             sampled = sample_step(plan.run, state, step, plan.scfg, plan.seed, bar)
             gold = None
             if plan.run.gold is not None:
@@ -356,13 +353,12 @@ def greedy_generate(run, state, texts: Sequence[str], *, max_new_tokens: int, ma
     """Greedy continuations (new text only, special tokens skipped, not cut) of already-templated prompts."""
     import jax
 
-    from rre_jax import policy, rollout, sampling, train
+    from rre_jax import policy, sampling, train
     from rre_jax.data import batching
     tok = run.tokenizer
     scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=max_new_tokens)
     params, adapters = policy.sampling_params(run.policy, state["trainable"], run.frozen)
-    sampler = rollout.jitted_sampler(run.policy.cfg, scfg, tok.eos_token_id, tok.pad_token_id,
-                                     run.policy.lora_cfg if adapters is not None else None)
+    sampler = run.programs.sampler(scfg)
     buckets = batching.bucket_lengths(max_prompt_length, multiple=int(run.config.data.bucket))
     rows = tok(list(texts), add_special_tokens=True, truncation=True, max_length=max_prompt_length)["input_ids"]
     out: list[str] = []
@@ -396,8 +392,6 @@ def plan_alignment_tax(workdir: str, step: int, tasks_dir: str, *, config=None, 
                        max_instances: int = 100, max_new_tokens: int = 128, max_prompt_length: int = 512,
                        batch_size: int | None = None, out: str | None = None, overwrite: bool = False) -> TaxPlan:
     """Check the step, the task files and the output path, then restore the policy (nothing generated yet)."""
-    import jax
-
     from rre_jax import alignment_tax as at, train
     ckpt = open_checkpoints(workdir)
     step, = resolve_steps(ckpt, [step])
@@ -411,7 +405,7 @@ def plan_alignment_tax(workdir: str, step: int, tasks_dir: str, *, config=None, 
     spec, mesh, paths, tokenizer = _open(config, workdir)
     bcfg = _batching(config, spec, batch_size)
     run = _make_run(config, spec, mesh, paths, tokenizer, workdir, [], None, bcfg, scoring=False)
-    state, _ = train.restore(run, ckpt, step, train.init_state(run, jax.random.key(int(config.seed))))
+    state, _ = train.restore(run, ckpt, step)
     ckpt.close()
     return TaxPlan(run, state, step, instances, out, max_new_tokens, max_prompt_length)
 

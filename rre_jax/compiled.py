@@ -48,13 +48,20 @@ def _signature(x):
 class AheadOfTime:
     """A ``jax.jit``-ed function, compiled once per input signature (tree, shapes, dtypes, shardings) before
     it runs; calls then go straight to the executable. ``_cache_size()`` counts the executables (as
-    ``jax.jit``'s does), so a recompilation check reads the same."""
+    ``jax.jit``'s does), so a recompilation check reads the same.
 
-    def __init__(self, jitted):
+    ``in_shardings`` (those the function was jitted with): arguments are first put there (``jax.device_put``,
+    a no-op for an array already in place), so an input laid out otherwise by an earlier op is resharded
+    instead of rejected by the executable, and never compiles a second executable."""
+
+    def __init__(self, jitted, in_shardings=None):
         self.jitted = jitted
+        self.in_shardings = in_shardings
         self._executables: dict = {}
 
     def __call__(self, *args):
+        if self.in_shardings is not None:
+            args = jax.device_put(args, self.in_shardings)
         leaves, tree = jax.tree.flatten(args)
         key = (tree, tuple(map(_signature, leaves)))
         exe = self._executables.get(key)

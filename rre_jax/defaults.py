@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.shape = (-1, 1, 1)
     c.mesh.rules = tuple(mesh_lib.DEFAULT_RULES)
     c.mesh.num_devices = 0  # 0: every device; n: the first n (e.g. a 1-device run on an 8-device host)
+    c.mesh.topology = ""  # TPU slice for --compile_only, e.g. 'v5e:2x4'; empty: the local devices
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = False  # jax.distributed.initialize() (TPU pods, multi-node GPU)
     c.distributed.coordinator_address = ""

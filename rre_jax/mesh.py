@@ -58,6 +58,7 @@ class MeshConfig:
     shape: tuple[int, int, int] = (-1, 1, 1)
     rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
     num_devices: int = 0
+    topology: str = ""  # the TPU slice the mesh is for, e.g. 'v5e:2x4' (rre_jax.aot); compile-only runs use it
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -73,13 +74,16 @@ class MeshConfig:
                     raise ValueError(f"mesh.rules: logical axis {name!r} maps to unknown mesh axis {a!r}; "
                                      f"mesh axes are {MESH_AXES}")
         object.__setattr__(self, "rules", rules)
+        if self.topology:
+            from rre_jax import aot  # the known TPU generations and the name syntax
+            aot.parse_topology(self.topology)
 
     @classmethod
     def from_config(cls, cfg) -> "MeshConfig":
         """From an ml-collections section with fields ``shape`` and (optionally) ``rules``."""
         rules = cfg.get("rules", None)
         return cls(shape=tuple(cfg.shape), rules=tuple(tuple(r) for r in rules) if rules else DEFAULT_RULES,
-                   num_devices=int(cfg.get("num_devices", 0)))
+                   num_devices=int(cfg.get("num_devices", 0)), topology=str(cfg.get("topology", "")))
 
     def resolved_shape(self, num_devices: int) -> tuple[int, int, int]:
         shape = list(self.shape)

@@ -20,6 +20,7 @@ read there, as trl 0.7.4's ``batched_forward_pass`` does (``logits[:, :-1]`` aga
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,8 @@ class PolicySpec:
     lora_cfg: lora_lib.LoraConfig | None = None
     critic: str = "separate"  # full mode only; LoRA's value head always shares the (adapted) trunk
     remat: str = "none"  # llama.REMAT: what the update's backward pass keeps of each layer
+    mesh: Any = None  # with ``rules``: sharding constraints on the activations (the training path sets both)
+    rules: tuple = ()
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -92,8 +95,9 @@ def _token_stats(spec: PolicySpec, params, hidden_BxNxD, tokens_BxN):
 def _run(spec, params, ids_BxS, mask_BxS, *, lora=None, value_head=False, rng=None):
     """Llama forward; ``rng`` turns on LoRA dropout (``config.model.lora.dropout``). Callers read ``hidden``
     (and ``values``); the full-sequence logits the module also returns are dead code that XLA removes."""
+    con = {} if spec.mesh is None else {"mesh": spec.mesh, "rules": spec.rules}
     return llama.forward(spec.cfg, params, ids_BxS, mask_BxS, value_head=value_head, lora=lora,
-                         lora_cfg=spec.lora_cfg if lora is not None else None, rng=rng, remat=spec.remat)
+                         lora_cfg=spec.lora_cfg if lora is not None else None, rng=rng, remat=spec.remat, **con)
 
 
 def policy_outputs(spec: PolicySpec, trainable, frozen, ids_BxS, mask_BxS, T: int, rng=None):

@@ -30,11 +30,18 @@ class Rollout(NamedTuple):
 
 
 def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: sampling.SamplingConfig, *,
-           eos_id: int, pad_id: int, lora=None, lora_cfg=None) -> Rollout:
-    """Sample up to ``scfg.max_new_tokens`` tokens per row of a left-padded prompt batch."""
+           eos_id: int, pad_id: int, lora=None, lora_cfg=None, cache=None, mesh=None, rules=None,
+           return_cache: bool = False) -> Rollout:
+    """Sample up to ``scfg.max_new_tokens`` tokens per row of a left-padded prompt batch.
+
+    ``cache``: an empty KV cache of ``T + N`` slots to decode into (``llama.init_cache``; default: a fresh one);
+    ``return_cache`` returns ``(rollout, final cache)``, so that a donated ``cache`` is decoded in place;
+    ``mesh`` / ``rules``: activation sharding constraints (``rre_jax.programs`` passes the run's)."""
     B, T = ids_BxT.shape
     N = scfg.max_new_tokens
-    logits_BxV, cache = llama.prefill(cfg, params, ids_BxT, mask_BxT, T + N, lora=lora, lora_cfg=lora_cfg)
+    con = {} if mesh is None else {"mesh": mesh, "rules": rules}
+    logits_BxV, cache = llama.prefill(cfg, params, ids_BxT, mask_BxT, T + N, lora=lora, lora_cfg=lora_cfg,
+                                      cache=cache, **con)
     params, lora = llama.unstack_layers(params), llama.unstack_layers(lora)  # once: no per-step weight slices
 
     def cond(state):
@@ -49,14 +56,15 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
         toks_BxN = lax.dynamic_update_slice(toks_BxN, tok_B[:, None], (0, i))
         logp_BxN = lax.dynamic_update_slice(logp_BxN, jnp.where(done_B, 0.0, lp_B)[:, None], (0, i))
         done_B = done_B | (tok_B == eos_id)
-        logits_BxV, cache = llama.decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg)
+        logits_BxV, cache = llama.decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg, **con)
         return i + 1, logits_BxV, cache, toks_BxN, logp_BxN, done_B
 
     init = (jnp.zeros((), jnp.int32), logits_BxV, cache, jnp.full((B, N), pad_id, jnp.int32),
             jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool))
-    steps, _, _, toks_BxN, logp_BxN, _ = lax.while_loop(cond, body, init)
+    steps, _, cache, toks_BxN, logp_BxN, _ = lax.while_loop(cond, body, init)
     mask_BxN = response_mask(toks_BxN, steps, eos_id)
-    return Rollout(toks_BxN, mask_BxN, logp_BxN * mask_BxN, mask_BxN.sum(-1), steps)
+    out = Rollout(toks_BxN, mask_BxN, logp_BxN * mask_BxN, mask_BxN.sum(-1), steps)
+    return (out, cache) if return_cache else out
 
 
 def response_mask(tokens_BxN, steps, eos_id: int):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rre_jax import advantages, checkpoint, compiled, mesh as mesh_lib, metrics as metrics_lib, policy, ppo, reward
+from rre_jax import checkpoint, mesh as mesh_lib, metrics as metrics_lib, policy, ppo, programs as programs_lib, reward
 from rre_jax import rollout, sampling
 from rre_jax.data import batching, prompts as prompts_lib, templates, tiny_prompts_path
 from rre_jax.models import llama, lora as lora_lib
@@ -50,8 +50,10 @@ class RunSpec:
     param_dtype: Any
 
 
-def validate(config) -> RunSpec:
-    """Turn the ml-collections config into frozen dataclasses; every error names the field and the fix."""
+def validate(config, num_devices: int | None = None) -> RunSpec:
+    """Turn the ml-collections config into frozen dataclasses; every error names the field and the fix.
+    ``num_devices``: the devices the run is for (default: every device here; a TPU topology's when compiling
+    ahead of time)."""
     def dtype(field):
         name = config.model[field]
         if name not in ("float32", "bfloat16"):
@@ -68,9 +70,10 @@ def validate(config) -> RunSpec:
     critic = policy.check_critic(config.model.get("critic", "separate"))
     remat = llama.check_remat(config.model.get("remat", "dots"))
     mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
-    n_dev = mesh_cfg.num_devices or jax.device_count()
-    if n_dev > jax.device_count():
-        raise ValueError(f"config.mesh.num_devices={n_dev} but only {jax.device_count()} devices exist")
+    available = num_devices or jax.device_count()
+    n_dev = mesh_cfg.num_devices or available
+    if n_dev > available:
+        raise ValueError(f"config.mesh.num_devices={n_dev} but only {available} devices exist")
     shape = mesh_cfg.resolved_shape(n_dev)  # raises with the fix when the mesh does not fit the devices
     rows = shape[0] * shape[1]
     if ppo_cfg.batch_size % rows:
@@ -106,6 +109,7 @@ class Run:
     engine: reward.RewardEngine
     gold: Any
     paths: dict
+    programs: programs_lib.RunPrograms
 
 
 def _paths(config, workdir) -> dict:
@@ -188,7 +192,8 @@ def build(config, workdir: str) -> Run:
     engine = reward_engine(config, spec, mesh, tokenizer, pspec.cfg.vocab_size, records + dev_records)
     gold = gold_rm(config, spec, paths, mesh)
     return Run(config, spec, workdir, mesh, tokenizer, records, prompts, iterator,
-               (dev_records, dev_prompts, bcfg), pspec, frozen, engine, gold, paths)
+               (dev_records, dev_prompts, bcfg), pspec, frozen, engine, gold, paths,
+               run_programs(spec, mesh, pspec, frozen, tokenizer))
 
 
 def load_policy(config, spec: RunSpec, mesh, paths: dict):
@@ -198,7 +203,15 @@ def load_policy(config, spec: RunSpec, mesh, paths: dict):
                            param_dtype=spec.param_dtype)
     if base.kind != "causal_lm":
         raise ValueError(f"config.model.path={paths['policy']!r} is a {base.kind} checkpoint, not a causal LM")
-    return policy.PolicySpec(base.config, spec.mode, spec.lora, spec.critic, spec.remat), base.params
+    return policy.PolicySpec(base.config, spec.mode, spec.lora, spec.critic, spec.remat, mesh=mesh,
+                             rules=spec.mesh.rules), base.params
+
+
+def run_programs(spec: RunSpec, mesh, pspec: policy.PolicySpec, frozen, tokenizer) -> programs_lib.RunPrograms:
+    """The run's jitted programs (sampler, experience, update, train-state init) with their shardings."""
+    rows = experience_rows(spec.ppo, mesh.shape["data"] * mesh.shape["fsdp"])
+    return programs_lib.RunPrograms(mesh, spec.mesh.rules, pspec, spec.ppo, frozen, eos_id=tokenizer.eos_token_id,
+                                    pad_id=tokenizer.pad_token_id, experience_rows=rows)
 
 
 def reward_engine(config, spec: RunSpec, mesh, tokenizer, vocab_size: int, records) -> reward.RewardEngine:
@@ -240,40 +253,13 @@ def _pad_table(table, vocab_size: int):
 # ======================================================================================= train state
 
 def init_state(run: Run, rng):
-    trainable = policy.init_trainable(run.policy, run.frozen, rng)
-    opt_state = ppo.make_optimizer(run.spec.ppo).init(trainable)
-    return {"trainable": trainable, "opt_state": opt_state, "moments": advantages.init_moments(),
-            "kl": advantages.init_kl(run.spec.ppo.init_kl_coef), "rng": jax.random.key_data(rng),
-            "step": jnp.zeros((), jnp.int32)}
+    """A fresh train state, written by one program straight into its shardings (``programs.build_init``)."""
+    return run.programs.init_state(run.frozen, rng)
 
 
-def restore(run: Run, ckpt: checkpoint.CheckpointManager, step: int, state):
-    """Checkpoint ``step`` in ``state``'s shapes; leaves not on the run's mesh come back replicated over it.
-
-    ``init_state`` leaves most of the state on one device; restored as is, those arrays would be committed there
-    and every jitted program would reject them beside the mesh-sharded weights (on any mesh of > 1 device).
-    """
-    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-
-    def target(x):
-        on_mesh = isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == run.mesh
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if on_mesh else replicated)
-    return ckpt.restore(step, jax.tree.map(target, state))
-
-
-# ======================================================================================= jitted programs
-
-_PROGRAMS: dict = {}  # (name, static args) -> AheadOfTime program; one executable per prompt bucket
-
-
-def _program(name: str, build, *key):
-    if (name, key) not in _PROGRAMS:
-        _PROGRAMS[(name, key)] = compiled.AheadOfTime(build(*key))
-    return _PROGRAMS[(name, key)]
-
-
-def _experience_fn(pspec: policy.PolicySpec, T: int, rows: int | None = None):
-    return _program("experience", _build_experience, pspec, T, rows)
+def restore(run: Run, ckpt: checkpoint.CheckpointManager, step: int):
+    """Checkpoint ``step``, read straight into the train state's shardings (nothing is initialised first)."""
+    return ckpt.restore(step, run.programs.state.target())
 
 
 def experience_rows(pcfg: ppo.PPOConfig, shards: int = 1) -> int:
@@ -283,37 +269,6 @@ def experience_rows(pcfg: ppo.PPOConfig, shards: int = 1) -> int:
         if rows >= pcfg.mini_batch_size and pcfg.batch_size % rows == 0:
             return rows
     return pcfg.batch_size
-
-
-def _update_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, T: int):
-    return _program("update", _build_update, pspec, pcfg, T)
-
-
-def _build_experience(pspec: policy.PolicySpec, T: int, rows: int | None):
-    """Program 2: old log-probs, values and reference log-probs of the response tokens (frozen per batch), over
-    groups of ``rows`` rows."""
-    def fn(trainable, frozen, ids_BxS, mask_BxS):
-        return policy.experience(pspec, trainable, frozen, ids_BxS, mask_BxS, T, rows)
-    return jax.jit(fn)
-
-
-def _build_update(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, T: int):
-    """Program 3: advantages (trl's pre-epoch maths), the PPO epochs, and the KL controller; donates state."""
-    def forward(trainable, mb, rng, frozen):
-        return policy.policy_outputs(pspec, trainable, frozen, mb["ids"], mb["attn"], T, rng)
-    update = ppo.make_update_step(forward, ppo.make_optimizer(pcfg), pcfg)
-
-    def fn(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng):
-        old_logp, values, ref_logp = exp
-        batch, moments, pre = ppo.prepare_batch(old_logp, ref_logp, values, score_B, mask_BxN, state["moments"],
-                                                state["kl"], pcfg)
-        batch = {**batch, "ids": ids_BxS, "attn": attn_BxS}
-        trainable, opt_state, stats = update(state["trainable"], state["opt_state"], batch, rng, frozen)
-        kl = ppo.update_kl_coef(state["kl"], pre["objective/kl"], pcfg)
-        new = {**state, "trainable": trainable, "opt_state": opt_state, "moments": moments, "kl": kl,
-               "step": state["step"] + 1}
-        return new, {**pre, **stats}
-    return jax.jit(fn, donate_argnums=(0,))
 
 
 # ======================================================================================= one step
@@ -358,9 +313,7 @@ def sample_and_score(run: Run, state, ids_BxT, mask_BxT, index_B, rng, scfg: sam
     """
     t0 = time.perf_counter()
     params, adapters = policy.sampling_params(run.policy, state["trainable"], run.frozen)
-    eos, pad = run.tokenizer.eos_token_id, run.tokenizer.pad_token_id
-    sampler = rollout.jitted_sampler(run.policy.cfg, scfg, eos, pad, run.policy.lora_cfg if adapters is not None else None)
-    roll = sampler(params, ids_BxT, mask_BxT, rng, adapters)
+    roll = run.programs.sampler(scfg)(params, ids_BxT, mask_BxT, rng, adapters)
     feats = run.engine.features(roll.tokens_BxN, roll.mask_BxN)
     mask_BxN = rollout.cut_mask(roll.mask_BxN, feats.cut_token_B) if run.config.reward.cut_at_stop else roll.mask_BxN
     jax.block_until_ready(mask_BxN)
@@ -385,8 +338,8 @@ def train_step(run: Run, state, batch: batching.Batch):
     t0 = time.perf_counter()
     ids_BxS = jnp.concatenate([ids_BxT, roll.tokens_BxN], axis=1)
     attn_BxS = jnp.concatenate([mask_BxT, mask_BxN], axis=1)
-    rows = experience_rows(run.spec.ppo, run.mesh.shape["data"] * run.mesh.shape["fsdp"])
-    exp = _experience_fn(run.policy, T, rows)(state["trainable"], run.frozen, ids_BxS, attn_BxS)
+    N = roll.tokens_BxN.shape[1]
+    exp = run.programs.experience(T, N)(state["trainable"], run.frozen, ids_BxS, attn_BxS)
     jax.block_until_ready(exp)
     t1 = time.perf_counter()
     score_B = comps["proxy"] - float(run.config.reward.baseline)  # this host's share
@@ -402,7 +355,7 @@ def train_step(run: Run, state, batch: batching.Batch):
         log.warning("step %d: non-finite rewards %s; batch skipped", step, every["proxy"])
         state = {**state, "step": state["step"] + 1}
         return state, {**scalars, **times, "train/skipped_batch": 1.0}
-    state, stats = _update_fn(run.policy, run.spec.ppo, T)(state, run.frozen, exp,
+    state, stats = run.programs.update(T, N)(state, run.frozen, exp,
                                                            _global(run, score_B.astype(np.float32)),
                                                            ids_BxS, attn_BxS, mask_BxN, k_update)
     stats = jax.device_get(stats)
@@ -413,13 +366,14 @@ def train_step(run: Run, state, batch: batching.Batch):
                   "time/rollout_tokens_per_s": new_tokens / max(times["time/rollout_s"], 1e-9),
                   "train/skipped_batch": 0.0, "objective/kl_coef_next": float(state["kl"].value)})
     scalars["compile/programs"] = float(_compiled_programs(run))
+    scalars.update({f"compile/{k}": float(n) for k, n in run.programs.compiled_counts().items()})
+    scalars["rollout/prompt_bucket"] = float(T)
     return state, {**scalars, **times}
 
 
 def _compiled_programs(run: Run) -> int:
     """How many executables the step's jitted programs hold (a rise after warm-up means a recompile)."""
-    fns = list(_PROGRAMS.values()) + rollout.samplers() + [run.engine.features_fn]
-    return sum(fn._cache_size() for fn in fns)
+    return sum(run.programs.compiled_counts().values()) + run.engine.features_fn._cache_size()
 
 
 # ======================================================================================= dev eval
@@ -492,7 +446,7 @@ def run(config, workdir: str) -> dict:
     writer = metrics_lib.MetricWriter(workdir)
     latest = ckpt.latest_step()
     if latest is not None:
-        state, meta = restore(r, ckpt, latest, state)
+        state, meta = restore(r, ckpt, latest)
         r.iterator.state = batching.IteratorState(**meta["data"])
         writer.truncate_after(latest)
         log.info("resumed from step %d in %s", latest, ckpt.directory)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rre_jax import alignment_tax as at, checkpoint_eval, metrics, reward, rollout, train
+from rre_jax import alignment_tax as at, checkpoint_eval, metrics, programs, reward, train
 from rre_jax.cli import alignment_tax as tax_cmd, eval as eval_cmd
 from rre_jax.data import load_prompts
 
@@ -148,7 +148,7 @@ def no_sampling(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("sampled despite bad input")
     monkeypatch.setattr(train, "sample_and_score", fail)
-    monkeypatch.setattr(rollout, "jitted_sampler", fail)
+    monkeypatch.setattr(programs.RunPrograms, "sampler", fail)
 
 
 def _bad(workdir, capsys, extra, eval_set=EVAL_SET):

@@ -10,7 +10,7 @@ from rre_jax import memory
 from rre_jax.configs import alpacafarm_rer, tiny
 
 GIB = 2**30
-TPU_PRESETS = [name for name, (_, _, chip) in alpacafarm_rer.MESH_PRESETS.items() if chip]
+TPU_PRESETS = [name for name, (_, _, chip, _) in alpacafarm_rer.MESH_PRESETS.items() if chip]
 LLAMA_7B_PARAMS = 6_738_415_616  # LLaMA-7B with an untied lm_head (the HF checkpoint's parameter count)
 YI_34B_PARAMS = 34_388_917_248 - 64000 * 7168 + 7168  # Yi-34B minus its lm_head, plus a 1-output score head
 

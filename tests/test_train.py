@@ -80,6 +80,11 @@ def test_sharded_run_matches_single_device_and_compiles_once(assets, tmp_path):
             np.testing.assert_allclose(mesh[step][k], one[step][k], rtol=1e-5, atol=1e-5, err_msg=f"{k} step {step}")
     for rows in (one, mesh):
         assert rows[3]["compile/programs"] == rows[2]["compile/programs"], "a program recompiled after step 2"
+        for step in (1, 2, 3):  # one executable per program and prompt bucket, from the first step on
+            buckets = len({rows[s]["rollout/prompt_bucket"] for s in range(1, step + 1)})
+            counts = {k: rows[step][f"compile/{k}"] for k in ("init", "cache", "sampler", "experience", "update")}
+            assert counts == {"init": 1, "cache": buckets, "sampler": buckets, "experience": buckets,
+                              "update": buckets}, f"step {step}: {counts}"
 
 
 def _cli(workdir, assets, steps, save_freq):

@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config file[:arg] (e.g. configs/alpacafarm_rer.py:li,v4-32), a shipped config name, "
                         "or a .json dump (default: tiny)")
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, exports; resumes if present")
+    p.add_argument("--compile_only", action="store_true",
+                   help="compile every program from shapes for config.mesh.topology (e.g. v5e:2x4) or the local "
+                        "devices and print XLA's bytes per device, fits or not, and roofline step times; reads no "
+                        "weights, writes nothing but --compile_report; exit 1 when a program does not fit")
+    p.add_argument("--compile_report", default="", help="with --compile_only: also write the table as JSON here")
     return p
 
 
@@ -41,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     try:
         config = loader.load_with_overrides(args.config, overrides)
+        if args.compile_only:
+            from rre_jax import aot
+            return aot.main(config, args.compile_report)
         from rre_jax import distributed, train  # after parsing: keeps --help fast
         distributed.maybe_initialize(config.distributed)
         train.validate(config)  # every config error surfaces here, before anything is loaded or compiled

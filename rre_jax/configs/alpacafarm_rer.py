@@ -20,14 +20,15 @@ import ml_collections
 
 from rre_jax import defaults, reward
 
-# name: (mesh shape (data, fsdp, tensor), gold RM placement, chip memory in GiB)
+# name: (mesh shape (data, fsdp, tensor), gold RM placement, chip memory in GiB, TPU topology for
+# --compile_only (rre_jax.aot: '<generation>:<chips per axis>'; v4 chips are one megacore device each))
 MESH_PRESETS = {
-    "cpu": ((-1, 1, 1), "device", 0),
-    "v4-8": ((1, 2, 2), "device", 32),
-    "v5e-8": ((1, 4, 2), "host", 16),
-    "v4-32": ((1, 16, 1), "device", 32),
-    "v5e-32": ((1, 16, 2), "device", 16),
-    "gpu-8": ((1, 8, 1), "device", 80),
+    "cpu": ((-1, 1, 1), "device", 0, ""),
+    "v4-8": ((1, 2, 2), "device", 32, "v4:2x2x1"),
+    "v5e-8": ((1, 4, 2), "host", 16, "v5e:2x4"),
+    "v4-32": ((1, 16, 1), "device", 32, "v4:2x2x4"),
+    "v5e-32": ((1, 16, 2), "device", 16, "v5e:4x8"),
+    "gpu-8": ((1, 8, 1), "device", 80, ""),
 }
 
 
@@ -44,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     reward.preset(reward_name)  # validates the name early, with the list of choices
     if mesh_name not in MESH_PRESETS:
         raise KeyError(f"unknown mesh preset {mesh_name!r}; choose one of {sorted(MESH_PRESETS)}")
-    shape, placement, chip_gib = MESH_PRESETS[mesh_name]
+    shape, placement, chip_gib, topology = MESH_PRESETS[mesh_name]
 
     config = defaults.base_config()
     config.name = f"alpacafarm_{reward_name}"
@@ -64,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.dev_file = ""  # e.g. ../shared/data/alpacafarm_val.json
     config.data.eval_file = ""  # e.g. ../shared/data/alpaca_eval.json
     config.mesh.shape = shape
+    config.mesh.topology = topology
     config.mesh_preset = mesh_name
     config.plan = plan_section("llama-7b", "yi-34b", chip_gib)
     config.train.steps = 5000

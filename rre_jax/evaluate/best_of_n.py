@@ -114,10 +114,11 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
                            lengths=repeat(prompts.lengths), index=repeat(prompts.index), qtype=repeat(prompts.qtype))
     gold = train.gold_rm(config, spec, paths, mesh)
     run = checkpoint_eval._make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts_n, bcfg, gold=gold)
-    state = train.init_state(run, jax.random.key(int(config.seed)))
     if step:
-        state = train.restore(run, ckpt, step, state)[0]
+        state = train.restore(run, ckpt, step)[0]
         ckpt.close()
+    else:
+        state = train.init_state(run, jax.random.key(int(config.seed)))
     extra = {"run": config.name, "split": "best_of_n", "eval_set": os.path.abspath(eval_set),
              "eval_set_sha256": checkpoint_eval._file_sha256(eval_set), "best_of_n": {"n": n, "ks": ks},
              "dropped_prompts": [int(i) for i in prompts.dropped],

@@ -220,7 +220,10 @@ def _constrain(x, names, mesh, rules):
     if mesh is None:
         return x
     spec = mesh_lib.logical_to_mesh_spec(names, rules)
-    return lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+    # a dimension the mesh axes do not divide (e.g. a 4-row micro-batch on 8 batch shards) is left to XLA
+    spec = [s if s is None or n % math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s)) == 0
+            else jax.sharding.PartitionSpec.UNCONSTRAINED for n, s in zip(x.shape, spec)]
+    return lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
 
 
 class RMSNorm(nn.Module):
@@ -554,14 +557,15 @@ def _advance(cache, kv, mask_BxT):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "lora_cfg", "mesh", "rules"))
 def prefill(cfg: LlamaConfig, params, ids_BxT, mask_BxT, cache_len: int, *, lora=None, lora_cfg=None,
-            mesh=None, rules=mesh_lib.DEFAULT_RULES):
-    """Run a (left-padded) prompt batch; returns (last-position logits ``BxV``, filled cache)."""
+            mesh=None, rules=mesh_lib.DEFAULT_RULES, cache=None):
+    """Run a (left-padded) prompt batch; returns (last-position logits ``BxV``, filled cache). ``cache``: the
+    empty ``init_cache(cfg, B, cache_len)`` to fill (e.g. created in its shardings); default: a new one."""
     cfg.check_length(cache_len)
     lora = _lora_like(params, lora)
     model = Llama(cfg, head="lm", lora=lora_cfg, scan=layer_layout(params) == "stacked", mesh=mesh, rules=rules)
     out = model.apply({"params": params}, ids_BxT, positions_from_mask(mask_BxT), mask_BxT, lora=lora,
                       last_only=True)
-    cache = init_cache(cfg, ids_BxT.shape[0], cache_len)
+    cache = init_cache(cfg, ids_BxT.shape[0], cache_len) if cache is None else cache
     upd = lambda c, new: lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, 0, 0))
     kv = {n: tuple(upd(c, new) for c, new in zip(cache[n], out["kv"][n])) for n in ("k", "v")}
     return out["logits"][:, -1], _advance(cache, kv, mask_BxT)
