@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rre_jax import advantages, checkpoint, compiled, mesh as mesh_lib, metrics as metrics_lib, policy, ppo, reward
+from rre_jax import advantages, checkpoint, compiled, grpo, mesh as mesh_lib, metrics as metrics_lib, policy, ppo
+from rre_jax import reward
 from rre_jax import rollout, sampling
 from rre_jax.data import batching, prompts as prompts_lib, templates, tiny_prompts_path
 from rre_jax.models import llama, lora as lora_lib
@@ -48,6 +49,8 @@ class RunSpec:
     remat: str
     dtype: Any
     param_dtype: Any
+    algo: str = "ppo"
+    group: grpo.GroupConfig | None = None  # the group method's settings (algo 'grpo' / 'rloo'), else None
 
 
 def validate(config) -> RunSpec:
@@ -59,6 +62,10 @@ def validate(config) -> RunSpec:
         return jnp.dtype(name)
 
     ppo_cfg = ppo.PPOConfig.from_config(config.ppo)
+    # --- algorithm: PPO (default) or a critic-free group method (config.group, rre_jax.grpo)
+    algo = grpo.check_algo(config.algo)
+    group = (grpo.GroupConfig.from_config(config.group, algo, ppo_cfg, int(config.sampling.max_new_tokens))
+             if algo in grpo.GROUP_ALGOS else None)
     spec = reward.preset(config.reward.preset)
     spec = dataclasses.replace(spec, max_new_tokens=int(config.sampling.max_new_tokens))
     cf = {f"cf/{n}": dataclasses.replace(reward.preset(n), max_new_tokens=spec.max_new_tokens)
@@ -85,7 +92,7 @@ def validate(config) -> RunSpec:
                    lora=lora_lib.LoraConfig(rank=int(lcfg.rank), alpha=float(lcfg.alpha), dropout=float(lcfg.dropout),
                                             targets=tuple(lcfg.targets)),
                    mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
-                   param_dtype=dtype("param_dtype"))
+                   param_dtype=dtype("param_dtype"), algo=algo, group=group)
 
 
 # ======================================================================================= set-up
@@ -178,8 +185,9 @@ def build(config, workdir: str) -> Run:
     bcfg = batching.BatchingConfig(global_batch_size=spec.ppo.batch_size,
                                    max_prompt_length=int(config.data.max_prompt_length),
                                    bucket_multiple=int(config.data.bucket), seed=int(config.data.shuffle_seed))
-    iterator = batching.PromptIterator(prompts, bcfg, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+    per_step = spec.group.prompts_per_step if spec.group else spec.ppo.batch_size  # group: B / G prompts
+    iterator = batching.PromptIterator(prompts, dataclasses.replace(bcfg, global_batch_size=per_step),
+                                       process_index=jax.process_index(), process_count=jax.process_count())
     dev_records, _ = _load_records(config, "dev_file")
     dev_records = dev_records[:int(config.train.dev_size)]
     max_len = int(config.data.max_prompt_length)
@@ -318,6 +326,40 @@ def _build_update(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, T: int):
     return jax.jit(fn, donate_argnums=(0,))
 
 
+# --- group methods (GRPO, RLOO): the same three programs, without values and with no reference pass at beta 0
+
+def _group_experience_fn(pspec: policy.PolicySpec, T: int, rows: int | None, reference: bool):
+    return _program("group_experience", _build_group_experience, pspec, T, rows, reference)
+
+
+def _group_update_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, gcfg: grpo.GroupConfig, T: int):
+    return _program("group_update", _build_group_update, pspec, pcfg, gcfg, T)
+
+
+def _build_group_experience(pspec: policy.PolicySpec, T: int, rows: int | None, reference: bool):
+    """Program 2 of a group method: old (and, with ``beta > 0``, reference) log-probs, frozen per batch."""
+    def fn(trainable, frozen, ids_BxS, mask_BxS):
+        return policy.group_experience(pspec, trainable, frozen, ids_BxS, mask_BxS, T, rows, reference)
+    return jax.jit(fn)
+
+
+def _build_group_update(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, gcfg: grpo.GroupConfig, T: int):
+    """Program 3 of a group method: advantages over whole groups (the batch is global inside jit, so a group
+    spread over devices or hosts is one group), then the GRPO / RLOO passes; donates state."""
+    def forward(trainable, mb, rng, frozen):
+        return policy.policy_outputs(pspec, trainable, frozen, mb["ids"], mb["attn"], T, rng)
+    update = grpo.make_update_step(forward, ppo.make_optimizer(pcfg), gcfg)
+
+    def fn(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng):
+        old_logp, ref_logp = exp
+        batch, pre = grpo.prepare_batch(old_logp, ref_logp, score_B, mask_BxN, gcfg)
+        batch = {**batch, "ids": ids_BxS, "attn": attn_BxS}
+        trainable, opt_state, stats = update(state["trainable"], state["opt_state"], batch, rng, frozen)
+        new = {**state, "trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
+        return new, {**pre, **stats}
+    return jax.jit(fn, donate_argnums=(0,))
+
+
 # ======================================================================================= one step
 
 def _batch_spec(run: Run, ndim: int):
@@ -380,6 +422,9 @@ def train_step(run: Run, state, batch: batching.Batch):
     step = int(state["step"])
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_roll, k_update = jax.random.split(rng)
+    gcfg = run.spec.group
+    if gcfg is not None:  # a group method: each prompt sampled G times, a group on consecutive rows
+        batch = batching.repeat_prompts(batch, gcfg.num_generations)
     ids_BxT, mask_BxT = _global(run, batch.ids_BxT), _global(run, batch.mask_BxT)
     T = batch.ids_BxT.shape[1]
     roll, mask_BxN, comps, texts, times = sample_and_score(run, state, ids_BxT, mask_BxT, batch.index_B, k_roll,
@@ -388,7 +433,9 @@ def train_step(run: Run, state, batch: batching.Batch):
     ids_BxS = jnp.concatenate([ids_BxT, roll.tokens_BxN], axis=1)
     attn_BxS = jnp.concatenate([mask_BxT, mask_BxN], axis=1)
     rows = experience_rows(run.spec.ppo, run.mesh.shape["data"] * run.mesh.shape["fsdp"])
-    exp = _experience_fn(run.policy, T, rows)(state["trainable"], run.frozen, ids_BxS, attn_BxS)
+    experience = (_experience_fn(run.policy, T, rows) if gcfg is None
+                  else _group_experience_fn(run.policy, T, rows, gcfg.needs_reference))
+    exp = experience(state["trainable"], run.frozen, ids_BxS, attn_BxS)
     jax.block_until_ready(exp)
     t1 = time.perf_counter()
     score_B = comps["proxy"] - float(run.config.reward.baseline)  # this host's share
@@ -404,16 +451,17 @@ def train_step(run: Run, state, batch: batching.Batch):
         log.warning("step %d: non-finite rewards %s; batch skipped", step, every["proxy"])
         state = {**state, "step": state["step"] + 1}
         return state, {**scalars, **times, "train/skipped_batch": 1.0}
-    state, stats = _update_fn(run.policy, run.spec.ppo, T)(state, run.frozen, exp,
-                                                           _global(run, score_B.astype(np.float32)),
-                                                           ids_BxS, attn_BxS, mask_BxN, k_update)
+    update = (_update_fn(run.policy, run.spec.ppo, T) if gcfg is None
+              else _group_update_fn(run.policy, run.spec.ppo, gcfg, T))
+    state, stats = update(state, run.frozen, exp, _global(run, score_B.astype(np.float32)), ids_BxS, attn_BxS,
+                          mask_BxN, k_update)
     stats = jax.device_get(stats)
     t2 = time.perf_counter()
     scalars.update({k: float(np.mean(v)) for k, v in stats.items() if np.ndim(v) == 0 or np.size(v) == 1})
     new_tokens = float(every["n_raw"].sum())
     times.update({"time/experience_s": t1 - t0, "time/update_s": t2 - t1,
                   "time/rollout_tokens_per_s": new_tokens / max(times["time/rollout_s"], 1e-9),
-                  "train/skipped_batch": 0.0, "objective/kl_coef_next": float(state["kl"].value)})
+                  "train/skipped_batch": 0.0, "objective/kl_coef_next": float(state["kl"].value) if gcfg is None else gcfg.beta})
     scalars["compile/programs"] = float(_compiled_programs(run))
     return state, {**scalars, **times}
 

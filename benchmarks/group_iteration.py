@@ -1,0 +1,150 @@
+"""One GRPO / RLOO iteration beside one PPO iteration on the same number of responses, in one run.
+
+    python benchmarks/group_iteration.py [--algos ppo,grpo,rloo] [--mode lora] [--group-iterations 1]
+
+Workload: the random "mid" Llama (58.5M params, fp32, LoRA rank 8 on q/v: ``common.MID_MODEL``), 16 responses of
+128 sampled tokens (no early stop) after 64-token prompts, a host reward (LI*RP of the decoded text), then the
+update with the paper's layout (mini-batch 2 x gradient accumulation 4). PPO samples 16 seeded prompts once and
+runs 4 epochs with its critic (8 optimizer steps); GRPO / RLOO sample 4 of those prompts 4 times each
+(``num_generations`` = 4) and run trl 1.16.0's defaults: ``num_iterations`` = 1 pass (2 optimizer steps), GRPO
+with ``beta`` = 0 (no reference pass), RLOO with ``beta`` = 0.05 (a reference pass). Each algorithm runs in its
+own process (peak RSS per algorithm) with one untimed warm-up iteration (compilation), then one timed iteration
+per phase with ``block_until_ready``. The programs are the trainer's own (``rre_jax.train``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # this checkout's rre_jax, not whichever one the venv has installed
+import common  # noqa: E402
+from ppo_iteration import RSS_TRACE, _mark  # noqa: E402
+
+G = 4  # responses per prompt of the group methods
+
+
+def _programs(algo: str, pspec, pcfg, work, group_iterations: int):
+    """``(experience, update, prompt rows)`` of ``algo``: the trainer's programs at the benchmark's shapes."""
+    from rre_jax import grpo, train
+    rows = train.experience_rows(pcfg)
+    if algo == "ppo":
+        return train._experience_fn(pspec, work.prompt_len, rows), train._update_fn(pspec, pcfg, work.prompt_len), \
+            list(range(work.batch))
+    gcfg = grpo.GroupConfig(algo=algo, num_generations=G, beta=0.05 if algo == "rloo" else 0.0,
+                            num_iterations=group_iterations, batch_size=work.batch, mini_batch_size=work.mini_batch,
+                            gradient_accumulation_steps=work.grad_accum, max_completion_length=work.new_tokens)
+    experience = train._group_experience_fn(pspec, work.prompt_len, rows, gcfg.needs_reference)
+    update = train._group_update_fn(pspec, pcfg, gcfg, work.prompt_len)
+    return experience, update, [p for p in range(work.batch // G) for _ in range(G)]
+
+
+def child(algo: str, mode: str, out: str, group_iterations: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from rre_jax import advantages, defaults, policy, ppo, rollout, sampling
+    from rre_jax.models import llama, lora as lora_lib
+    _mark("imports")
+    work = common.Workload()
+    cfg = llama.LlamaConfig(**common.MID_MODEL, rms_norm_eps=1e-6)
+    base = llama.init_params(cfg, jax.random.key(work.seed))
+    remat = defaults.base_config().model.remat
+    pspec = policy.PolicySpec(cfg, mode, lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0), "shared", remat)
+    pcfg = ppo.PPOConfig(batch_size=work.batch, mini_batch_size=work.mini_batch,
+                         gradient_accumulation_steps=work.grad_accum, ppo_epochs=work.ppo_epochs)
+    trainable = policy.init_trainable(pspec, base, jax.random.key(1))
+    state = {"trainable": trainable, "opt_state": ppo.make_optimizer(pcfg).init(trainable),
+             "moments": advantages.init_moments(), "kl": advantages.init_kl(pcfg.init_kl_coef),
+             "rng": jax.random.key_data(jax.random.key(2)), "step": jnp.zeros((), jnp.int32)}
+    experience, update, rows = _programs(algo, pspec, pcfg, work, group_iterations)
+    _mark("init")
+    tok = common.train_tokenizer(cfg.vocab_size, work.seed)
+    prompts = common.prompt_ids(work, cfg.vocab_size)[rows]  # group methods: each of 4 prompts 4 times
+    ids = jnp.asarray(prompts, jnp.int32)
+    mask = jnp.ones_like(ids)
+    scfg = sampling.SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=work.new_tokens)
+    sampler = rollout.jitted_sampler(cfg, scfg, -1, common.PAD_ID, pspec.lora_cfg if mode == "lora" else None)
+
+    def iteration(state, it):
+        times = {}
+        t = time.perf_counter()
+        params, adapters = policy.sampling_params(pspec, state["trainable"], base)
+        roll = sampler(params, ids, mask, jax.random.key(10 + it), adapters)
+        roll.tokens_BxN.block_until_ready()
+        times["generate_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        texts = tok.decode_batch(np.asarray(roll.tokens_BxN).tolist())
+        score = np.array([common.li_rp(x) for x in texts], np.float32)
+        times["reward_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        full = jnp.concatenate([ids, roll.tokens_BxN], 1)
+        attn = jnp.concatenate([mask, roll.mask_BxN], 1)
+        exp = jax.block_until_ready(experience(state["trainable"], base, full, attn))
+        times["experience_s"] = time.perf_counter() - t
+        _mark(f"experience [{it}]")
+        t = time.perf_counter()
+        state, _ = update(state, base, exp, jnp.asarray(score), full, attn, roll.mask_BxN, jax.random.key(it))
+        jax.block_until_ready(state)
+        times["update_s"] = time.perf_counter() - t
+        _mark(f"update [{it}]")
+        times["iteration_s"] = sum(times.values())
+        return state, times
+
+    t = time.perf_counter()
+    state, _ = iteration(state, 0)  # warm-up: compiles the programs
+    warmup = time.perf_counter() - t
+    state, times = iteration(state, 1)
+    result = {"algo": algo, "mode": mode, "phases": times, "warmup_s": warmup, "rss_trace": RSS_TRACE,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "prompts": len(set(rows)), "responses": len(rows)}
+    pathlib.Path(out).write_text(json.dumps(result, indent=2))
+
+
+def _cpu_model() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algos", default="ppo,grpo,rloo")
+    p.add_argument("--mode", default="lora", choices=("lora", "full"))
+    p.add_argument("--group-iterations", type=int, default=1, help="GRPO/RLOO num_iterations (trl default 1)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return child(a.child, a.mode, a.out, a.group_iterations)
+    tmp = tempfile.mkdtemp(prefix="rre_group_bench_")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    res = {}
+    for algo in a.algos.split(","):
+        out = os.path.join(tmp, f"{algo}.json")
+        subprocess.run([sys.executable, __file__, "--child", algo, "--out", out, "--mode", a.mode,
+                        "--group-iterations", str(a.group_iterations)], env=env, check=True)
+        res[algo] = json.loads(pathlib.Path(out).read_text())
+    algos = list(res)
+    print(f"\nOne iteration, 16 responses x 128 new tokens, mid model, {a.mode}; CPU: {_cpu_model()}, "
+          f"{os.cpu_count()} cores  (ratio = ppo / algo)")
+    print(f"  {'':<16}" + "".join(f"{x:>12}" for x in algos) + "".join(f"{'ppo/' + x:>12}" for x in algos[1:]))
+    for ph in ("generate_s", "reward_s", "experience_s", "update_s", "iteration_s"):
+        vals = [res[x]["phases"][ph] for x in algos]
+        print(f"  {ph:<16}" + "".join(f"{v:>12.2f}" for v in vals)
+              + "".join(f"{vals[0] / v:>11.2f}x" for v in vals[1:]))
+    for key, fmt in (("peak_rss_mb", "{:>12.0f}"), ("warmup_s", "{:>12.1f}"), ("prompts", "{:>12d}")):
+        print(f"  {key:<16}" + "".join(fmt.format(res[x][key]) for x in algos))
+
+
+if __name__ == "__main__":
+    main()
