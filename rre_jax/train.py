@@ -461,7 +461,8 @@ def train_step(run: Run, state, batch: batching.Batch):
     new_tokens = float(every["n_raw"].sum())
     times.update({"time/experience_s": t1 - t0, "time/update_s": t2 - t1,
                   "time/rollout_tokens_per_s": new_tokens / max(times["time/rollout_s"], 1e-9),
-                  "train/skipped_batch": 0.0, "objective/kl_coef_next": float(state["kl"].value) if gcfg is None else gcfg.beta})
+                  "train/skipped_batch": 0.0,
+                  "objective/kl_coef_next": float(state["kl"].value) if gcfg is None else gcfg.beta})
     scalars["compile/programs"] = float(_compiled_programs(run))
     return state, {**scalars, **times}
 

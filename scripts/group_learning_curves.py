@@ -1,10 +1,10 @@
 """Seeded tiny runs of the critic-free methods: GRPO and RLOO against the ``li`` and ``rer`` proxies.
 
-    python scripts/group_learning_curves.py [--steps 40] [--workdir /tmp/rre_group_curves] [--png docs/tiny_group_learning_curves.png]
+    python scripts/group_learning_curves.py [--steps 40] [--workdir /tmp/rre_group_curves] [--png FILE]
 
 Builds the tiny assets once (``rre_jax.tiny``), trains ``configs/tiny.py:<preset>,<algo>`` for each of the four
 combinations (seed 0, the tiny config as shipped), prints the mean proxy of the first and last 10 steps of each
-run, and draws the four proxy curves into one PNG. Not a test (minutes on 2 CPU cores); the CI tests run the same
+run, and draws the four proxy curves into one PNG (default ``docs/tiny_group_learning_curves.png``). Not a test (minutes on 2 CPU cores); the CI tests run the same
 configs for a step or two.
 """
 from __future__ import annotations

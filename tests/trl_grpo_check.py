@@ -129,7 +129,8 @@ def check_advantages():
     rng = np.random.default_rng(2)
     rewards = rng.normal(1.0, 2.0, B)
     rewards[:G] = 0.5
-    grpo_src = _block(GRPOTrainer, "unscorable_mask = torch.isnan", "advantages = torch.nan_to_num(advantages, nan=0.0)")
+    end = "advantages = torch.nan_to_num(advantages, nan=0.0)"
+    grpo_src = _block(GRPOTrainer, "unscorable_mask = torch.isnan", end)
     for scale in ("group", "batch", "none"):
         ns = {"torch": torch, "nanstd": trl_utils.nanstd, "device": "cpu", "num_generations": G,
               "rewards_per_func": torch.tensor(rewards)[:, None],
@@ -140,7 +141,7 @@ def check_advantages():
         close(f"GRPO advantages scale_rewards={scale}", ns["advantages"].numpy(), want)
         close(f"GRPO std_rewards scale_rewards={scale}", ns["std_rewards"].numpy(), want_std)
     _, old, ref_logp, _, mask = _inputs(3)
-    rloo_src = _block(RLOOTrainer, "unscorable_mask = torch.isnan", "advantages = torch.nan_to_num(advantages, nan=0.0)")
+    rloo_src = _block(RLOOTrainer, "unscorable_mask = torch.isnan", end)
     for beta, normalize in ((0.0, False), (0.05, False), (0.3, True)):
         ns = {"torch": torch, "nanstd": trl_utils.nanstd, "device": "cpu", "num_generations": G,
               "gather": lambda x: x, "rewards_per_func": torch.tensor(rewards)[:, None],
