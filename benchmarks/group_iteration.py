@@ -27,7 +27,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # this checkout's rre_jax, not whichever one the venv has installed
 import common  # noqa: E402
-from ppo_iteration import RSS_TRACE, _mark  # noqa: E402
+from ppo_iteration import RSS_TRACE, _mark, mid_model_state, timed_iteration  # noqa: E402
 
 G = 4  # responses per prompt of the group methods
 
@@ -48,23 +48,11 @@ def _programs(algo: str, pspec, pcfg, work, group_iterations: int):
 
 
 def child(algo: str, mode: str, out: str, group_iterations: int) -> None:
-    import jax
     import jax.numpy as jnp
-    import numpy as np
-    from rre_jax import advantages, defaults, policy, ppo, rollout, sampling
-    from rre_jax.models import llama, lora as lora_lib
+    from rre_jax import defaults, rollout, sampling
     _mark("imports")
     work = common.Workload()
-    cfg = llama.LlamaConfig(**common.MID_MODEL, rms_norm_eps=1e-6)
-    base = llama.init_params(cfg, jax.random.key(work.seed))
-    remat = defaults.base_config().model.remat
-    pspec = policy.PolicySpec(cfg, mode, lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0), "shared", remat)
-    pcfg = ppo.PPOConfig(batch_size=work.batch, mini_batch_size=work.mini_batch,
-                         gradient_accumulation_steps=work.grad_accum, ppo_epochs=work.ppo_epochs)
-    trainable = policy.init_trainable(pspec, base, jax.random.key(1))
-    state = {"trainable": trainable, "opt_state": ppo.make_optimizer(pcfg).init(trainable),
-             "moments": advantages.init_moments(), "kl": advantages.init_kl(pcfg.init_kl_coef),
-             "rng": jax.random.key_data(jax.random.key(2)), "step": jnp.zeros((), jnp.int32)}
+    cfg, base, pspec, pcfg, state = mid_model_state(work, mode, "shared", defaults.base_config().model.remat)
     experience, update, rows = _programs(algo, pspec, pcfg, work, group_iterations)
     _mark("init")
     tok = common.train_tokenizer(cfg.vocab_size, work.seed)
@@ -75,28 +63,7 @@ def child(algo: str, mode: str, out: str, group_iterations: int) -> None:
     sampler = rollout.jitted_sampler(cfg, scfg, -1, common.PAD_ID, pspec.lora_cfg if mode == "lora" else None)
 
     def iteration(state, it):
-        times = {}
-        t = time.perf_counter()
-        params, adapters = policy.sampling_params(pspec, state["trainable"], base)
-        roll = sampler(params, ids, mask, jax.random.key(10 + it), adapters)
-        roll.tokens_BxN.block_until_ready()
-        times["generate_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        texts = tok.decode_batch(np.asarray(roll.tokens_BxN).tolist())
-        score = np.array([common.li_rp(x) for x in texts], np.float32)
-        times["reward_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        full = jnp.concatenate([ids, roll.tokens_BxN], 1)
-        attn = jnp.concatenate([mask, roll.mask_BxN], 1)
-        exp = jax.block_until_ready(experience(state["trainable"], base, full, attn))
-        times["experience_s"] = time.perf_counter() - t
-        _mark(f"experience [{it}]")
-        t = time.perf_counter()
-        state, _ = update(state, base, exp, jnp.asarray(score), full, attn, roll.mask_BxN, jax.random.key(it))
-        jax.block_until_ready(state)
-        times["update_s"] = time.perf_counter() - t
-        _mark(f"update [{it}]")
-        times["iteration_s"] = sum(times.values())
+        state, times, _ = timed_iteration(state, it, pspec, base, sampler, ids, mask, tok, experience, update)
         return state, times
 
     t = time.perf_counter()
@@ -138,7 +105,7 @@ def main():
     print(f"\nOne iteration, 16 responses x 128 new tokens, mid model, {a.mode}; CPU: {_cpu_model()}, "
           f"{os.cpu_count()} cores  (ratio = ppo / algo)")
     print(f"  {'':<16}" + "".join(f"{x:>12}" for x in algos) + "".join(f"{'ppo/' + x:>12}" for x in algos[1:]))
-    for ph in ("generate_s", "reward_s", "experience_s", "update_s", "iteration_s"):
+    for ph in ("generate_s", "reward_s", "experience_s", "update_s", "step_s", "iteration_s"):
         vals = [res[x]["phases"][ph] for x in algos]
         print(f"  {ph:<16}" + "".join(f"{v:>12.2f}" for v in vals)
               + "".join(f"{vals[0] / v:>11.2f}x" for v in vals[1:]))

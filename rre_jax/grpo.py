@@ -58,7 +58,7 @@ reward functions (the proxy is one reward).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
