@@ -54,8 +54,6 @@ def test_sharded_run_matches_single_device(assets, tmp_path):
             np.testing.assert_allclose(runs["mesh"][step][k], runs["one"][step][k], rtol=1e-5, atol=1e-5,
                                        err_msg=f"{k} step {step}")
     assert runs["mesh"][2]["grpo/kl"] > 0  # the policy moved off the reference
-    for rows in runs.values():
-        assert rows[2]["compile/programs"] == rows[1]["compile/programs"], "a program recompiled at step 2"
 
 
 def test_resume_after_sigkill_matches_uninterrupted(assets, tmp_path):
