@@ -10,6 +10,7 @@ configs for a step or two.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import pathlib
 import sys
@@ -24,6 +25,8 @@ def main():
     p.add_argument("--workdir", default="/tmp/rre_group_curves")
     p.add_argument("--png", default=str(REPO / "docs" / "tiny_group_learning_curves.png"))
     p.add_argument("--runs", default="li,grpo;rer,grpo;li,rloo;rer,rloo")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field of every run (value parsed as a Python literal)")
     a = p.parse_args()
     import numpy as np
     from matplotlib.figure import Figure
@@ -40,6 +43,10 @@ def main():
         cfg.data.train_file = cfg.data.dev_file = str(tiny_prompts_path())
         cfg.train.steps, cfg.train.save_freq, cfg.train.dev_size = a.steps, a.steps, 4
         cfg.train.export_final = False
+        for item in a.set:
+            key, value = item.split("=", 1)
+            section, field = key.split(".")
+            cfg[section][field] = ast.literal_eval(value)
         workdir = os.path.join(a.workdir, arg.replace(",", "_"))
         train.run(cfg, workdir)
         rows = {}
@@ -52,9 +59,12 @@ def main():
     fig = Figure(figsize=(9, 3.6))
     for i, preset in enumerate(("li", "rer")):
         ax = fig.add_subplot(1, 2, i + 1)
-        for arg, proxy in curves.items():
+        for k, (arg, proxy) in enumerate(curves.items()):
             if arg.startswith(preset + ","):
-                ax.plot(np.arange(1, len(proxy) + 1), proxy, label=arg.split(",")[1].upper())
+                steps, color = np.arange(1, len(proxy) + 1), f"C{k % 2}"
+                smooth = np.convolve(proxy, np.ones(5) / 5, mode="valid")  # 5-step running mean
+                ax.plot(steps, proxy, color=color, alpha=0.3, lw=1)
+                ax.plot(steps[4:], smooth, color=color, lw=2, label=f"{arg.split(',')[1].upper()} (5-step mean)")
         ax.set_title(f"tiny config, proxy '{preset}' (seed 0)")
         ax.set_xlabel("step")
         ax.set_ylabel("mean proxy reward of the batch")
