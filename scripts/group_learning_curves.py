@@ -25,6 +25,7 @@ def main():
     p.add_argument("--workdir", default="/tmp/rre_group_curves")
     p.add_argument("--png", default=str(REPO / "docs" / "tiny_group_learning_curves.png"))
     p.add_argument("--runs", default="li,grpo;rer,grpo;li,rloo;rer,rloo")
+    p.add_argument("--plot-only", action="store_true", help="draw the finished runs in --workdir, train nothing")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field of every run (value parsed as a Python literal)")
     a = p.parse_args()
@@ -35,7 +36,8 @@ def main():
     from rre_jax.configs import tiny as tiny_config
     from rre_jax.data import tiny_prompts_path
 
-    assets = tiny.ensure_assets(tiny_config.get_config(), os.path.join(a.workdir, "assets"))
+    assets = (tiny.ensure_assets(tiny_config.get_config(), os.path.join(a.workdir, "assets")) if not a.plot_only
+              else {"policy": "", "tokenizer": "", "gold_rm": ""})
     curves = {}
     for arg in a.runs.split(";"):
         cfg = tiny_config.get_config(arg)
@@ -48,7 +50,8 @@ def main():
             section, field = key.split(".")
             cfg[section][field] = ast.literal_eval(value)
         workdir = os.path.join(a.workdir, arg.replace(",", "_"))
-        train.run(cfg, workdir)
+        if not a.plot_only:
+            train.run(cfg, workdir)
         rows = {}
         for row in metrics.read_metrics(workdir):
             rows.setdefault(row["step"], {}).update(row)
