@@ -62,9 +62,9 @@ def main():
     fig = Figure(figsize=(9, 3.6))
     for i, preset in enumerate(("li", "rer")):
         ax = fig.add_subplot(1, 2, i + 1)
-        for k, (arg, proxy) in enumerate(curves.items()):
+        for arg, proxy in curves.items():
             if arg.startswith(preset + ","):
-                steps, color = np.arange(1, len(proxy) + 1), f"C{k % 2}"
+                steps, color = np.arange(1, len(proxy) + 1), "C1" if arg.endswith("rloo") else "C0"
                 smooth = np.convolve(proxy, np.ones(5) / 5, mode="valid")  # 5-step running mean
                 ax.plot(steps, proxy, color=color, alpha=0.3, lw=1)
                 ax.plot(steps[4:], smooth, color=color, lw=2, label=f"{arg.split(',')[1].upper()} (5-step mean)")
