@@ -67,16 +67,12 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
-def child(mode: str, out: str, critic: str, remat: str) -> None:
-    """The rre_jax half for one mode; writes the same JSON schema as ppo_reference.py."""
+def mid_model_state(work, mode: str, critic: str, remat: str):
+    """``(llama config, base params, policy spec, PPO config, the run's programs, train state)`` of the mid model
+    for ``work`` on one device: the trainer's own program builders (``rre_jax.programs.RunPrograms``)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from rre_jax import mesh as mesh_lib, policy, ppo, programs, sampling, train
+    from rre_jax import mesh as mesh_lib, policy, ppo, programs, train
     from rre_jax.models import llama, lora as lora_lib
-    _mark("imports")
-
-    work = common.Workload()
     cfg = llama.LlamaConfig(**{k: v for k, v in common.MID_MODEL.items()}, rms_norm_eps=1e-6)
     base = llama.init_params(cfg, jax.random.key(work.seed))
     _mark("init base params")
@@ -88,6 +84,51 @@ def child(mode: str, out: str, critic: str, remat: str) -> None:
                                  experience_rows=train.experience_rows(pcfg))
     state = progs.init_state(base, jax.random.key(1))
     _mark("init trainable + optimizer")
+    return cfg, base, pspec, pcfg, progs, state
+
+
+def timed_iteration(state, it, pspec, base, sampler, ids, mask, tok, experience, update):
+    """One iteration of the trainer's programs, timed per phase: ``(state, times, tokens generated)``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from rre_jax import policy
+    times = {}
+    t = time.perf_counter()
+    params, adapters = policy.sampling_params(pspec, state["trainable"], base)
+    roll = sampler(params, ids, mask, jax.random.key(10 + it), adapters)
+    roll.tokens_BxN.block_until_ready()
+    times["generate_s"] = time.perf_counter() - t
+    _mark(f"generate [{it}]")
+    t = time.perf_counter()
+    texts = tok.decode_batch(np.asarray(roll.tokens_BxN).tolist())
+    score = np.array([common.li_rp(x) for x in texts], np.float32)
+    times["reward_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    full = jnp.concatenate([ids, roll.tokens_BxN], 1)
+    attn = jnp.concatenate([mask, roll.mask_BxN], 1)
+    exp = jax.block_until_ready(experience(state["trainable"], base, full, attn))
+    times["experience_s"] = time.perf_counter() - t
+    _mark(f"experience [{it}]")
+    t = time.perf_counter()
+    state, stats = update(state, base, exp, jnp.asarray(score), full, attn, roll.mask_BxN, jax.random.key(it))
+    jax.block_until_ready(state)
+    times["update_s"] = time.perf_counter() - t
+    _mark(f"update [{it}]")
+    times["step_s"] = times["experience_s"] + times["update_s"]
+    times["iteration_s"] = times["generate_s"] + times["reward_s"] + times["step_s"]
+    return state, times, int(np.asarray(roll.mask_BxN).sum())
+
+
+def child(mode: str, out: str, critic: str, remat: str) -> None:
+    """The rre_jax half for one mode; writes the same JSON schema as ppo_reference.py."""
+    import jax
+    import jax.numpy as jnp
+    from rre_jax import sampling
+    _mark("imports")
+
+    work = common.Workload()
+    cfg, base, pspec, pcfg, progs, state = mid_model_state(work, mode, critic, remat)
     tok = common.train_tokenizer(cfg.vocab_size, work.seed)
     prompts = common.prompt_ids(work, cfg.vocab_size)
     ids = jnp.asarray(prompts, jnp.int32)
@@ -98,31 +139,7 @@ def child(mode: str, out: str, critic: str, remat: str) -> None:
     update = progs.update(work.prompt_len, work.new_tokens)
 
     def iteration(state, it):
-        times = {}
-        t = time.perf_counter()
-        params, adapters = policy.sampling_params(pspec, state["trainable"], base)
-        roll = sampler(params, ids, mask, jax.random.key(10 + it), adapters)
-        roll.tokens_BxN.block_until_ready()
-        times["generate_s"] = time.perf_counter() - t
-        _mark(f"generate [{it}]")
-        t = time.perf_counter()
-        texts = tok.decode_batch(np.asarray(roll.tokens_BxN).tolist())
-        score = np.array([common.li_rp(x) for x in texts], np.float32)
-        times["reward_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        full = jnp.concatenate([ids, roll.tokens_BxN], 1)
-        attn = jnp.concatenate([mask, roll.mask_BxN], 1)
-        exp = jax.block_until_ready(experience(state["trainable"], base, full, attn))
-        times["experience_s"] = time.perf_counter() - t
-        _mark(f"experience [{it}]")
-        t = time.perf_counter()
-        state, stats = update(state, base, exp, jnp.asarray(score), full, attn, roll.mask_BxN, jax.random.key(it))
-        jax.block_until_ready(state)
-        times["update_s"] = time.perf_counter() - t
-        _mark(f"update [{it}]")
-        times["step_s"] = times["experience_s"] + times["update_s"]
-        times["iteration_s"] = times["generate_s"] + times["reward_s"] + times["step_s"]
-        return state, times, int(np.asarray(roll.mask_BxN).sum())
+        return timed_iteration(state, it, pspec, base, sampler, ids, mask, tok, experience, update)
 
     t = time.perf_counter()
     state, _, _ = iteration(state, 0)  # warm-up: compiles the three programs

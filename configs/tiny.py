@@ -1,2 +1,4 @@
-"""Tiny end-to-end run (see rre_jax/configs/tiny.py). Usage: --config configs/tiny.py[:li|li_rp|qr_li_rp|rer]."""
+"""Tiny end-to-end run (see rre_jax/configs/tiny.py).
+
+Usage: --config configs/tiny.py[:<reward preset>][,ppo|grpo|rloo]."""
 from rre_jax.configs.tiny import get_config  # noqa: F401

@@ -106,6 +106,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.ppo.score_clip = 10.0
     c.ppo.whiten_rewards = False
 
+    # Critic-free group methods (rre_jax.grpo; trl 1.16.0's GRPOTrainer / RLOOTrainer). algo: ppo | grpo | rloo.
+    # ppo.batch_size then counts responses (batch_size / num_generations prompts per step); ppo.mini_batch_size,
+    # gradient_accumulation_steps, learning_rate and max_grad_norm set the update; the other ppo fields are unused.
+    c.algo = "ppo"
+    c.group = ml_collections.ConfigDict()
+    c.group.num_generations = 4  # G responses per prompt
+    c.group.beta = 0.0  # KL coefficient (trl GRPO's default; trl RLOO's is 0.05); 0: no reference pass
+    c.group.epsilon_low = 0.2
+    c.group.epsilon_high = 0.2  # DAPO recommends 0.28
+    c.group.scale_rewards = "group"  # grpo: group | batch | none
+    c.group.loss_type = "dapo"  # grpo: grpo | bnpo | dr_grpo | dapo
+    c.group.num_iterations = 1  # passes over each batch with frozen old log-probs
+    c.group.normalize_advantages = False  # rloo
+
     # The run.
     c.train = ml_collections.ConfigDict()
     c.train.steps = 5000

@@ -140,6 +140,26 @@ def experience(spec: PolicySpec, trainable, frozen, ids_BxS, mask_BxS, T: int, r
         logp, values, _ = policy_outputs(spec, trainable, frozen, ids, mask, T)
         return logp, values, reference_logp(spec, frozen, ids, mask, T)
 
+    return _over_row_groups(one, ids_BxS, mask_BxS, rows)
+
+
+def group_experience(spec: PolicySpec, trainable, frozen, ids_BxS, mask_BxS, T: int, rows: int | None = None,
+                     reference: bool = True):
+    """``(logp_BxN, ref_logp_BxN)``: the frozen-per-batch passes of a critic-free method (GRPO, RLOO), over
+    groups of ``rows`` rows as ``experience``. No values; ``reference=False`` (KL coefficient 0) runs no reference
+    forward at all and returns ``(logp_BxN, None)``."""
+    def one(xs):
+        ids, mask = xs
+        logp = policy_outputs(spec, trainable, frozen, ids, mask, T)[0]  # values unused: XLA drops them
+        return (logp, reference_logp(spec, frozen, ids, mask, T)) if reference else (logp,)
+
+    out = _over_row_groups(one, ids_BxS, mask_BxS, rows)
+    return out if reference else (out[0], None)
+
+
+def _over_row_groups(one, ids_BxS, mask_BxS, rows: int | None):
+    """``one((ids, mask))`` over ``B / rows`` groups of rows in a ``lax.map`` (group ``j``: rows ``j, j + B/rows,
+    ...``); the whole batch at once when ``rows`` is None or covers it."""
     B = ids_BxS.shape[0]
     if rows is None or rows >= B:
         return one((ids_BxS, mask_BxS))

@@ -245,16 +245,52 @@ def _check_batch(batch, cfg: PPOConfig):
                              f"leading dimension ppo.batch_size={cfg.batch_size}")
 
 
-def _summarise(stats, finite_NxG, ok_N):
+def summarise(stats, finite_NxG, ok_N, prefix: str = "ppo"):
     """Mean of every minibatch stat over the finite minibatches (trl averages over all), plus skip counts."""
     w = finite_NxG.astype(jnp.float32)
     n = jnp.maximum(w.sum(), 1.0)
-    out = {f"ppo/{k}": jnp.where(finite_NxG, v, 0.0).sum() / n for k, v in stats.items()}
-    out["ppo/val/var_explained"] = 1.0 - out["ppo/val/error"] / out["ppo/returns/var"]
-    out["ppo/skipped_ratio"] = jnp.where(finite_NxG, stats["policy/skipped"], 0.0).sum()
-    out["ppo/skipped_nonfinite"] = (1.0 - w).sum()
-    out["ppo/skipped_steps"] = (~ok_N).astype(jnp.float32).sum()
+    out = {f"{prefix}/{k}": jnp.where(finite_NxG, v, 0.0).sum() / n for k, v in stats.items()}
+    if "val/error" in stats:
+        out[f"{prefix}/val/var_explained"] = 1.0 - out[f"{prefix}/val/error"] / out[f"{prefix}/returns/var"]
+    if "policy/skipped" in stats:
+        out[f"{prefix}/skipped_ratio"] = jnp.where(finite_NxG, stats["policy/skipped"], 0.0).sum()
+    out[f"{prefix}/skipped_nonfinite"] = (1.0 - w).sum()
+    out[f"{prefix}/skipped_steps"] = (~ok_N).astype(jnp.float32).sum()
     return out
+
+
+def optimizer_steps(grad_fn, optimizer: optax.GradientTransformation, params, opt_state, batch, idx_SxGxM,
+                    keys_SxG, frozen=None):
+    """``S`` optimizer steps (one ``lax.scan``), each a ``lax.scan`` over ``G`` micro-batches of rows
+    ``idx_SxGxM`` of ``batch`` accumulating ``grad / G``; returns ``(params, opt_state, stats_SxG, finite_SxG,
+    ok_S)``. ``grad_fn(params, minibatch, key, frozen) -> ((loss, stats), grads)``. A micro-batch whose loss or
+    gradients are not finite contributes nothing; a step whose averaged gradient is not finite (or whose
+    micro-batches were all skipped) leaves parameters and optimizer state unchanged."""
+    G = idx_SxGxM.shape[1]
+
+    def micro(carry, xs):
+        params, acc = carry
+        idx_M, key = xs
+        (loss, stats), grads = grad_fn(params, jax.tree.map(lambda x: x[idx_M], batch), key, frozen)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        acc = jax.tree.map(lambda a, g: a + jnp.where(finite, g / G, 0.0).astype(a.dtype), acc, grads)
+        return (params, acc), (stats, finite)
+
+    def opt_step(carry, xs):
+        params, opt_state = carry
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (_, grads), (stats, finite_G) = jax.lax.scan(micro, (params, zeros), xs)
+        # Decided from the gradient, before the update: a finiteness test on the updates made XLA keep
+        # all of them (and more) alive at once (update temporaries 724 -> 678 MiB, full mid model).
+        ok = finite_G.any() & _all_finite(grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        params, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (new_params, new_opt_state),
+                                         (params, opt_state))
+        return (params, opt_state), (stats, finite_G, ok)
+
+    (params, opt_state), (stats, finite, ok) = jax.lax.scan(opt_step, (params, opt_state), (idx_SxGxM, keys_SxG))
+    return params, opt_state, stats, finite, ok
 
 
 def make_update_step(forward_fn: Callable[[Any, dict, jax.Array], tuple], optimizer: optax.GradientTransformation,
@@ -282,29 +318,8 @@ def make_update_step(forward_fn: Callable[[Any, dict, jax.Array], tuple], optimi
         shuffle_rng, forward_rng = jax.random.split(rng)
         idx_SxGxM = minibatch_indices(shuffle_rng, cfg).reshape(-1, G, cfg.mini_batch_size)
         keys_SxG = jax.random.split(forward_rng, idx_SxGxM.shape[:2])
-
-        def micro(carry, xs):
-            params, acc = carry
-            idx_M, key = xs
-            (loss, stats), grads = grad_fn(params, jax.tree.map(lambda x: x[idx_M], batch), key, frozen)
-            finite = jnp.isfinite(loss) & _all_finite(grads)
-            acc = jax.tree.map(lambda a, g: a + jnp.where(finite, g / G, 0.0).astype(a.dtype), acc, grads)
-            return (params, acc), (stats, finite)
-
-        def opt_step(carry, xs):
-            params, opt_state = carry
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (_, grads), (stats, finite_G) = jax.lax.scan(micro, (params, zeros), xs)
-            # Decided from the gradient, before the update: a finiteness test on the updates made XLA keep
-            # all of them (and more) alive at once (update temporaries 724 -> 678 MiB, full mid model).
-            ok = finite_G.any() & _all_finite(grads)
-            updates, new_opt_state = optimizer.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            params, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (new_params, new_opt_state),
-                                             (params, opt_state))
-            return (params, opt_state), (stats, finite_G, ok)
-
-        (params, opt_state), (stats, finite, ok) = jax.lax.scan(opt_step, (params, opt_state), (idx_SxGxM, keys_SxG))
-        return params, opt_state, _summarise(stats, finite, ok)
+        params, opt_state, stats, finite, ok = optimizer_steps(grad_fn, optimizer, params, opt_state, batch,
+                                                               idx_SxGxM, keys_SxG, frozen)
+        return params, opt_state, summarise(stats, finite, ok)
 
     return update

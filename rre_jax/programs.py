@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rre_jax import advantages, compiled, mesh as mesh_lib, policy, ppo, rollout, sampling
+from rre_jax import advantages, compiled, grpo, mesh as mesh_lib, policy, ppo, rollout, sampling
 from rre_jax.models import bert, llama, lora as lora_lib
 
 
@@ -261,6 +261,61 @@ def build_update(lay: Layout, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, st:
     return Program("update", jitted, args, in_sh, out_sh, (0,))
 
 
+# --- group methods (GRPO, RLOO): the same programs without values, and no reference pass at beta 0
+
+def build_group_experience(lay: Layout, pspec: policy.PolicySpec, st: StateLayout, B: int, T: int, N: int,
+                           rows: int | None, reference: bool, layout: str = "stacked") -> Program:
+    """``(trainable, frozen, ids_BxS, mask_BxS) -> (logp_BxN, ref_logp_BxN or None)`` over groups of ``rows``."""
+    abstract, specs = llama_params(pspec.cfg, layout=layout)
+    frozen_sh = lay.tree(specs)
+    in_sh = (st.shardings["trainable"], frozen_sh, lay.batch(2), lay.batch(2))
+    out_sh = (lay.batch(2), lay.batch(2) if reference else None)
+
+    def fn(trainable, frozen, ids_BxS, mask_BxS):
+        return policy.group_experience(pspec, trainable, frozen, ids_BxS, mask_BxS, T, rows, reference)
+    args = (st.target()["trainable"], _abstract(abstract, frozen_sh), _abstract(_ints(B, T + N), lay.batch(2)),
+            _abstract(_ints(B, T + N), lay.batch(2)))
+    return Program("group_experience", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
+
+
+def _group_update_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, gcfg: grpo.GroupConfig, T: int):
+    """Advantages over whole groups (the batch is global inside jit, so a group spread over devices or hosts is
+    one group), then the GRPO / RLOO passes."""
+    def forward(trainable, mb, rng, frozen):
+        return policy.policy_outputs(pspec, trainable, frozen, mb["ids"], mb["attn"], T, rng)
+    update = grpo.make_update_step(forward, ppo.make_optimizer(pcfg), gcfg)
+
+    def fn(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng):
+        old_logp, ref_logp = exp
+        batch, pre = grpo.prepare_batch(old_logp, ref_logp, score_B, mask_BxN, gcfg)
+        batch = {**batch, "ids": ids_BxS, "attn": attn_BxS}
+        trainable, opt_state, stats = update(state["trainable"], state["opt_state"], batch, rng, frozen)
+        new = {**state, "trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
+        return new, {**pre, **stats}
+    return fn
+
+
+def build_group_update(lay: Layout, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, gcfg: grpo.GroupConfig,
+                       st: StateLayout, T: int, N: int, layout: str = "stacked") -> Program:
+    """``(state, frozen, (logp, ref_logp), score_B, ids_BxS, attn_BxS, mask_BxN, rng) -> (state, stats)``;
+    donates the state."""
+    B = pcfg.batch_size
+    abstract, specs = llama_params(pspec.cfg, layout=layout)
+    frozen_sh = lay.tree(specs)
+    b1, b2 = lay.batch(1), lay.batch(2)
+    ref = gcfg.needs_reference
+    in_sh = (st.shardings, frozen_sh, (b2, b2 if ref else None), b1, b2, b2, b2, lay.replicated)
+    fn = _group_update_fn(pspec, pcfg, gcfg, T)
+    f32 = jax.ShapeDtypeStruct((B, N), jnp.float32, sharding=b2)
+    args = (st.target(), _abstract(abstract, frozen_sh), (f32, f32 if ref else None),
+            jax.ShapeDtypeStruct((B,), jnp.float32, sharding=b1), _abstract(_ints(B, T + N), b2),
+            _abstract(_ints(B, T + N), b2), _abstract(_ints(B, N), b2), _abstract(_key(), lay.replicated))
+    stats = jax.eval_shape(fn, *args)[1]
+    out_sh = (st.shardings, jax.tree.map(lambda _: lay.replicated, stats))
+    jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,))
+    return Program("group_update", jitted, args, in_sh, out_sh, (0,))
+
+
 # =================================================================================== reward models
 
 def build_relevance(lay: Layout, cfg: bert.BertConfig, R: int, L: int, dtype=jnp.float32, precision=None) -> Program:
@@ -340,6 +395,14 @@ class RunPrograms:
 
     def update(self, T: int, N: int):
         return self._get(("update", T), lambda: build_update(self.layout, self.pspec, self.pcfg, self.state, T, N))
+
+    def group_experience(self, T: int, N: int, reference: bool):
+        return self._get(("group_experience", T, reference), lambda: build_group_experience(
+            self.layout, self.pspec, self.state, self.pcfg.batch_size, T, N, self.rows, reference))
+
+    def group_update(self, T: int, N: int, gcfg: grpo.GroupConfig):
+        return self._get(("group_update", T, gcfg), lambda: build_group_update(
+            self.layout, self.pspec, self.pcfg, gcfg, self.state, T, N))
 
     def compiled_counts(self) -> dict:
         """Executables per program (a rise after warm-up means a recompilation)."""

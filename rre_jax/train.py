@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rre_jax import checkpoint, mesh as mesh_lib, metrics as metrics_lib, policy, ppo, programs as programs_lib, reward
+from rre_jax import checkpoint, grpo, mesh as mesh_lib, metrics as metrics_lib, policy, ppo, programs as programs_lib
+from rre_jax import reward
 from rre_jax import rollout, sampling
 from rre_jax.data import batching, prompts as prompts_lib, templates, tiny_prompts_path
 from rre_jax.models import llama, lora as lora_lib
@@ -48,6 +49,8 @@ class RunSpec:
     remat: str
     dtype: Any
     param_dtype: Any
+    algo: str = "ppo"
+    group: grpo.GroupConfig | None = None  # the group method's settings (algo 'grpo' / 'rloo'), else None
 
 
 def validate(config, num_devices: int | None = None) -> RunSpec:
@@ -61,6 +64,10 @@ def validate(config, num_devices: int | None = None) -> RunSpec:
         return jnp.dtype(name)
 
     ppo_cfg = ppo.PPOConfig.from_config(config.ppo)
+    # --- algorithm: PPO (default) or a critic-free group method (config.group, rre_jax.grpo)
+    algo = grpo.check_algo(config.algo)
+    group = (grpo.GroupConfig.from_config(config.group, algo, ppo_cfg, int(config.sampling.max_new_tokens))
+             if algo in grpo.GROUP_ALGOS else None)
     spec = reward.preset(config.reward.preset)
     spec = dataclasses.replace(spec, max_new_tokens=int(config.sampling.max_new_tokens))
     cf = {f"cf/{n}": dataclasses.replace(reward.preset(n), max_new_tokens=spec.max_new_tokens)
@@ -86,7 +93,7 @@ def validate(config, num_devices: int | None = None) -> RunSpec:
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
                    lora=lora_lib.LoraConfig.from_config(config.model.lora),
                    mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
-                   param_dtype=dtype("param_dtype"))
+                   param_dtype=dtype("param_dtype"), algo=algo, group=group)
 
 
 # ======================================================================================= set-up
@@ -180,8 +187,9 @@ def build(config, workdir: str) -> Run:
     bcfg = batching.BatchingConfig(global_batch_size=spec.ppo.batch_size,
                                    max_prompt_length=int(config.data.max_prompt_length),
                                    bucket_multiple=int(config.data.bucket), seed=int(config.data.shuffle_seed))
-    iterator = batching.PromptIterator(prompts, bcfg, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+    per_step = spec.group.prompts_per_step if spec.group else spec.ppo.batch_size  # group: B / G prompts
+    iterator = batching.PromptIterator(prompts, dataclasses.replace(bcfg, global_batch_size=per_step),
+                                       process_index=jax.process_index(), process_count=jax.process_count())
     dev_records, _ = _load_records(config, "dev_file")
     dev_records = dev_records[:int(config.train.dev_size)]
     max_len = int(config.data.max_prompt_length)
@@ -331,6 +339,9 @@ def train_step(run: Run, state, batch: batching.Batch):
     step = int(state["step"])
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_roll, k_update = jax.random.split(rng)
+    gcfg = run.spec.group
+    if gcfg is not None:  # a group method: each prompt sampled G times, a group on consecutive rows
+        batch = batching.repeat_prompts(batch, gcfg.num_generations)
     ids_BxT, mask_BxT = _global(run, batch.ids_BxT), _global(run, batch.mask_BxT)
     T = batch.ids_BxT.shape[1]
     roll, mask_BxN, comps, texts, times = sample_and_score(run, state, ids_BxT, mask_BxT, batch.index_B, k_roll,
@@ -339,7 +350,9 @@ def train_step(run: Run, state, batch: batching.Batch):
     ids_BxS = jnp.concatenate([ids_BxT, roll.tokens_BxN], axis=1)
     attn_BxS = jnp.concatenate([mask_BxT, mask_BxN], axis=1)
     N = roll.tokens_BxN.shape[1]
-    exp = run.programs.experience(T, N)(state["trainable"], run.frozen, ids_BxS, attn_BxS)
+    experience = (run.programs.experience(T, N) if gcfg is None
+                  else run.programs.group_experience(T, N, gcfg.needs_reference))
+    exp = experience(state["trainable"], run.frozen, ids_BxS, attn_BxS)
     jax.block_until_ready(exp)
     t1 = time.perf_counter()
     score_B = comps["proxy"] - float(run.config.reward.baseline)  # this host's share
@@ -355,16 +368,17 @@ def train_step(run: Run, state, batch: batching.Batch):
         log.warning("step %d: non-finite rewards %s; batch skipped", step, every["proxy"])
         state = {**state, "step": state["step"] + 1}
         return state, {**scalars, **times, "train/skipped_batch": 1.0}
-    state, stats = run.programs.update(T, N)(state, run.frozen, exp,
-                                                           _global(run, score_B.astype(np.float32)),
-                                                           ids_BxS, attn_BxS, mask_BxN, k_update)
+    update = run.programs.update(T, N) if gcfg is None else run.programs.group_update(T, N, gcfg)
+    state, stats = update(state, run.frozen, exp, _global(run, score_B.astype(np.float32)), ids_BxS, attn_BxS,
+                          mask_BxN, k_update)
     stats = jax.device_get(stats)
     t2 = time.perf_counter()
     scalars.update({k: float(np.mean(v)) for k, v in stats.items() if np.ndim(v) == 0 or np.size(v) == 1})
     new_tokens = float(every["n_raw"].sum())
     times.update({"time/experience_s": t1 - t0, "time/update_s": t2 - t1,
                   "time/rollout_tokens_per_s": new_tokens / max(times["time/rollout_s"], 1e-9),
-                  "train/skipped_batch": 0.0, "objective/kl_coef_next": float(state["kl"].value)})
+                  "train/skipped_batch": 0.0,
+                  "objective/kl_coef_next": float(state["kl"].value) if gcfg is None else gcfg.beta})
     scalars["compile/programs"] = float(_compiled_programs(run))
     scalars.update({f"compile/{k}": float(n) for k, n in run.programs.compiled_counts().items()})
     scalars["rollout/prompt_bucket"] = float(T)

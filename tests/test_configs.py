@@ -15,7 +15,7 @@ from rre_jax.configs import alpacafarm_rer, loader, tiny as tiny_config
 from rre_jax.data import tiny_prompts_path
 
 SHIPPED = configs.names()
-ARGS = {"tiny": [None, *sorted(reward.PRESETS)],
+ARGS = {"tiny": [None, *sorted(reward.PRESETS), "grpo", "li,rloo", "rloo,rer"],
         "alpacafarm_rer": [f"{r},{m}" for r in sorted(reward.PRESETS) for m in alpacafarm_rer.MESH_PRESETS]}
 
 
@@ -46,7 +46,18 @@ def test_config_builds_validates_and_plans(name, arg):
         assert plan.fits, plan.table()
 
 
+def test_paper_config_accepts_a_group_algorithm():
+    """--config.algo=grpo on the paper config: 16 responses = 4 prompts x 4, the paper's update layout."""
+    cfg = _get("alpacafarm_rer", "rer,cpu")
+    cfg.algo = "grpo"
+    spec = train.validate(cfg)
+    assert (spec.algo, spec.group.prompts_per_step, spec.group.steps_per_iteration) == ("grpo", 4, 2)
+    assert spec.group.max_completion_length == cfg.sampling.max_new_tokens
+
+
 def test_wrong_config_arguments_name_the_choices():
+    with pytest.raises(KeyError, match=r"at most one reward preset and one algorithm"):
+        tiny_config.get_config("grpo,rloo")
     with pytest.raises(KeyError, match="unknown mesh preset 'v9-1'"):
         alpacafarm_rer.get_config("rer,v9-1")
     with pytest.raises(KeyError, match="unknown reward preset 'lirp'"):

@@ -99,11 +99,12 @@ def _cli(workdir, assets, steps, save_freq):
     return args, env
 
 
-def test_resume_after_sigkill_matches_uninterrupted(assets, tmp_path):
-    """Killed (SIGKILL) right after its step-2 checkpoint and resumed: steps 3-4 equal an uninterrupted run."""
-    args, env = _cli(tmp_path / "ref", assets, 4, 2)
+def check_resume_after_sigkill(tmp_path, cli):
+    """``cli(workdir) -> (args, env)`` runs 4 steps saving every 2: a run killed (SIGKILL) right after its step-2
+    checkpoint and resumed logs the same steps 3-4 as an uninterrupted run. Returns the uninterrupted rows."""
+    args, env = cli(tmp_path / "ref")
     subprocess.run(args, env=env, check=True, cwd=REPO, capture_output=True)
-    args, env = _cli(tmp_path / "killed", assets, 4, 2)
+    args, env = cli(tmp_path / "killed")
     proc = subprocess.Popen(args, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "saved checkpoint for step 2" in line:
@@ -119,3 +120,9 @@ def test_resume_after_sigkill_matches_uninterrupted(assets, tmp_path):
         want = {k: v for k, v in ref[step].items() if not k.startswith(("time/", "compile/"))}
         got = {k: v for k, v in resumed[step].items() if not k.startswith(("time/", "compile/"))}
         assert got == want, f"step {step} differs after resume"
+    return ref
+
+
+def test_resume_after_sigkill_matches_uninterrupted(assets, tmp_path):
+    """Killed (SIGKILL) right after its step-2 checkpoint and resumed: steps 3-4 equal an uninterrupted run."""
+    check_resume_after_sigkill(tmp_path, lambda workdir: _cli(workdir, assets, 4, 2))

@@ -9,18 +9,39 @@ prompts are the small set shipped in the package, the relevance encoder is the r
     rre-train --config configs/tiny.py --workdir /tmp/rre_tiny
     rre-train --config configs/tiny.py:li --workdir /tmp/rre_tiny_li --config.train.steps=40
 
-The argument after ``:`` picks the reward preset (default ``rer``).
+    rre-train --config configs/tiny.py:li,grpo --workdir /tmp/rre_tiny_grpo_li --config.train.steps=40
+
+The argument after ``:`` is ``<reward preset>[,<algorithm>]`` in either order: the reward preset (default
+``rer``) and ``ppo`` (default), ``grpo`` or ``rloo`` (``configs/tiny.py:grpo``, ``configs/tiny.py:li,rloo``).
+The group variants sample each of 4 prompts 4 times per step (16 responses, as PPO's batch) and take two passes
+over each batch; GRPO uses trl's KL coefficient 0 (no reference pass), RLOO 0.01 (see ``get_config``).
 """
 import ml_collections
 
-from rre_jax import defaults
+from rre_jax import defaults, grpo
 from rre_jax.configs.alpacafarm_rer import plan_section
 
 
+def _parse(arg: str | None) -> tuple[str, str]:
+    """``(reward preset, algorithm)`` of ``'<preset>[,<algo>]'`` (either order; defaults ``rer``, ``ppo``)."""
+    parts = [p for p in (arg or "").split(",") if p]
+    algos = [p for p in parts if p in grpo.ALGOS]
+    presets = [p for p in parts if p not in grpo.ALGOS]
+    if len(algos) > 1 or len(presets) > 1:
+        raise KeyError(f"configs/tiny.py:{arg}: give at most one reward preset and one algorithm {grpo.ALGOS}")
+    return (presets or ["rer"])[0], (algos or ["ppo"])[0]
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset, algo = _parse(arg)
     config = defaults.base_config()
-    config.name = "tiny"
-    config.reward.preset = arg or "rer"
+    config.name = "tiny" if algo == "ppo" else f"tiny_{algo}"
+    config.reward.preset = preset
+    config.algo = algo
+    config.group.num_iterations = 2  # two passes per batch, as the tiny PPO's two epochs
+    # GRPO: trl's default 0 (no reference pass). RLOO: 0.01, not trl's 0.05: the tiny proxies are ~0.1-0.5 and
+    # 0.05 x the KL summed over ~30 tokens outweighed them (li,rloo: proxy 1.07x over 40 steps; 1.38x with 0.01).
+    config.group.beta = 0.01 if algo == "rloo" else 0.0
 
     config.model.path = ""  # empty: build the tiny policy in <workdir>/assets
     config.model.tiny = defaults.tiny_model_config()

@@ -100,6 +100,16 @@ class Batch:
     step: int
 
 
+def repeat_prompts(batch: Batch, times: int) -> Batch:
+    """``batch`` with each prompt on ``times`` consecutive rows (a group of a group method: GRPO, RLOO).
+
+    A host's share stays whole groups, so the rows of every group stay on one host, in order."""
+    rep = lambda x: np.repeat(x, times, axis=0)  # noqa: E731
+    return dataclasses.replace(batch, ids_BxT=rep(batch.ids_BxT), mask_BxT=rep(batch.mask_BxT),
+                               index_B=rep(batch.index_B), qtype_B=rep(batch.qtype_B),
+                               length_B=rep(batch.length_B), valid_B=rep(batch.valid_B))
+
+
 def pad_left(prompts: TokenizedPrompts, rows: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads ``prompts.ids[rows]`` to ``length``: returns ``(ids_BxT int32, mask_BxT int32)``."""
     ids_BxT = np.full((len(rows), length), prompts.pad_id, np.int32)
