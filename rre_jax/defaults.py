@@ -47,7 +47,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "json"  # json (JSON / JSONL files) | tfds (array_record builders)
     c.data.train_file = ""
     c.data.dev_file = ""
-    c.data.eval_file = ""
     c.data.tfds_dir = ""
     c.data.max_prompt_length = 512
     c.data.bucket = 64
@@ -64,7 +63,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.relevance = ml_collections.ConfigDict()
     c.relevance.path = ""  # BERT checkpoint dir (facebook/contriever), or "minilm" for the packaged MiniLM
     c.relevance.max_length = 512
-    c.relevance.batch_size = 64
 
     # Gold reward model (DESIGN.md 4.3): scores dev / eval rollouts only.
     c.gold_rm = ml_collections.ConfigDict()
@@ -111,7 +109,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 5000
     c.train.save_freq = 500
     c.train.max_to_keep = 0  # 0: keep every checkpoint (monotonicity needs them)
-    c.train.log_every = 1
     c.train.dev_size = 64
     c.train.export_final = True
 
@@ -130,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
 def tiny_model_config() -> ml_collections.ConfigDict:
     """Shape of the tiny Llama built by configs/tiny.py."""
     t = ml_collections.ConfigDict()
-    t.vocab_size = 512
+    t.vocab_size = 768  # the tiny tokenizer is trained to this size; the embedding follows the tokenizer
     t.hidden_size = 64
     t.intermediate_size = 176
     t.num_hidden_layers = 2

@@ -76,8 +76,8 @@ def class_bitsets() -> tuple[np.ndarray, np.ndarray]:
     """(word_C, space_C): Python's ``\\w`` / ``\\s`` for every code point, 32 per uint32 (bit cp & 31 of
     word cp >> 5).
 
-    They come from running the stdlib ``re`` engine itself over a string of all 0x110000 code points (~0.5 s,
-    once per process): ``\\w`` is ``str.isalnum()`` or '_', ``\\s`` is ``str.isspace()``. That is what
+    They come from running the stdlib ``re`` engine itself over a string of all 0x110000 code points (once
+    per process): ``\\w`` is ``str.isalnum()`` or '_', ``\\s`` is ``str.isspace()``. That is what
     ``nltk.wordpunct_tokenize`` matched with in the reference's environment and in the pinned nltk 3.9.2
     (nltk >= 3.10 compiles its patterns with the third-party ``regex`` module, whose classes differ on
     ~30k code points, e.g. combining marks and '²'; rre_jax follows DESIGN.md 4.2: Python's classes).
@@ -317,7 +317,7 @@ def first_occurrences(keys: Sequence[jax.Array], active_N, n_slots: int | None =
     """first_N: position n is active and no active position before it has the same key tuple (exact).
 
     ``keys``: arrays [N] (any 32-bit integer dtype); a group is a tuple of equal keys. A hash table replaces a
-    sort (an XLA CPU sort of the stream cost ~20 ms of ~27 ms per batch of 256 responses): each round, every
+    sort (on XLA:CPU a sort of the stream dominated the features' time, docs/benchmark_results.md): each round, every
     unresolved position scatters its index into slot ``h_r(keys) mod n_slots`` with ``min``, so a slot holds
     the lowest unresolved index that hashed there. That index is the first of its group (a group's positions
     are resolved together and share every slot), so every position whose keys equal the slot winner's is

@@ -296,7 +296,7 @@ def make_update_step(forward_fn: Callable[[Any, dict, jax.Array], tuple], optimi
             zeros = jax.tree.map(jnp.zeros_like, params)
             (_, grads), (stats, finite_G) = jax.lax.scan(micro, (params, zeros), xs)
             # Decided from the gradient, before the update: a finiteness test on the updates made XLA keep
-            # all of them (and more) alive at once (update temporaries 724 -> 678 MiB, full mid model).
+            # all of them (and more) alive at once (docs/benchmark_results.md, update temporaries).
             ok = finite_G.any() & _all_finite(grads)
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)

@@ -131,7 +131,7 @@ def _check_prompt_source(data) -> None:
     """json: prompt files must exist. tfds: ``<field> = '<builder name>:<split>'`` in ``data.tfds_dir``."""
     if data.source not in ("json", "tfds"):
         raise ValueError(f"config.data.source={data.source!r}; choose 'json' (JSON / JSONL files) or 'tfds'")
-    for field in ("train_file", "dev_file", "eval_file"):
+    for field in ("train_file", "dev_file"):
         path = data[field]
         if path and data.source == "json" and not os.path.exists(path):
             raise FileNotFoundError(f"config.data.{field}={path!r} does not exist")
