@@ -485,7 +485,6 @@ def _meta(run: Run, state, iterator_state) -> dict:
 
 def run(config, workdir: str) -> dict:
     """Train (or resume) a run in ``workdir``; returns the last step's metrics."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     r = build(config, workdir)
     state = init_state(r, jax.random.key(int(config.seed)))
     ckpt = checkpoint.CheckpointManager(workdir, max_to_keep=int(config.train.max_to_keep) or None)
