@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # default: model.path
 
-    # Prompts (DESIGN.md 4.1).
+    # Prompts (docs/design.md 4.1).
     c.data = ml_collections.ConfigDict()
     c.data.source = "json"  # json (JSON / JSONL files) | tfds (array_record builders)
     c.data.train_file = ""
@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.missing_qtype = "OPENENDED"  # OPENENDED | CONSTRAINED (filled in, counted, logged) | error
     c.data.shuffle_seed = 0
 
-    # White-box proxy reward (DESIGN.md 4.2).
+    # White-box proxy reward (docs/design.md 4.2).
     c.reward = ml_collections.ConfigDict()
     c.reward.preset = "rer"  # li | li_rp | qr_li_rp | rer | rer_random_qtype | rer_predicted_qtype
     c.reward.counterfactual = ("li", "li_rp", "qr_li_rp", "rer")
@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.relevance.path = ""  # BERT checkpoint dir (facebook/contriever), or "minilm" for the packaged MiniLM
     c.relevance.max_length = 512
 
-    # Gold reward model (DESIGN.md 4.3): scores dev / eval rollouts only.
+    # Gold reward model (docs/design.md 4.3): scores dev / eval rollouts only.
     c.gold_rm = ml_collections.ConfigDict()
     c.gold_rm.path = ""
     c.gold_rm.tokenizer = ""  # default: gold_rm.path
@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.top_p = 1.0
     c.sampling.max_new_tokens = 512
 
-    # PPO (DESIGN.md 4.4; trl 0.7.4 semantics).
+    # PPO (docs/design.md 4.4; trl 0.7.4 semantics).
     c.ppo = ml_collections.ConfigDict()
     c.ppo.batch_size = 16
     c.ppo.mini_batch_size = 2

@@ -1,4 +1,4 @@
-"""``rre-eval`` and ``rre-alignment-tax``: score a run's saved checkpoints (DESIGN.md 4.5).
+"""``rre-eval`` and ``rre-alignment-tax``: score a run's saved checkpoints (docs/design.md 4.5).
 
     rre-eval --workdir DIR --eval-set alpaca_eval.json [--steps 500,1000] [--config FILE[:arg]]
              [--set gold_rm.path=DIR ...] [--out DIR] [--overwrite | --skip-existing]

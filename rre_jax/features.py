@@ -1,4 +1,4 @@
-"""White-box text features (DESIGN.md 4.2) as pure jittable functions of the policy's token ids.
+"""White-box text features (docs/design.md 4.2) as pure jittable functions of the policy's token ids.
 
     clean(r) = r.strip("\\n "), cut at the first occurrence of any stop string, .strip("\\n ") again
     W(r)     = nltk.wordpunct_tokenize(clean(r))  -- the regex \\w+|[^\\w\\s]+ (Python's ``re`` classes)
@@ -25,7 +25,7 @@ Words are identified by two independent 32-bit hashes of their code points and t
 hashes of their words; distinct trigrams are counted with a hash table (``first_occurrences``;
 ``trigram_counts`` states the collision bound). Counts are exact integers; LI and RP equal ``np.float32`` of the Python values.
 
-``cut_token_B`` serves rollout post-processing (DESIGN.md 4.2): tokens from that index on leave the
+``cut_token_B`` serves rollout post-processing (docs/design.md 4.2): tokens from that index on leave the
 response mask (``mask & (arange(T) < cut_token[:, None])``).
 
 Bytes past ``max_bytes`` are dropped (``Features.truncated_B`` says when); choose ``max_bytes`` >= the
@@ -80,7 +80,7 @@ def class_bitsets() -> tuple[np.ndarray, np.ndarray]:
     per process): ``\\w`` is ``str.isalnum()`` or '_', ``\\s`` is ``str.isspace()``. That is what
     ``nltk.wordpunct_tokenize`` matched with in the reference's environment and in the pinned nltk 3.9.2
     (nltk >= 3.10 compiles its patterns with the third-party ``regex`` module, whose classes differ on
-    ~30k code points, e.g. combining marks and '²'; rre_jax follows DESIGN.md 4.2: Python's classes).
+    ~30k code points, e.g. combining marks and '²'; rre_jax follows docs/design.md 4.2: Python's classes).
     Memory: 2 x 34,816 uint32 = 272 KiB.
     """
     everything = "".join(map(chr, range(N_CODE_POINTS)))
@@ -375,7 +375,7 @@ def trigram_counts(words: Words, n_rows: int):
 
 def text_features(ids_BxT, mask_BxT, tables: FeatureTables, stop_strings: Sequence[str] = DEFAULT_STOPS,
                   max_bytes: int | None = None, total_bytes: int | None = None) -> Features:
-    """LI, RP and the cut token of each response (DESIGN.md 4.2), all on device; usable inside jit.
+    """LI, RP and the cut token of each response (docs/design.md 4.2), all on device; usable inside jit.
 
     ``ids_BxT``/``mask_BxT``: response tokens, right padded (masked tokens add no bytes). ``stop_strings``,
     ``max_bytes`` and ``total_bytes`` are static (Python values). The responses are packed into one stream

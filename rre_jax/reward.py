@@ -1,4 +1,4 @@
-"""Composition of white-box features into a proxy reward (DESIGN.md 4.2).
+"""Composition of white-box features into a proxy reward (docs/design.md 4.2).
 
 Shapes: ``B`` responses. Inputs are per-response features, all ``f32[B]``:
 
@@ -182,7 +182,7 @@ class RewardEngine:
 
 
 class GoldRM:
-    """A black-box gold reward model (DESIGN.md 4.3): own tokenizer, own input string, scores only.
+    """A black-box gold reward model (docs/design.md 4.3): own tokenizer, own input string, scores only.
 
     Both layouts take the Starling input string ``starling_input(starling_query(prompt), response)``,
     tokenized without special tokens, truncated on the left to ``max_length`` and right padded with the

@@ -11,7 +11,7 @@ What is scored, item by item, as the paper's ``eval_monotonicity.py`` scores a c
   ``qtype`` gets ``--missing-qtype`` (default OPENENDED, as ``rre_jax.data``), counted in the summary.
 * LI and RP come from the on-device features (``reward.score_texts``) on token ids of ``--tokenizer`` (the
   policy's tokenizer; its id -> bytes table). Without ``--tokenizer`` the ids are the raw UTF-8 bytes of the
-  response (an identity byte table), i.e. exactly the Python definition (DESIGN.md 4.2) on the text as written.
+  response (an identity byte table), i.e. exactly the Python definition (docs/design.md 4.2) on the text as written.
 * QR = E(q) . E(response) with ``q = relevance_query(instruction)``: the reference passes the raw,
   untemplated ``instruction`` through its ``extract_raw_query`` (same result as the templated prompt on all
   805 AlpacaEval items). AR = E(reference answer) . E(response). Relevance sees the uncleaned response.

@@ -5,7 +5,7 @@ white-box proxy, Starling-RM-34B as gold RM, facebook/contriever as relevance en
         --config.model.path=/ckpt/sft10k --config.gold_rm.path=/ckpt/starling-rm-34b \
         --config.relevance.path=/ckpt/contriever --config.data.train_file=/data/alpacafarm_train.json
 
-Argument: ``<reward>[,<mesh preset>]``. Rewards (DESIGN.md 4.2): ``li``, ``li_rp``, ``qr_li_rp`` (R3 without
+Argument: ``<reward>[,<mesh preset>]``. Rewards (docs/design.md 4.2): ``li``, ``li_rp``, ``qr_li_rp`` (R3 without
 branching), ``rer`` (default), ``rer_random_qtype``, ``rer_predicted_qtype``. Mesh presets (``MESH_PRESETS``):
 ``cpu`` (default: all local devices on ``data``), ``v4-8``, ``v5e-8``, ``v4-32``, ``v5e-32``, ``gpu-8``.
 Each preset's memory plan (``rre-params --config configs/alpacafarm_rer.py:rer,<preset>``; checked for every
@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.gold_rm.layout = "starling"
     config.gold_rm.placement = placement
     config.data.train_file = ""  # AlpacaFarm unlabeled split with qtype
-    config.data.dev_file = ""  # e.g. ../shared/data/alpacafarm_val.json
+    config.data.dev_file = ""  # e.g. alpacafarm_val.json of the paper's data/ folder
     config.mesh.shape = shape
     config.mesh_preset = mesh_name
     config.plan = plan_section("llama-7b", "yi-34b", chip_gib)
