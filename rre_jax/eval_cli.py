@@ -473,10 +473,12 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace outputs already written")
 
 
-def _logging() -> None:
-    """rre_jax's own INFO lines; libraries (absl, orbax, jax) at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("rre_jax").setLevel(logging.INFO)
+def _logging(workdir: str, name: str) -> None:
+    """Compilation cache on; INFO lines (rre_jax, absl, orbax, jax) to ``workdir/name``, warnings to stderr."""
+    from rre_jax import compile_cache, console
+    compile_cache.enable()
+    if os.path.isdir(workdir):
+        console.log_to_file(os.path.join(workdir, name))
 
 
 def _config(args):
@@ -497,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.seed)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the report's intervals")
     args = parser.parse_args(argv)
-    _logging()
+    _logging(args.workdir, "rre_eval.log")
     try:
         plan = plan_eval(args.workdir, args.eval_set, steps=args.steps, config=_config(args),
                          overrides=args.overrides, out=args.out, overwrite=args.overwrite,
@@ -523,7 +525,7 @@ def alignment_tax_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-prompt-length", type=int, default=512)
     parser.add_argument("--out", default=None, help="predictions JSONL (default: WORKDIR/alignment_tax/step_N.jsonl)")
     args = parser.parse_args(argv)
-    _logging()
+    _logging(args.workdir, "rre_alignment_tax.log")
     try:
         plan = plan_alignment_tax(args.workdir, args.step, args.tasks_dir, config=_config(args),
                                   overrides=args.overrides, max_instances=args.max_instances,

@@ -331,7 +331,7 @@ def summarize(job: Job, rows: list[dict], seconds: float) -> dict:
         "presets": sorted(rows[0]["presets"]) if rows else [], "skipped_presets": skipped,
         "means": {"all": _means(rows), **{q: _means([r for r in rows if r["qtype"] == q])
                                           for q in prompts_lib.QTYPES}},
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 3), "out": os.path.abspath(a.out),
     }
 
 
@@ -358,6 +358,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``rre-score``; input errors print one line and exit with status 2."""
+    from rre_jax import compile_cache
+    compile_cache.enable()
     try:
         summary = run(argv)
     except (ScoreError, prompts_lib.PromptFileError, FileNotFoundError) as e:
@@ -366,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     means = summary["means"]["all"]
     shown = ", ".join(f"{k} {means[k]:.4f}" for k in MEANS_OF if means.get(k) is not None)
     print(f"rre-score: {summary['n_items']} items, reward {summary['reward']}: {shown}")
+    print(f"  scores   {summary['out']}\n  summary  {summary_path(summary['out'])}")
 
 
 if __name__ == "__main__":
