@@ -11,7 +11,8 @@ process, timed from its start to its exit (imports, model loading, compilation, 
 * ``rre-score warm``: the same command again on that cache (what every later call on the machine pays);
 * ``rre-score, cache off``: compiled in process, nothing cached (for the profile of the cold time).
 
-Prints the CPU model (``lscpu``), each wall time, the ratios reference / rre-score, and the largest
+Prints the CPU model (``lscpu``), each side's wall time and CPU time (user + system, all threads: the
+figure to read when other jobs share the machine), the ratios reference / rre-score, and the largest
 difference between the two sides' proxy scores.
 
     git clone https://github.com/naver-ai/rethinking-proxy-reward /tmp/paper
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,22 +41,28 @@ def cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
-def timed(cmd: list[str], env: dict) -> float:
-    t0 = time.perf_counter()
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and its threads) of one command run to its exit."""
+    t0, c0 = time.perf_counter(), _child_cpu()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _child_cpu() - c0
     if done.returncode:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
-    return seconds
+    return seconds, cpu
 
 
-def rre_score(args, out: pathlib.Path, cache: str) -> float:
+def rre_score(args, out: pathlib.Path, cache: str) -> tuple[float, float]:
     cmd = [os.path.join(os.path.dirname(sys.executable), "rre-score"), "--eval-set", args.eval_set, "--outputs", args.outputs,
            "--reward", "rer", "--relevance-encoder", "minilm", "--out", str(out), "--overwrite", "--quiet"]
     return timed(cmd, {**os.environ, "RRE_JAX_COMPILATION_CACHE": cache, "JAX_PLATFORMS": "cpu"})
 
 
-def reference(args, out: pathlib.Path) -> float:
+def reference(args, out: pathlib.Path) -> tuple[float, float]:
     from rre_jax import relevance
     cmd = [sys.executable, str(HERE / "score_reference.py"), "--repo", args.paper_repo,
            "--encoder", relevance.encoder_path("minilm", "--encoder"), "--eval-set", args.eval_set,
@@ -79,10 +87,10 @@ def main() -> None:
         ref = np.array(json.load(open(tmp / "reference.json")), np.float64)
         ours = np.array([r["proxy"] for r in json.load(open(tmp / "warm.json"))], np.float64)
     rel = np.max(np.abs(ours - ref) / np.maximum(np.abs(ref), 1e-6))
-    print(f"reference (one item per call)      : {t_ref:8.1f} s")
-    print(f"rre-score cold (empty cache)       : {t_cold:8.1f} s   reference / rre-score {t_ref / t_cold:5.2f}x")
-    print(f"rre-score warm (cache filled)      : {t_warm:8.1f} s   reference / rre-score {t_ref / t_warm:5.2f}x")
-    print(f"rre-score, cache off               : {t_off:8.1f} s   reference / rre-score {t_ref / t_off:5.2f}x")
+    print(f"{'':36} {'wall s':>8} {'ratio':>7} {'CPU s':>8} {'ratio':>7}   (ratio = reference / this)")
+    for name, (wall, cpu) in (("reference (one item per call)", t_ref), ("rre-score cold (empty cache)", t_cold),
+                              ("rre-score warm (cache filled)", t_warm), ("rre-score, cache off", t_off)):
+        print(f"{name:36} {wall:8.1f} {t_ref[0] / wall:6.2f}x {cpu:8.1f} {t_ref[1] / cpu:6.2f}x")
     print(f"proxy agreement: max relative difference {rel:.2e} over {len(ref)} items")
 
 

@@ -240,7 +240,7 @@ def prepare(args: argparse.Namespace) -> Job:
         from rre_jax import relevance
         try:
             encoder = relevance.RelevanceEncoder.from_pretrained(enc, max_length=args.relevance_max_length,
-                                                                 progress=not args.quiet)
+                                                                 progress=not args.quiet, one_stream_size=True)
         except (OSError, KeyError, ValueError) as e:
             raise ScoreError(f"--relevance-encoder {enc!r}: cannot load a BERT encoder there ({e})") from e
     return Job(args, spec, records, responses, n_missing, tok, table, desc, enc, encoder, gold)
