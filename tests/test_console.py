@@ -19,7 +19,8 @@ def test_train_console_is_progress_and_summary(assets, tmp_path):
            f"--config.model.path={assets['policy']}", f"--config.tokenizer.path={assets['tokenizer']}",
            f"--config.gold_rm.path={assets['gold_rm']}", f"--config.data.train_file={prompts}",
            f"--config.data.dev_file={prompts}", "--config.data.bucket=96", "--config.train.steps=1",
-           "--config.train.save_freq=1", "--config.train.dev_size=4"]
+           "--config.train.save_freq=1", "--config.train.dev_size=8",
+           "--config.train.export_final=False"]  # as test_train.tiny_cfg: the programs its tests compile
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
