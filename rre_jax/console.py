@@ -18,7 +18,8 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def log_to_file(path: str) -> str:
     """INFO and up to ``path`` (appended), WARNING and up to stderr; returns ``path``.
 
-    Replaces the root logger's handlers (absl logs through the ``absl`` logger, which propagates to the root).
+    absl logs through the ``absl`` logger, which propagates to the root. The handlers a previous call added and
+    plain console handlers (``logging.basicConfig``'s) are replaced; others (a test harness's) are kept.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     to_file = logging.FileHandler(path)
@@ -29,12 +30,19 @@ def log_to_file(path: str) -> str:
     to_console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.addHandler(to_file)
-    root.addHandler(to_console)
+        if getattr(handler, "_rre_console", False) or _prints_to_console(handler):
+            root.removeHandler(handler)
+            handler.close()  # a StreamHandler leaves its stream open
+    for handler in (to_file, to_console):
+        handler._rre_console = True
+        root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # warnings.warn -> the 'py.warnings' logger: file and console
     return path
+
+
+def _prints_to_console(handler: logging.Handler) -> bool:
+    return type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.stdout)
 
 
 def _first_last(rows: list[dict], key: str) -> tuple[int, float, int, float] | None:
