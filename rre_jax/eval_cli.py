@@ -46,6 +46,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rre_jax import compile_cache
+
 log = logging.getLogger(__name__)
 
 EVAL_PROXY = "rer"  # always scored (summary.EVAL_PROXY): the reference scores every checkpoint with full RER
@@ -474,11 +476,9 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _logging(workdir: str, name: str) -> None:
-    """Compilation cache on; INFO lines (rre_jax, absl, orbax, jax) to ``workdir/name``, warnings to stderr."""
-    from rre_jax import compile_cache, console
-    compile_cache.enable()
-    if os.path.isdir(workdir):
-        console.log_to_file(os.path.join(workdir, name))
+    """INFO lines (rre_jax, absl, orbax, jax) to ``workdir/name``, warnings to stderr (once the input is checked)."""
+    from rre_jax import console
+    console.log_to_file(os.path.join(workdir, name))
 
 
 def _config(args):
@@ -499,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.seed)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the report's intervals")
     args = parser.parse_args(argv)
-    _logging(args.workdir, "rre_eval.log")
+    compile_cache.enable()
     try:
         plan = plan_eval(args.workdir, args.eval_set, steps=args.steps, config=_config(args),
                          overrides=args.overrides, out=args.out, overwrite=args.overwrite,
@@ -508,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          n_boot=args.n_boot)
     except _USER_ERRORS as e:
         parser.exit(2, f"rre-eval: error: {e}\n")
+    _logging(args.workdir, "rre_eval.log")
     summary = run_eval(plan)
     print(f"rre-eval: report {plan.out_dir / 'report.md'} (checkpoints {summary.get('steps')})", file=sys.stderr)
     return 0
@@ -525,7 +526,7 @@ def alignment_tax_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-prompt-length", type=int, default=512)
     parser.add_argument("--out", default=None, help="predictions JSONL (default: WORKDIR/alignment_tax/step_N.jsonl)")
     args = parser.parse_args(argv)
-    _logging(args.workdir, "rre_alignment_tax.log")
+    compile_cache.enable()
     try:
         plan = plan_alignment_tax(args.workdir, args.step, args.tasks_dir, config=_config(args),
                                   overrides=args.overrides, max_instances=args.max_instances,
@@ -533,6 +534,7 @@ def alignment_tax_main(argv: Sequence[str] | None = None) -> int:
                                   batch_size=args.batch_size, out=args.out, overwrite=args.overwrite)
     except _USER_ERRORS as e:
         parser.exit(2, f"rre-alignment-tax: error: {e}\n")
+    _logging(args.workdir, "rre_alignment_tax.log")
     result = run_alignment_tax(plan)
     print(f"rre-alignment-tax: step {result['step']}: ROUGE-L {result['rougeL']:.2f} over "
           f"{result['n_instances']} instances of {result['n_tasks']} tasks", file=sys.stderr)
