@@ -11,8 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_path(workdir: str, name: str) -> str:
+    """``workdir/name``; for a workdir on remote storage (``gs://...``), a local file named after the process."""
+    if "://" in workdir:
+        return os.path.join(tempfile.gettempdir(), f"{os.path.splitext(name)[0]}.{os.getpid()}.log")
+    return os.path.join(workdir, name)
 
 
 def log_to_file(path: str) -> str:

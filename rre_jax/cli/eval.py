@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Sequence
 
@@ -50,7 +49,7 @@ def log_to_workdir(workdir: str, name: str) -> None:
     """Once the input is checked: INFO lines (rre_jax, absl, orbax, jax) to ``workdir/name``, warnings and
     errors still on the console."""
     from rre_jax import console
-    console.log_to_file(os.path.join(workdir, name))
+    console.log_to_file(console.log_path(workdir, name))
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None):

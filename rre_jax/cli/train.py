@@ -10,7 +10,6 @@ status 2, before anything is loaded, written or compiled.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
@@ -58,7 +57,7 @@ def _run(config, workdir: str) -> None:
     from rre_jax.data import tiny_prompts_path
     compile_cache.enable()
     name = "rre_train.log" if jax.process_index() == 0 else f"rre_train.process{jax.process_index()}.log"
-    log_file = console.log_to_file(os.path.join(workdir, name))
+    log_file = console.log_to_file(console.log_path(workdir, name))
     train.run(config, workdir)
     if jax.process_index() == 0:
         eval_set = config.data.dev_file or ("" if config.model.path else str(tiny_prompts_path()))
