@@ -21,7 +21,7 @@ import numpy as np
 
 # ------------------------------------------------------------------------------------------------- workload
 
-# The "mid" random Llama of DESIGN.md section 6 (58.5M parameters, untied embeddings, fp32).
+# The "mid" random Llama of docs/design.md section 6 (58.5M parameters, untied embeddings, fp32).
 MID_MODEL = dict(
     vocab_size=32000,
     hidden_size=512,
@@ -40,7 +40,7 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """One PPO iteration as the paper runs it (DESIGN.md 4.4), at benchmark lengths."""
+    """One PPO iteration as the paper runs it (docs/design.md 4.4), at benchmark lengths."""
 
     batch: int = 16
     prompt_len: int = 64
@@ -126,14 +126,14 @@ _WORDPUNCT = re.compile(r"\w+|[^\w\s]+")  # nltk.wordpunct_tokenize
 
 
 def clean(response: str) -> str:
-    """DESIGN.md 4.2 ``clean``: strip, cut at the first stop string, strip again."""
+    """docs/design.md 4.2 ``clean``: strip, cut at the first stop string, strip again."""
     text = response.strip("\n ")
     cut = min((i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0), default=len(text))
     return text[:cut].strip("\n ")
 
 
 def li_rp(response: str) -> float:
-    """LI * RP of one response (DESIGN.md 4.2), the host-side reward stand-in of the benchmark."""
+    """LI * RP of one response (docs/design.md 4.2), the host-side reward stand-in of the benchmark."""
     words = _WORDPUNCT.findall(clean(response))
     li = len(words) / 100
     trigrams = list(zip(words, words[1:], words[2:]))

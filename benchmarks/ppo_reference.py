@@ -3,7 +3,7 @@
 Runs INSIDE the reference virtualenv (``benchmarks/setup_reference_env.sh``: torch 2.13.0, transformers 4.37.2,
 trl 0.7.4, peft 0.7.1), never in the rre_jax one. It builds the "mid" random fp32 Llama with a fixed seed, a
 byte-level BPE tokenizer trained here, 16 seeded prompts of 64 tokens, and times one iteration of the paper's PPO
-(DESIGN.md 4.4) the way the reference drives trl:
+(docs/design.md 4.4) the way the reference drives trl:
 
   generate    ``PPOTrainer.generate`` (pure sampling: temperature 1, top_k 0, top_p 1; ``min_new_tokens`` =
               ``max_new_tokens`` = 128 so EOS is masked at every step and every row yields exactly 128 tokens)

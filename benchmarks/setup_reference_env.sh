@@ -5,7 +5,7 @@
 #   RRE_BENCH_VENV=/path/to/venv bash benchmarks/setup_reference_env.sh
 #   PYTHON=python3.11 bash benchmarks/setup_reference_env.sh
 #
-# The pins are the only combination that runs trl 0.7.4's PPOTrainer here (DESIGN.md section 6): transformers
+# The pins are the only combination that runs trl 0.7.4's PPOTrainer here (docs/design.md section 6): transformers
 # newer than 4.37 lacks `top_k_top_p_filtering` (4.38.x also makes `generate` ~9x slower); numpy, pyarrow and
 # datasets are capped so trl's imports still load. A second run with the pins satisfied installs nothing.
 # Prints the venv's python path on its last line.

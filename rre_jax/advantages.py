@@ -1,6 +1,6 @@
 """From a scored rollout to per-token advantages: score normalisation, KL shaping, GAE, whitening.
 
-Semantics are those of trl 0.7.4's ``PPOTrainer`` (the reference's PPO stack; DESIGN.md section 4.4);
+Semantics are those of trl 0.7.4's ``PPOTrainer`` (the reference's PPO stack; docs/design.md section 4.4);
 ``tests/trl_reference.py`` is a NumPy port of it and the tests hold every function here to it.
 
 Shape letters: ``B`` batch (sequences), ``T`` token positions of the response window, ``V`` vocabulary.

@@ -4,8 +4,7 @@ XLA's compiler (LLVM on CPU) allocates hundreds of MB while it builds a large pr
 and glibc keeps those freed pages in its arenas. A plain ``jax.jit`` call compiles and then runs in one go, so
 the program's own buffers land on top of the compiler's leftovers and the process peaks at both together.
 ``AheadOfTime`` compiles a signature first (``lower(...).compile()``), calls ``release_host_memory`` and only
-then runs it: the peak becomes the larger of the two, not their sum. Measured on the PPO benchmark's mid
-model (benchmarks/ppo_iteration.py, LoRA): peak RSS 1220 -> 963 MB with the same programs.
+then runs it: the peak becomes the larger of the two, not their sum (figures: docs/benchmark_results.md).
 """
 from __future__ import annotations
 

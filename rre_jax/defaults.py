@@ -42,19 +42,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # default: model.path
 
-    # Prompts (DESIGN.md 4.1).
+    # Prompts (docs/design.md 4.1).
     c.data = ml_collections.ConfigDict()
     c.data.source = "json"  # json (JSON / JSONL files) | tfds (array_record builders)
     c.data.train_file = ""
     c.data.dev_file = ""
-    c.data.eval_file = ""
     c.data.tfds_dir = ""
     c.data.max_prompt_length = 512
     c.data.bucket = 64
     c.data.missing_qtype = "OPENENDED"  # OPENENDED | CONSTRAINED (filled in, counted, logged) | error
     c.data.shuffle_seed = 0
 
-    # White-box proxy reward (DESIGN.md 4.2).
+    # White-box proxy reward (docs/design.md 4.2).
     c.reward = ml_collections.ConfigDict()
     c.reward.preset = "rer"  # li | li_rp | qr_li_rp | rer | rer_random_qtype | rer_predicted_qtype
     c.reward.counterfactual = ("li", "li_rp", "qr_li_rp", "rer")
@@ -64,9 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.relevance = ml_collections.ConfigDict()
     c.relevance.path = ""  # BERT checkpoint dir (facebook/contriever), or "minilm" for the packaged MiniLM
     c.relevance.max_length = 512
-    c.relevance.batch_size = 64
 
-    # Gold reward model (DESIGN.md 4.3): scores dev / eval rollouts only.
+    # Gold reward model (docs/design.md 4.3): scores dev / eval rollouts only.
     c.gold_rm = ml_collections.ConfigDict()
     c.gold_rm.path = ""
     c.gold_rm.tokenizer = ""  # default: gold_rm.path
@@ -82,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.top_p = 1.0
     c.sampling.max_new_tokens = 512
 
-    # PPO (DESIGN.md 4.4; trl 0.7.4 semantics).
+    # PPO (docs/design.md 4.4; trl 0.7.4 semantics).
     c.ppo = ml_collections.ConfigDict()
     c.ppo.batch_size = 16
     c.ppo.mini_batch_size = 2
@@ -125,7 +123,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 5000
     c.train.save_freq = 500
     c.train.max_to_keep = 0  # 0: keep every checkpoint (monotonicity needs them)
-    c.train.log_every = 1
     c.train.dev_size = 64
     c.train.export_final = True
 
@@ -145,7 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
 def tiny_model_config() -> ml_collections.ConfigDict:
     """Shape of the tiny Llama built by configs/tiny.py."""
     t = ml_collections.ConfigDict()
-    t.vocab_size = 512
+    t.vocab_size = 768  # the tiny tokenizer is trained to this size; the embedding follows the tokenizer
     t.hidden_size = 64
     t.intermediate_size = 176
     t.num_hidden_layers = 2

@@ -1,4 +1,4 @@
-"""White-box text features (DESIGN.md 4.2) as pure jittable functions of the policy's token ids.
+"""White-box text features (docs/design.md 4.2) as pure jittable functions of the policy's token ids.
 
     clean(r) = r.strip("\\n "), cut at the first occurrence of any stop string, .strip("\\n ") again
     W(r)     = nltk.wordpunct_tokenize(clean(r))  -- the regex \\w+|[^\\w\\s]+ (Python's ``re`` classes)
@@ -25,7 +25,7 @@ Words are identified by two independent 32-bit hashes of their code points and t
 hashes of their words; distinct trigrams are counted with a hash table (``first_occurrences``;
 ``trigram_counts`` states the collision bound). Counts are exact integers; LI and RP equal ``np.float32`` of the Python values.
 
-``cut_token_B`` serves rollout post-processing (DESIGN.md 4.2): tokens from that index on leave the
+``cut_token_B`` serves rollout post-processing (docs/design.md 4.2): tokens from that index on leave the
 response mask (``mask & (arange(T) < cut_token[:, None])``).
 
 Bytes past ``max_bytes`` are dropped (``Features.truncated_B`` says when); choose ``max_bytes`` >= the
@@ -76,11 +76,11 @@ def class_bitsets() -> tuple[np.ndarray, np.ndarray]:
     """(word_C, space_C): Python's ``\\w`` / ``\\s`` for every code point, 32 per uint32 (bit cp & 31 of
     word cp >> 5).
 
-    They come from running the stdlib ``re`` engine itself over a string of all 0x110000 code points (~0.5 s,
-    once per process): ``\\w`` is ``str.isalnum()`` or '_', ``\\s`` is ``str.isspace()``. That is what
+    They come from running the stdlib ``re`` engine itself over a string of all 0x110000 code points (once
+    per process): ``\\w`` is ``str.isalnum()`` or '_', ``\\s`` is ``str.isspace()``. That is what
     ``nltk.wordpunct_tokenize`` matched with in the reference's environment and in the pinned nltk 3.9.2
     (nltk >= 3.10 compiles its patterns with the third-party ``regex`` module, whose classes differ on
-    ~30k code points, e.g. combining marks and '²'; rre_jax follows DESIGN.md 4.2: Python's classes).
+    ~30k code points, e.g. combining marks and '²'; rre_jax follows docs/design.md 4.2: Python's classes).
     Memory: 2 x 34,816 uint32 = 272 KiB.
     """
     everything = "".join(map(chr, range(N_CODE_POINTS)))
@@ -317,7 +317,7 @@ def first_occurrences(keys: Sequence[jax.Array], active_N, n_slots: int | None =
     """first_N: position n is active and no active position before it has the same key tuple (exact).
 
     ``keys``: arrays [N] (any 32-bit integer dtype); a group is a tuple of equal keys. A hash table replaces a
-    sort (an XLA CPU sort of the stream cost ~20 ms of ~27 ms per batch of 256 responses): each round, every
+    sort (on XLA:CPU a sort of the stream dominated the features' time, docs/benchmark_results.md): each round, every
     unresolved position scatters its index into slot ``h_r(keys) mod n_slots`` with ``min``, so a slot holds
     the lowest unresolved index that hashed there. That index is the first of its group (a group's positions
     are resolved together and share every slot), so every position whose keys equal the slot winner's is
@@ -375,7 +375,7 @@ def trigram_counts(words: Words, n_rows: int):
 
 def text_features(ids_BxT, mask_BxT, tables: FeatureTables, stop_strings: Sequence[str] = DEFAULT_STOPS,
                   max_bytes: int | None = None, total_bytes: int | None = None) -> Features:
-    """LI, RP and the cut token of each response (DESIGN.md 4.2), all on device; usable inside jit.
+    """LI, RP and the cut token of each response (docs/design.md 4.2), all on device; usable inside jit.
 
     ``ids_BxT``/``mask_BxT``: response tokens, right padded (masked tokens add no bytes). ``stop_strings``,
     ``max_bytes`` and ``total_bytes`` are static (Python values). The responses are packed into one stream

@@ -1,6 +1,6 @@
 """PPO: the clipped policy and value losses and the jitted update over epochs, minibatches and micro-batches.
 
-Semantics are those of trl 0.7.4's ``PPOTrainer.step`` / ``loss`` (DESIGN.md section 4.4), checked against the
+Semantics are those of trl 0.7.4's ``PPOTrainer.step`` / ``loss`` (docs/design.md section 4.4), checked against the
 NumPy / torch port in ``tests/trl_reference.py``. Shape letters: ``B`` rollout batch, ``T`` response positions,
 ``E`` PPO epochs, ``N`` optimizer steps per epoch (``B / (M*G)``), ``G`` gradient-accumulation micro-batches,
 ``M`` mini-batch size.
@@ -53,7 +53,7 @@ UPDATE_KL_PENALTIES = ("kl", "abs", "mse")
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-    """PPO settings; defaults are the paper's run (DESIGN.md 4.4). Validates itself on construction."""
+    """PPO settings; defaults are the paper's run (docs/design.md 4.4). Validates itself on construction."""
 
     batch_size: int = 16
     mini_batch_size: int = 2

@@ -1,6 +1,6 @@
 """Query types for unlabelled prompts: a zero-shot causal-LM labeller, agreement, and seeded random labels.
 
-RER branches on the query type (DESIGN.md 4.2): CONSTRAINED queries (one right answer, or a narrow set of them)
+RER branches on the query type (docs/design.md 4.2): CONSTRAINED queries (one right answer, or a narrow set of them)
 are paid by answer relevance, OPENENDED ones by query relevance x length x repetition. The paper's labels come
 from GPT-4; prompts without labels get them here.
 

@@ -100,14 +100,16 @@ def windows(max_length: int, min_length: int = 16, step: int = 32) -> tuple[int,
 
 
 def plan_streams(lengths: Sequence[int], tokens_per_stream: int, max_length: int, min_length: int = 16,
-                 step: int = 32) -> list[tuple[int, list[tuple[int, int]]]]:
+                 step: int = 32, halve: bool = True) -> list[tuple[int, list[tuple[int, int]]]]:
     """``[(N, [(text index, offset), ...])]``: texts packed one after another into streams of N tokens.
 
     Longest texts first, each into the first stream where its attention window (``length_bucket`` of its
     length) still ends inside the stream; a text occupies only its own tokens, so shorter texts fill the
     room behind long ones. Within a stream texts come longest first (windows in ``windows`` order). A
     stream is ``tokens_per_stream`` tokens, or the smallest of its halvings (down to ``MIN_BATCH_TOKENS``)
-    that holds its texts: one compiled shape per stream size, at most a handful in all.
+    that holds its texts: one compiled shape per stream size, at most a handful in all. ``halve=False`` keeps
+    every stream at ``tokens_per_stream`` (one compiled shape: for a one-shot command, where a compile costs
+    more than the padding of a part-filled stream).
     """
     lengths = [int(n) for n in lengths]
     longest = length_bucket(max([1] + lengths), max_length, min_length, step)
@@ -127,7 +129,7 @@ def plan_streams(lengths: Sequence[int], tokens_per_stream: int, max_length: int
     plan = []
     for _, items, end in streams:
         n = tokens_per_stream
-        while n % 2 == 0 and n // 2 >= max(end, MIN_BATCH_TOKENS):
+        while halve and n % 2 == 0 and n // 2 >= max(end, MIN_BATCH_TOKENS):
             n //= 2
         plan.append((n, items))
     return plan
@@ -199,7 +201,8 @@ class RelevanceEncoder:
     ``tokens_per_batch``: tokens per forward. On CPU without a multi-device mesh (``packed``) texts are
     packed one after another into streams of this many tokens (``plan_streams``, ``bert.embed_packed``):
     no padding tokens, one compiled shape per stream size. Otherwise padded rows (``plan_batches``), the
-    layout for accelerators. ``packed`` forces one or the other (default: as just said).
+    layout for accelerators. ``packed`` forces one or the other (default: as just said). ``one_stream_size``:
+    every packed stream has ``tokens_per_batch`` tokens (``plan_streams(halve=False)``), one compile.
     ``mesh`` / ``rules``: params in their logical shardings, batch rows split over the ``batch`` axis.
     ``precision``: matmul precision (``jax.lax.Precision.HIGHEST`` for float32 parity on TPU).
     ``progress``: tqdm bar over batches (default: only when there are more than 8 batches).
@@ -207,7 +210,7 @@ class RelevanceEncoder:
 
     def __init__(self, tokenizer, cfg: bert.BertConfig, params, *, max_length: int = 512, tokens_per_batch: int = 2048,
                  min_length: int = 16, mesh=None, rules=None, precision=None, progress: bool | None = None,
-                 packed: bool | None = None):
+                 packed: bool | None = None, one_stream_size: bool = False):
         if max_length > cfg.max_position_embeddings:
             raise ValueError(f"relevance max_length {max_length} exceeds the encoder's max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
@@ -226,7 +229,7 @@ class RelevanceEncoder:
             axes = () if spec[0] is None else (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
             for a in axes:
                 self.row_multiple *= mesh.shape[a]
-        self.tokens_per_batch = tokens_per_batch
+        self.tokens_per_batch, self.one_stream_size = tokens_per_batch, one_stream_size
         single = mesh is None or mesh.size == 1
         if packed and not single:
             raise ValueError("relevance: packed streams run on one device; use padded batches (packed=False) "
@@ -282,7 +285,8 @@ class RelevanceEncoder:
         if self.packed:
             return [([i for i, _ in items],
                      lambda n=n, items=items: self._embed_packed(self.params, *self._stream(rows, n, items)))
-                    for n, items in plan_streams(lengths, self.tokens_per_batch, self.max_length, self.min_length)]
+                    for n, items in plan_streams(lengths, self.tokens_per_batch, self.max_length, self.min_length,
+                                                 halve=not self.one_stream_size)]
         return [(idx, lambda idx=idx, T=T, B=B: self._embed(self.params, *self._pad([rows[i] for i in idx], T, B)))
                 for idx, T, B in plan_batches(lengths, self.tokens_per_batch, self.max_length, self.row_multiple,
                                               self.min_length)]

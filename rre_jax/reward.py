@@ -1,4 +1,4 @@
-"""Composition of white-box features into a proxy reward (DESIGN.md 4.2).
+"""Composition of white-box features into a proxy reward (docs/design.md 4.2).
 
 Shapes: ``B`` responses. Inputs are per-response features, all ``f32[B]``:
 
@@ -182,7 +182,7 @@ class RewardEngine:
 
 
 class GoldRM:
-    """A black-box gold reward model (DESIGN.md 4.3): own tokenizer, own input string, scores only.
+    """A black-box gold reward model (docs/design.md 4.3): own tokenizer, own input string, scores only.
 
     Both layouts take the Starling input string ``starling_input(starling_query(prompt), response)``,
     tokenized without special tokens, truncated on the left to ``max_length`` and right padded with the
@@ -294,10 +294,10 @@ def score_texts(engine: RewardEngine, tokenizer, index_B, texts, batch_size: int
     device, relevance on the raw text, every spec composed. ``index_B`` indexes the engine's prompt set.
     Returns ``{component: f32[B]}`` like ``RewardEngine.score``, in the order of ``texts``.
 
-    Texts are scored longest first; every batch has the same rows (``batch_size``, or the power of two
-    covering fewer texts) and a power-of-two number of tokens and of bytes (``max_bytes``, from the byte
-    table), so a whole eval set compiles the features a handful of times and no batch pays for another's
-    longest response.
+    Every batch has one shape (``batch_size`` rows, or the power of two covering fewer texts; the power-of-two
+    tokens and bytes of the longest text; the packed length of the fullest batch), so a call compiles the
+    features once: for a one-shot command a compile costs far more than the padding of the shorter batches.
+    Texts are scored longest first.
     """
     import numpy as np
     from tqdm.auto import tqdm
@@ -307,18 +307,19 @@ def score_texts(engine: RewardEngine, tokenizer, index_B, texts, batch_size: int
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i].encode("utf-8")))
     len_V = np.asarray(engine.tables.len_V)
     rows_per_batch = min(batch_size, _pow2_bucket(len(texts), 1))
-    out: dict = {}
-    for s in tqdm(range(0, len(texts), batch_size), desc="scoring", unit="batch", disable=not progress):
+    batches = []
+    for s in range(0, len(texts), batch_size):
         rows = order[s:s + batch_size]
-        chunk = [texts[i] for i in rows]
-        ids, mask = response_ids(tokenizer, chunk)
-        n_bytes_B = (len_V[ids] * mask).sum(axis=1)
-        max_bytes = _pow2_bucket(int(n_bytes_B.max()))
-        ids, mask = (np.pad(x, ((0, rows_per_batch - len(chunk)), (0, _pow2_bucket(x.shape[1]) - x.shape[1])))
-                     for x in (ids, mask))  # fixed shapes: one compile per length bucket
-        feats = engine.features(ids, mask, max_bytes=max_bytes,
-                                total_bytes=packed_bucket(int(n_bytes_B.sum()) + rows_per_batch))
-        feats = type(feats)(*(np.asarray(f)[:len(chunk)] for f in feats))
-        for k, v in engine.score(index_B[rows], feats, chunk).items():
+        ids, mask = response_ids(tokenizer, [texts[i] for i in rows])
+        batches.append((rows, ids, mask, (len_V[ids] * mask).sum(axis=1)))
+    T = _pow2_bucket(max([b[1].shape[1] for b in batches] + [1]))
+    max_bytes = _pow2_bucket(max([int(b[3].max()) for b in batches if len(b[3])] + [1]))
+    total_bytes = packed_bucket(max([int(b[3].sum()) for b in batches] + [0]) + rows_per_batch)
+    out: dict = {}
+    for rows, ids, mask, _ in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+        ids, mask = (np.pad(x, ((0, rows_per_batch - len(rows)), (0, T - x.shape[1]))) for x in (ids, mask))
+        feats = engine.features(ids, mask, max_bytes=max_bytes, total_bytes=total_bytes)
+        feats = type(feats)(*(np.asarray(f)[:len(rows)] for f in feats))
+        for k, v in engine.score(index_B[rows], feats, [texts[i] for i in rows]).items():
             out.setdefault(k, np.zeros(len(texts), np.asarray(v).dtype))[rows] = np.asarray(v)
     return out

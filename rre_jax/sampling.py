@@ -62,8 +62,8 @@ def argmax(x_BxV):
     """``jnp.argmax(x, -1)`` as ``int32[B]``, exactly (first index of the maximum; a NaN wins, the first
     one), computed as a max and a min-reduce of ``where(x == max, iota, V)``.
 
-    XLA:CPU lowers ``jnp.argmax`` to a variadic (value, index) reduce that does not vectorise: ~1 ms
-    for 16 x 32000 per decode step, ~10x what these two plain reductions take.
+    XLA:CPU lowers ``jnp.argmax`` to a variadic (value, index) reduce that does not vectorise; two plain
+    reductions are several times cheaper per decode step (docs/benchmark_results.md).
     """
     V = x_BxV.shape[-1]
     max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)  # NaN if the row holds one

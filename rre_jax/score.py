@@ -12,7 +12,7 @@ What is scored, item by item, as the paper's ``eval_monotonicity.py`` scores a c
   ``qtype`` gets ``--missing-qtype`` (default OPENENDED, as ``rre_jax.data``), counted in the summary.
 * LI and RP come from the on-device features (``reward.score_texts``) on token ids of ``--tokenizer`` (the
   policy's tokenizer; its id -> bytes table). Without ``--tokenizer`` the ids are the raw UTF-8 bytes of the
-  response (an identity byte table), i.e. exactly the Python definition (DESIGN.md 4.2) on the text as written.
+  response (an identity byte table), i.e. exactly the Python definition (docs/design.md 4.2) on the text as written.
 * QR = E(q) . E(response) with ``q = relevance_query(instruction)``: the reference passes the raw,
   untemplated ``instruction`` through its ``extract_raw_query`` (same result as the templated prompt on all
   805 AlpacaEval items). AR = E(reference answer) . E(response). Relevance sees the uncleaned response.
@@ -211,7 +211,7 @@ def prepare(args: ScoreRequest) -> Job:
         from rre_jax import relevance
         try:
             encoder = relevance.RelevanceEncoder.from_pretrained(enc, max_length=args.relevance_max_length,
-                                                                 progress=not args.quiet)
+                                                                 progress=not args.quiet, one_stream_size=True)
         except (OSError, KeyError, ValueError) as e:
             raise ScoreError(f"--relevance-encoder {enc!r}: cannot load a BERT encoder there ({e})") from e
     return Job(args, spec, records, responses, n_missing, tok, table, desc, enc, encoder, gold)
@@ -302,7 +302,7 @@ def summarize(job: Job, rows: list[dict], seconds: float) -> dict:
         "presets": sorted(rows[0]["presets"]) if rows else [], "skipped_presets": skipped,
         "means": {"all": _means(rows), **{q: _means([r for r in rows if r["qtype"] == q])
                                           for q in prompts_lib.QTYPES}},
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 3), "out": os.path.abspath(a.out),
     }
 
 

@@ -2,7 +2,8 @@
 
 ``ensure_assets(config, workdir)`` writes into ``<workdir>/assets`` (once; later runs and resumes reuse them):
 
-* ``tokenizer/``: a SentencePiece-style BPE trained on the bundled tiny prompt set (``rre_jax.tokenizer``);
+* ``tokenizer/``: a SentencePiece-style BPE of ``config.model.tiny.vocab_size`` entries trained on the bundled
+  tiny prompt set (``rre_jax.tokenizer``);
 * ``policy/``: a tiny Llama (``config.model.tiny``), warm-started by a short SFT on the bundled reference
   answers so that it produces words rather than noise, saved as a real HF checkpoint;
 * ``gold_rm/``: a tiny random ``LlamaForSequenceClassification``-layout scorer (reports call it random).
@@ -26,9 +27,6 @@ import optax
 from rre_jax import tokenizer as tok_lib
 from rre_jax.data import prompts as prompts_lib, templates, tiny_prompts_path
 from rre_jax.models import hf, llama
-
-VOCAB_SIZE = 768
-
 
 def _atomic_dir(path: str, build) -> str:
     if os.path.exists(os.path.join(path, ".complete")):
@@ -103,7 +101,8 @@ def ensure_assets(config, workdir: str) -> dict[str, str]:
     os.makedirs(root, exist_ok=True)
     records = prompts_lib.load_prompts(tiny_prompts_path())
     tok_dir = _atomic_dir(os.path.join(root, "tokenizer"),
-                          lambda d: tok_lib.train_tokenizer(_texts(records), "sentencepiece", VOCAB_SIZE, d))
+                          lambda d: tok_lib.train_tokenizer(_texts(records), "sentencepiece",
+                                                                    int(config.model.tiny.vocab_size), d))
     tokenizer = tok_lib.load_tokenizer(tok_dir)
     cfg = _model_config(config, tokenizer)
 

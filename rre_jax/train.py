@@ -140,7 +140,7 @@ def _check_prompt_source(data) -> None:
     """json: prompt files must exist. tfds: ``<field> = '<builder name>:<split>'`` in ``data.tfds_dir``."""
     if data.source not in ("json", "tfds"):
         raise ValueError(f"config.data.source={data.source!r}; choose 'json' (JSON / JSONL files) or 'tfds'")
-    for field in ("train_file", "dev_file", "eval_file"):
+    for field in ("train_file", "dev_file"):
         path = data[field]
         if path and data.source == "json" and not os.path.exists(path):
             raise FileNotFoundError(f"config.data.{field}={path!r} does not exist")
@@ -453,7 +453,6 @@ def _meta(run: Run, state, iterator_state) -> dict:
 
 def run(config, workdir: str) -> dict:
     """Train (or resume) a run in ``workdir``; returns the last step's metrics."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     r = build(config, workdir)
     state = init_state(r, jax.random.key(int(config.seed)))
     ckpt = checkpoint.CheckpointManager(workdir, max_to_keep=int(config.train.max_to_keep) or None)

@@ -9,7 +9,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent compilation cache per test run, shared by this process and every process a test starts (they
+# inherit the variable): the suite compiles each program once, and no run reads what another run left behind.
+# Set RRE_JAX_COMPILATION_CACHE yourself to keep the cache between runs (or 'off').
+if "RRE_JAX_COMPILATION_CACHE" not in os.environ:
+    os.environ["RRE_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="rre_jax_test_compile_cache_")
+    atexit.register(shutil.rmtree, os.environ["RRE_JAX_COMPILATION_CACHE"], True)
+
+from rre_jax import compile_cache  # noqa: E402
+
+compile_cache.enable()
 
 import pytest  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Plain-Python reference of the white-box features, DESIGN.md 4.2 (test-side; the package never imports it).
+"""Plain-Python reference of the white-box features, docs/design.md 4.2 (test-side; the package never imports it).
 
 Written from the definition, the way the paper's reference computes it (``get_length_incentive``): strip,
 cut at the leftmost stop string, strip, ``nltk.wordpunct_tokenize``, LI = len / 100, RP = distinct trigrams /

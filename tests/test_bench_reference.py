@@ -3,7 +3,7 @@
 * the FLOP model that turns the update time into "% of roofline" agrees with torch's own FLOP counter on a real
   (tiny) Llama + value head, forward and backward, in full fine-tuning and with LoRA adapters on q/v;
 * the parameter count of the "mid" model is the one the issue names (58.5M) and the matmul count matches it;
-* the host reward stand-in is LI * RP exactly as DESIGN.md 4.2 defines it with nltk;
+* the host reward stand-in is LI * RP exactly as docs/design.md 4.2 defines it with nltk;
 * benchmarks/setup_reference_env.sh passes shellcheck;
 * where a reference venv exists (RRE_BENCH_VENV or .bench_venv/, never in CI), ppo_reference.py --tiny runs and
   writes the JSON schema benchmarks/README.md documents.

@@ -1,4 +1,4 @@
-"""Alpaca template and query recovery (DESIGN.md 4.1-4.3): hand-checked cases and invariants over real prompts."""
+"""Alpaca template and query recovery (docs/design.md 4.1-4.3): hand-checked cases and invariants over real prompts."""
 import re
 
 import pytest
@@ -21,7 +21,7 @@ def test_alpaca_template_exact():
 
 
 @pytest.mark.parametrize("instruction, expected", [
-    ("Write a poem.\n\n### Input:\nabout cats", "Write a poem. about cats"),  # DESIGN.md 4.2's example
+    ("Write a poem.\n\n### Input:\nabout cats", "Write a poem. about cats"),  # docs/design.md 4.2's example
     # real AlpacaFarm items: " : " becomes a space, a trailing ":" is stripped, code indentation collapses
     ('Write an if-else statement to print "Hello world" if a variable is set to true.\n\n### Input:\n'
      "Boolean variable : x",

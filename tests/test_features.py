@@ -258,7 +258,7 @@ def test_unicode(families, family):
 
 def test_pinned_nltk_uses_python_classes():
     """nltk 3.9.2 (pinned) tokenizes with Python's ``re``; nltk >= 3.10 switched to ``regex``, whose classes
-    differ (DESIGN.md 4.2 asks for Python's). Bumping nltk must fail here, not silently change LI and RP."""
+    differ (docs/design.md 4.2 asks for Python's). Bumping nltk must fail here, not silently change LI and RP."""
     texts = _unicode_texts(300, seed=5) + ["x\u00b2 \u00bd a\u0301b \u200d"]
     assert all(nltk.wordpunct_tokenize(t) == ref.re_wordpunct(t) for t in texts)
 

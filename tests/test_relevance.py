@@ -242,3 +242,13 @@ def test_plan_streams_packs_every_text_with_its_window_inside_the_stream():
     assert sum(n for n, _ in plan) < 1.1 * sum(max(n, 1) for n in lengths) + 2048  # little room left empty
     with pytest.raises(ValueError, match="tokens_per_batch 256 is smaller than the longest"):
         relevance.plan_streams([300], 256, 512)
+
+
+def test_plan_streams_without_halving_keeps_one_stream_size():
+    """``halve=False`` (one-shot scoring: one compile) places the same texts at the same offsets, every stream
+    at full size; halving only shrinks the stream, never moves a text."""
+    lengths = list(np.random.default_rng(2).integers(0, 513, 300))
+    halved = relevance.plan_streams(lengths, 2048, 512)
+    whole = relevance.plan_streams(lengths, 2048, 512, halve=False)
+    assert {n for n, _ in whole} == {2048} and len({n for n, _ in halved}) > 1
+    assert [items for _, items in whole] == [items for _, items in halved]

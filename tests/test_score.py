@@ -179,7 +179,7 @@ ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a respons
 
 
 def reference_query(instruction: str) -> str:
-    """The reference proxy's query recovery (DESIGN.md 4.2), spelled out independently of rre_jax."""
+    """The reference proxy's query recovery (docs/design.md 4.2), spelled out independently of rre_jax."""
     parts = []
     for part in instruction.replace(ALPACA_SYSTEM, "").split("### Instruction"):
         if part.strip():

@@ -1,2 +1,8 @@
 """rre_jax's console commands. Each module here is a thin command: parse arguments, load the config with the one
 loader, call one library function, print a summary. Library modules never parse arguments or exit the process."""
+
+import os
+
+# transformers advises at import that PyTorch is missing; rre_jax uses only its tokenizers and never needs torch,
+# so a command's console does not show that line (set the variable to '' to see it again).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

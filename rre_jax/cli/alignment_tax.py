@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite)
     except eval_cmd.USER_ERRORS as e:
         return errors.report("rre-alignment-tax", e.args[0] if isinstance(e, KeyError) and e.args else e)
+    eval_cmd.log_to_workdir(args.workdir, "rre_alignment_tax.log")
     result = checkpoint_eval.run_alignment_tax(plan)
     print(f"rre-alignment-tax: step {result['step']}: ROUGE-L {result['rougeL']:.2f} over "
           f"{result['n_instances']} instances of {result['n_tasks']} tasks", file=sys.stderr)

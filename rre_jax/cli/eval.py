@@ -39,9 +39,17 @@ def common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def quiet_libraries() -> None:
-    """rre_jax's own INFO lines; libraries (absl, orbax, jax) at WARNING."""
+    """The compilation cache on; only warnings and errors on the console."""
+    from rre_jax import compile_cache
+    compile_cache.enable()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("rre_jax").setLevel(logging.INFO)
+
+
+def log_to_workdir(workdir: str, name: str) -> None:
+    """Once the input is checked: INFO lines (rre_jax, absl, orbax, jax) to ``workdir/name``, warnings and
+    errors still on the console."""
+    from rre_jax import console
+    console.log_to_file(console.log_path(workdir, name))
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
@@ -81,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_boot=args.n_boot)
     except USER_ERRORS as e:
         return errors.report("rre-eval", e.args[0] if isinstance(e, KeyError) and e.args else e)
+    log_to_workdir(args.workdir, "rre_eval.log")
     summary = checkpoint_eval.run_eval(plan)
     print(f"rre-eval: report {plan.out_dir / 'report.md'} (checkpoints {summary.get('steps')})", file=sys.stderr)
     return 0

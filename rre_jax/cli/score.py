@@ -82,6 +82,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rre-score`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
+    from rre_jax import compile_cache
+    compile_cache.enable()
     try:
         summary = run(argv)
     except (errors.UserError, PromptFileError, FileNotFoundError) as e:
@@ -89,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     means = summary["means"]["all"]
     shown = ", ".join(f"{k} {means[k]:.4f}" for k in score.MEANS_OF if means.get(k) is not None)
     print(f"rre-score: {summary['n_items']} items, reward {summary['reward']}: {shown}")
+    print(f"  scores   {summary['out']}\n  summary  {score.summary_path(summary['out'])}")
     return 0
 
 

@@ -54,8 +54,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         train.validate(config)  # every config error surfaces here, before anything is loaded or compiled
     except _config_errors() as e:
         return errors.report("rre-train", e.args[0] if isinstance(e, KeyError) and e.args else e)
-    train.run(config, args.workdir)
+    _run(config, args.workdir)
     return 0
+
+
+def _run(config, workdir: str) -> None:
+    """Train with the compilation cache on and INFO logs in the workdir; print the closing summary."""
+    import jax
+    from rre_jax import compile_cache, console, train
+    from rre_jax.data import tiny_prompts_path
+    compile_cache.enable()
+    name = "rre_train.log" if jax.process_index() == 0 else f"rre_train.process{jax.process_index()}.log"
+    log_file = console.log_to_file(console.log_path(workdir, name))
+    train.run(config, workdir)
+    if jax.process_index() == 0:
+        eval_set = config.data.dev_file or ("" if config.model.path else str(tiny_prompts_path()))
+        print(console.train_summary(workdir, log_file=log_file, eval_set=eval_set))
 
 
 def run() -> None:

@@ -5,13 +5,14 @@ white-box proxy, Starling-RM-34B as gold RM, facebook/contriever as relevance en
         --config.model.path=/ckpt/sft10k --config.gold_rm.path=/ckpt/starling-rm-34b \
         --config.relevance.path=/ckpt/contriever --config.data.train_file=/data/alpacafarm_train.json
 
-Argument: ``<reward>[,<mesh preset>]``. Rewards (DESIGN.md 4.2): ``li``, ``li_rp``, ``qr_li_rp`` (R3 without
+Argument: ``<reward>[,<mesh preset>]``. Rewards (docs/design.md 4.2): ``li``, ``li_rp``, ``qr_li_rp`` (R3 without
 branching), ``rer`` (default), ``rer_random_qtype``, ``rer_predicted_qtype``. Mesh presets (``MESH_PRESETS``):
 ``cpu`` (default: all local devices on ``data``), ``v4-8``, ``v5e-8``, ``v4-32``, ``v5e-32``, ``gpu-8``.
 Each preset's memory plan (``rre-params --config configs/alpacafarm_rer.py:rer,<preset>``; checked for every
 preset by tests/test_memory_plan.py) fits the chip: the update micro-batch (1 row of 1024 tokens per device)
-keeps ~11.6 GiB of activations for backward on LLaMA-7B (7.2 GiB with the default ``model.remat = 'dots'``,
-which recomputes the elementwise ops), so the 16-32 GiB TPU presets split heads and MLP over ``tensor`` = 2,
+keeps more activations for backward on LLaMA-7B than a 16-32 GiB chip holds beside the weights (even with
+the default ``model.remat = 'dots'``, which recomputes the elementwise ops; the plan prints the bytes), so the
+16-32 GiB TPU presets split heads and MLP over ``tensor`` = 2,
 and where the gold RM does not fit beside the policy with every activation kept (``v5e-8``: 16 GiB chips) it
 is kept in host memory and brought in for evaluation only (``gold_rm.placement = 'host'``), which leaves
 room for ``--config.model.remat=none``.
@@ -62,8 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.gold_rm.layout = "starling"
     config.gold_rm.placement = placement
     config.data.train_file = ""  # AlpacaFarm unlabeled split with qtype
-    config.data.dev_file = ""  # e.g. ../shared/data/alpacafarm_val.json
-    config.data.eval_file = ""  # e.g. ../shared/data/alpaca_eval.json
+    config.data.dev_file = ""  # e.g. alpacafarm_val.json of the paper's data/ folder
     config.mesh.shape = shape
     config.mesh.topology = topology
     config.mesh_preset = mesh_name

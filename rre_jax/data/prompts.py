@@ -1,6 +1,6 @@
 """Prompt files: AlpacaFarm / AlpacaEval JSON lists and JSONL, read into `PromptRecord`s.
 
-Two row layouts are accepted (DESIGN.md 4.1), in a JSON list (``.json``) or one object per line (``.jsonl``):
+Two row layouts are accepted (docs/design.md 4.1), in a JSON list (``.json``) or one object per line (``.jsonl``):
 
 - AlpacaFarm: ``{"input", "output", "qtype"}``; an item's context is already inline in ``input`` as
   ``"...\\n\\n### Input:\\n{context}"``.

@@ -1,7 +1,7 @@
 """Chat templates: the Alpaca policy prompt, and the query recovered from it for relevance and the gold RM.
 
 The reward needs the user's query ``q`` back from the templated prompt the policy saw. The paper's reference
-recovers it with string surgery whose exact order matters (DESIGN.md 4.2, 4.3); the functions here reproduce
+recovers it with string surgery whose exact order matters (docs/design.md 4.2, 4.3); the functions here reproduce
 it step by step, so QR and the Starling-RM input see the same text the reference scored.
 """
 from __future__ import annotations
@@ -20,12 +20,12 @@ STARLING_TEMPLATE = (
 
 
 def alpaca_prompt(instruction: str) -> str:
-    """The Alpaca policy prompt (DESIGN.md 4.1), ending in ``"### Response:"`` with no trailing space/newline."""
+    """The Alpaca policy prompt (docs/design.md 4.1), ending in ``"### Response:"`` with no trailing space/newline."""
     return f"{ALPACA_SYSTEM}\n\n{INSTRUCTION_ROLE}:\n{instruction}\n\n{RESPONSE_ROLE}:"
 
 
 def relevance_query(prompt_text: str) -> str:
-    """The query ``q`` for QR, recovered from a templated prompt exactly as the reference does (DESIGN.md 4.2).
+    """The query ``q`` for QR, recovered from a templated prompt exactly as the reference does (docs/design.md 4.2).
 
     Remove the system sentence; split on ``"### Instruction"``; for each non-blank part keep what precedes
     ``"### Response"``, turn ``"### Input:\\n"`` into a space, delete ``"</s>"``, turn ``"\\n "`` into ``"\\n"``
@@ -44,7 +44,7 @@ def relevance_query(prompt_text: str) -> str:
 
 
 def starling_query(prompt_text: str) -> str:
-    """The simpler query cleaning in front of the Starling gold RM (DESIGN.md 4.3), in the reference's order.
+    """The simpler query cleaning in front of the Starling gold RM (docs/design.md 4.3), in the reference's order.
 
     Remove the system sentence; ``"### Instruction"`` -> space; ``"### Input:\\n"`` -> space; ``"\\n "`` -> ``"\\n"``;
     ``"### Response"`` -> space; strip ``"\\n: "`` characters from both ends. Inner newlines are kept.

@@ -3,7 +3,7 @@
 The paper's verdict on a proxy is whether it moves with the gold RM as training goes on: for each saved
 checkpoint, sample the AlpacaEval prompts, score every response with the proxy (every component) and the gold
 RM, average per checkpoint, and rank-correlate the per-checkpoint proxy means with the gold means
-(DESIGN.md 4.5). This package holds the model-independent half of that:
+(docs/design.md 4.5). This package holds the model-independent half of that:
 
 * `store`: one directory per checkpoint (AlpacaEval outputs, scored rollouts, meta) - `write_step`,
   `load_step`, `list_steps`;

@@ -139,7 +139,7 @@ def _attention_looped(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None)
     """The same attention as a loop over (row, group of G heads) blocks: the CPU layout.
 
     Batched over all rows, XLA:CPU writes the whole ``[B, H, T, T]`` score tensor to memory between the
-    matmuls and each softmax pass (100 MB per layer for 8 x 512 tokens); one block's scores fit in cache.
+    matmuls and each softmax pass (``B*H*T*T*4`` bytes per layer); one block's scores fit in cache.
     G is the largest divisor of H whose ``[G, T, T]`` float32 scores fit ``_SCORE_BLOCK_BYTES``. Every block
     runs the same computation, so a row's bits do not depend on how many rows share its batch.
     """
@@ -163,7 +163,7 @@ def attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None, mesh=No
     """Bidirectional softmax attention over the keys ``mask_BxT`` keeps; ``[B, T, H, K] -> [B, T, H, K]``.
 
     On CPU (``jax.default_backend()`` at trace time) it loops over blocks of one row's heads
-    (``_attention_looped``: 3-4x faster for 256-512 tokens); elsewhere it is one batched computation.
+    (``_attention_looped``: faster there, docs/benchmark_results.md); elsewhere it is one batched computation.
     With ``mesh`` the loop runs on each device's rows (``shard_map`` over ``batch_axes``, the mesh axes
     of the batch dimension), so it never iterates over a sharded dimension.
     """

@@ -473,9 +473,9 @@ def _layer_class(remat: str):
     """``DecoderLayer``, wrapped in ``nn.remat`` with the policy ``remat`` names.
 
     'dots' (``jax.checkpoint_policies.checkpoint_dots``) saves the matmul outputs and recomputes norms, RoPE,
-    softmax and SiLU in the backward pass: on the PPO benchmark's mid model (full fine-tuning) it cut the
-    update's XLA temporaries 678 -> 568 MiB at the same update time, since the recomputed ops are cheap next
-    to the matmuls. 'full' recomputes the whole layer (a third more update FLOPs, least memory).
+    softmax and SiLU in the backward pass: less update memory at about the same update time, since the
+    recomputed ops are cheap next to the matmuls (docs/benchmark_results.md). 'full' recomputes the whole
+    layer (a third more update FLOPs, least memory).
     """
     check_remat(remat)
     if remat == "full":
