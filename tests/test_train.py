@@ -4,6 +4,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -105,11 +106,14 @@ def check_resume_after_sigkill(tmp_path, cli):
     args, env = cli(tmp_path / "ref")
     subprocess.run(args, env=env, check=True, cwd=REPO, capture_output=True)
     args, env = cli(tmp_path / "killed")
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if "saved checkpoint for step 2" in line:
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_file = tmp_path / "killed" / "rre_train.log"  # the run's INFO lines (rre_jax.console)
+    deadline = time.monotonic() + 1800
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log_file.exists() and "saved checkpoint for step 2" in log_file.read_text(errors="replace"):
             proc.send_signal(signal.SIGKILL)
             break
+        time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     steps = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
