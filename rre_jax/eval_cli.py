@@ -48,7 +48,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-EVAL_PROXY = "rer"  # always scored (summary.EVAL_PROXY): the reference scores every checkpoint with full RER
 FEATURES = ("li", "rp", "qr", "ar")
 
 
@@ -164,15 +163,6 @@ def _make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts, b
     engine = train.reward_engine(config, spec, mesh, tokenizer, pspec.cfg.vocab_size, records) if scoring else None
     return train.Run(config, spec, workdir, mesh, tokenizer, [], prompts, None, (records, prompts, bcfg), pspec,
                      frozen, engine, gold, paths)
-
-
-def _with_eval_proxy(spec):
-    """``spec`` with RER among the counterfactual proxies (scored at every checkpoint, as the reference does)."""
-    from rre_jax import reward
-    if spec.reward == reward.preset(EVAL_PROXY) or f"cf/{EVAL_PROXY}" in spec.counterfactual:
-        return spec
-    rer = dataclasses.replace(reward.preset(EVAL_PROXY), max_new_tokens=spec.reward.max_new_tokens)
-    return dataclasses.replace(spec, counterfactual={**spec.counterfactual, f"cf/{EVAL_PROXY}": rer})
 
 
 # ======================================================================================= checks
@@ -306,7 +296,6 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
     if not records:
         raise ValueError(f"eval set {eval_set!r} holds no prompts")
     spec, mesh, paths, tokenizer = _open(config, workdir)
-    spec = _with_eval_proxy(spec)
     bcfg = _batching(config, spec, batch_size)
     prompts = batching.tokenize_prompts(records, tokenizer, max_prompt_length=bcfg.max_prompt_length)
     out_dir = pathlib.Path(out or os.path.join(workdir, "eval"))

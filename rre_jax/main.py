@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from rre_jax import configs
+from rre_jax import configs, errors
 
 _FLAGS: dict = {}
 
@@ -36,10 +36,13 @@ def _main(argv):
     from rre_jax import distributed, train  # after flag parsing: keeps --help fast
     distributed.maybe_initialize(config.distributed)
     try:
-        train.validate(config)  # every config error surfaces here, before anything is loaded or compiled
+        train.validate(config)  # every config and input-file error surfaces here, before anything is written
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise app.UsageError(f"bad config: {e}") from None
-    train.run(config, _FLAGS["workdir"].value)
+        sys.exit(errors.report("rre-train", e))
+    try:
+        train.run(config, _FLAGS["workdir"].value)
+    except errors.UserError as e:  # found later (e.g. a checkpoint that does not fit the run): still one line
+        sys.exit(errors.report("rre-train", e))
 
 
 def _config_arg(argv) -> str:
@@ -80,7 +83,7 @@ def check_overrides(argv) -> str | None:
 def run():
     error = check_overrides(sys.argv[1:])
     if error:
-        sys.exit(f"rre-train: {error}")
+        sys.exit(errors.report("rre-train", error))
     _define_flags()
     flags.mark_flag_as_required("workdir")
     app.run(_main)

@@ -116,7 +116,7 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
     ckpt = checkpoint.CheckpointManager(str(workdir))
     config = eval_cli.config_from_checkpoint(ckpt, 10)
     spec, mesh, paths, tokenizer = eval_cli._open(config, str(workdir))
-    spec = eval_cli._with_eval_proxy(spec)
+    assert "cf/rer" in spec.counterfactual or config.reward.preset == "rer"  # validate adds RER
     engine = train.reward_engine(config, spec, mesh, tokenizer, len(tokenizer), load_prompts(EVAL_SET))
     for stored in evaluate.load_steps(workdir / "eval"):
         got = reward.score_texts(engine, tokenizer, np.arange(16), stored.response, batch_size=16)
