@@ -218,7 +218,9 @@ def _relevance_encoder(config, mesh, needed: bool):
                                                       progress=False)
 
 
-def build(config, workdir: str) -> Run:
+def build(config, workdir: str, saved: tuple[dict, str] | None = None) -> Run:
+    """The run's mesh, data, models and reward engine; ``saved``: ``(meta, where)`` of the checkpoint it resumes,
+    whose data position is range-checked against the prompts before any model loads."""
     spec = validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(spec.mesh, jax.devices()[:spec.mesh.num_devices or None])
@@ -231,8 +233,7 @@ def build(config, workdir: str) -> Run:
     bcfg = batching.BatchingConfig(global_batch_size=spec.ppo.batch_size,
                                    max_prompt_length=int(config.data.max_prompt_length),
                                    bucket_multiple=int(config.data.bucket), seed=int(config.data.shuffle_seed))
-    iterator = batching.PromptIterator(prompts, bcfg, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+    iterator = _prompt_iterator(prompts, bcfg, saved)
     dev_records, _ = _load_records(config, "dev_file")
     dev_records = dev_records[:int(config.train.dev_size)]
     max_len = int(config.data.max_prompt_length)
@@ -538,28 +539,29 @@ def _meta(run: Run, state, iterator_state) -> dict:
             "gold_rm": run.paths["gold_rm"], "gold_rm_random": bool(run.paths["gold_rm_random"])}
 
 
-def _resumed_iterator(run: Run, meta: dict, where: str) -> batching.PromptIterator:
-    """The prompt iterator at a checkpoint's saved data position, range-checked against this run's prompts."""
-    it = run.iterator
+def _prompt_iterator(prompts, bcfg, saved: tuple[dict, str] | None) -> batching.PromptIterator:
+    """This host's prompt iterator, at a checkpoint's saved data position if ``saved`` (range-checked)."""
+    kw = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    if saved is None:
+        return batching.PromptIterator(prompts, bcfg, **kw)
+    meta, where = saved
     try:
-        return batching.PromptIterator(it.prompts, it.config, process_index=it.process_index,
-                                       process_count=it.process_count, state=batching.IteratorState(**meta["data"]))
+        return batching.PromptIterator(prompts, bcfg, state=batching.IteratorState(**meta["data"]), **kw)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint {where}: its data position {meta.get('data')} does not fit this run "
-                        f"({len(it.prompts)} prompts, config.ppo.batch_size={it.config.global_batch_size}): {e}; "
-                        "resume with the config.data.train_file and config.ppo.batch_size it was saved with, or "
-                        "start a new --workdir") from None
+                        f"({len(prompts)} prompts, config.ppo.batch_size={bcfg.global_batch_size}): {e}; resume "
+                        "with the config.data.train_file and config.ppo.batch_size it was saved with, or start a "
+                        "new --workdir") from None
 
 
 def run(config, workdir: str) -> dict:
     """Train (or resume) a run in ``workdir``; returns the last step's metrics. On SIGTERM (spot / preemptible
     VMs) every host saves at one common step and returns early (``preemption``); rerunning resumes there."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    r = build(config, workdir)
+    validate(config)  # before the checkpoint directory is created
     ckpt = checkpoint.CheckpointManager(workdir, max_to_keep=int(config.train.max_to_keep) or None)
     latest = ckpt.latest_step()
-    if latest is not None:  # the saved data position is checked before anything compiles
-        r.iterator = _resumed_iterator(r, ckpt.restore_meta(latest), f"{ckpt.directory}/{latest}")
+    r = build(config, workdir, None if latest is None else (ckpt.restore_meta(latest), f"{ckpt.directory}/{latest}"))
     state = init_state(r, jax.random.key(int(config.seed)))
     writer = metrics_lib.MetricWriter(workdir)
     if latest is not None:
