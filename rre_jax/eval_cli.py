@@ -228,12 +228,15 @@ def sample_step(run, state, step: int, scfg, seed: int, bar=None) -> dict:
         _, mask_BxN, c, t, _ = train.sample_and_score(
             run, state, train._global(run, b.ids_BxT), train._global(run, b.mask_BxT), b.index_B,
             jax.random.fold_in(key, i), scfg, relevance_on_cut=True)
-        keep = np.asarray(b.valid_B)
-        index += list(np.asarray(b.index_B)[keep])
-        texts += [x for x, k in zip(t, keep) if k]
-        n_tokens += list(np.asarray(jax.device_get(mask_BxN)).sum(1)[keep])
-        for k, v in c.items():
-            comps.setdefault(k, []).extend(np.asarray(v)[keep].tolist())
+        # every host gathers every host's rows (process order, as the global batch lays them out)
+        every = train._gather({**c, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B),
+                               "n_tokens": train._local(run, mask_BxN).sum(1)})
+        keep = every["valid"]
+        index += list(every["index"][keep])
+        texts += [x for x, k in zip(train._gather_texts(t), keep) if k]
+        n_tokens += list(every["n_tokens"][keep])
+        for k in c:
+            comps.setdefault(k, []).extend(np.asarray(every[k])[keep].tolist())
         if bar is not None:
             bar.update(1)
     return {"index": np.asarray(index, np.int64), "texts": texts, "n_tokens": np.asarray(n_tokens, np.int64),
@@ -380,8 +383,12 @@ def greedy_generate(run, state, texts: Sequence[str], *, max_new_tokens: int, ma
         mask_BxT = np.zeros((batch_size, T), np.int32)
         for i, r in enumerate(chunk + [chunk[0]] * (batch_size - len(chunk))):  # filler rows keep one shape
             ids_BxT[i, T - len(r):], mask_BxT[i, T - len(r):] = r, 1
-        roll = sampler(params, train._global(run, ids_BxT), train._global(run, mask_BxT), jax.random.key(0), adapters)
-        toks, mask = np.asarray(jax.device_get(roll.tokens_BxN)), np.asarray(jax.device_get(roll.mask_BxN))
+        share = slice(jax.process_index() * batch_size // jax.process_count(),
+                      (jax.process_index() + 1) * batch_size // jax.process_count())  # this host's rows
+        roll = sampler(params, train._global(run, ids_BxT[share]), train._global(run, mask_BxT[share]),
+                       jax.random.key(0), adapters)
+        every = train._gather({"toks": train._local(run, roll.tokens_BxN), "mask": train._local(run, roll.mask_BxN)})
+        toks, mask = every["toks"], every["mask"]
         out += tok.batch_decode([t[m == 1] for t, m in zip(toks[:len(chunk)], mask)], skip_special_tokens=True)
     return out
 
@@ -472,6 +479,16 @@ def _config(args):
     return load_config_file(args.config) if args.config else None
 
 
+def _start_distributed(args) -> None:
+    """``jax.distributed`` for a multi-host eval, before anything touches a device: the ``distributed`` section of
+    ``--config`` (or of the defaults) with the ``--set distributed.*`` overrides. The checkpoint's saved section
+    is not used: it names the training job's coordinator. On a TPU pod: ``--set distributed.initialize=True``."""
+    from rre_jax import defaults, distributed
+    cfg = apply_overrides(_config(args) or defaults.base_config(),
+                          [o for o in args.overrides if o.startswith("distributed.")])
+    distributed.maybe_initialize(cfg.distributed)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``rre-eval`` (see the module docstring); exits with status 2 and a message on bad input."""
     parser = argparse.ArgumentParser(prog="rre-eval", description=__doc__.split("\n\n")[0])
@@ -488,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _logging()
     try:
+        _start_distributed(args)
         plan = plan_eval(args.workdir, args.eval_set, steps=args.steps, config=_config(args),
                          overrides=args.overrides, out=args.out, overwrite=args.overwrite,
                          skip_existing=args.skip_existing, temperature=args.temperature, top_p=args.top_p,
@@ -514,6 +532,7 @@ def alignment_tax_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _logging()
     try:
+        _start_distributed(args)
         plan = plan_alignment_tax(args.workdir, args.step, args.tasks_dir, config=_config(args),
                                   overrides=args.overrides, max_instances=args.max_instances,
                                   max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,

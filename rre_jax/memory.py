@@ -28,7 +28,7 @@ import jax.extend.core as jax_core
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from rre_jax import mesh as mesh_lib, policy
+from rre_jax import errors, mesh as mesh_lib, policy
 from rre_jax.models import llama, lora as lora_lib
 
 PRESETS = {
@@ -309,8 +309,7 @@ def _print_plan(args) -> int:
     try:
         mplan = plan(load_config(args.config), num_devices=args.devices or None)
     except (ValueError, KeyError, OSError) as e:
-        print(f"rre-params: {e}", file=sys.stderr)
-        return 2
+        return errors.report("rre-params", e)
     if args.json:
         print(json.dumps({**dataclasses.asdict(mplan), "peak": mplan.peak, "fits": mplan.fits}))
     else:
@@ -347,8 +346,7 @@ def main(argv=None) -> int:
         lora_cfg = (lora_lib.LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank,
                                         targets=tuple(args.lora_targets.split(","))) if args.lora else None)
     except (ValueError, TypeError, OSError) as e:
-        print(f"rre-params: {e}", file=sys.stderr)
-        return 2
+        return errors.report("rre-params", e)
     rep = param_report(cfg, mesh_shape, head=args.head, value_head=args.value_head, lora_cfg=lora_cfg)
     if args.json:
         print(json.dumps(rep))

@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from rre_jax import reward
+from rre_jax.errors import UserError
 from rre_jax.data import prompts as prompts_lib
 from rre_jax.data import templates
 
@@ -360,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``rre-score``; input errors print one line and exit with status 2."""
     try:
         summary = run(argv)
-    except (ScoreError, prompts_lib.PromptFileError, FileNotFoundError) as e:
+    except (ScoreError, UserError, FileNotFoundError) as e:
         print(f"rre-score: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     means = summary["means"]["all"]

@@ -122,3 +122,34 @@ def test_resume_checks_the_saved_data_position(assets, tmp_path):
                                         r"\(64 prompts, config\.ppo\.batch_size=16\)"):
         train.run(tiny_cfg(assets), str(tmp_path))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def _nonutf8(tmp_path):
+    bad = tmp_path / "prompts.json"
+    bad.write_bytes(b'[{"instruction": "caf\xe9", "output": "b"}]')
+    return bad
+
+
+@pytest.mark.parametrize("command", ["rre-params", "rre-score", "rre-eval", "rre-alignment-tax", "rre-label-qtype"])
+def test_every_command_reports_a_mistake_in_one_line_with_exit_2(command, tmp_path, capsys):
+    """A user's mistake (here a path or a file that is not UTF-8) is one ``<command>: error:`` line and status 2."""
+    from rre_jax import eval_cli, memory, qtype, score
+    bad = _nonutf8(tmp_path)
+    main, argv, names = {
+        "rre-params": (memory.main, ["--config", str(tmp_path / "missing.py")], "missing.py"),
+        "rre-score": (score.main, ["--eval-set", str(bad), "--outputs", str(bad), "--reward", "li", "--out",
+                                   str(tmp_path / "s.json")], "not UTF-8"),
+        "rre-eval": (eval_cli.main, ["--workdir", str(tmp_path / "nowhere"), "--eval-set", str(bad)], "nowhere"),
+        "rre-alignment-tax": (eval_cli.alignment_tax_main, ["--workdir", str(tmp_path / "nowhere"), "--step", "1",
+                                                            "--tasks-dir", str(tmp_path)], "nowhere"),
+        "rre-label-qtype": (qtype.main, ["--prompts", str(bad), "--out", str(tmp_path / "l.json"), "--random"],
+                            "not UTF-8"),
+    }[command]
+    try:
+        status = main(argv)
+    except SystemExit as e:
+        status = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2, err
+    assert len(err) == 1 and err[0].startswith(f"{command}: error: ") and names in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.json"]  # nothing written
