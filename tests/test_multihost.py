@@ -43,13 +43,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _distributed(i: int, port: int, flag: str) -> list[str]:
-    """The flags that make process ``i`` of 2 join the coordinator on ``port`` (``flag``: rre-train's
-    ``--config.`` or the eval commands' ``--set``)."""
+def _distributed(i: int, port: int) -> list[str]:
+    """The flags that make process ``i`` of 2 join the coordinator on ``port`` (every command takes them)."""
     values = {"initialize": True, "coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": i}
-    if flag == "--set":
-        return [a for k, v in values.items() for a in ("--set", f"distributed.{k}={v}")]
-    return [f"{flag}distributed.{k}={v}" for k, v in values.items()]
+    return [f"--config.distributed.{k}={v}" for k, v in values.items()]
 
 
 def _spawn_pair(logdir: pathlib.Path, name: str, argv) -> list:
@@ -83,7 +80,7 @@ def _wait_pair(logdir: pathlib.Path, name: str, procs: list) -> list[str]:
 def _train_argv(workdir: pathlib.Path, overrides: dict):
     flags = [f"--config.{k}={v}" for k, v in overrides.items()]
     return lambda i, port: [sys.executable, str(WORKER), str(workdir / f"record{i}.json"), f"--workdir={workdir}",
-                            f"--config={REPO / 'configs' / 'tiny.py'}", *flags, *_distributed(i, port, "--config.")]
+                            f"--config={REPO / 'configs' / 'tiny.py'}", *flags, *_distributed(i, port)]
 
 
 def _run_pair(workdir: pathlib.Path, overrides: dict) -> list[dict]:
@@ -217,13 +214,13 @@ def _jsonl(path) -> list:
 def test_pair_eval_matches_single_process(runs):
     """rre-eval on two hosts gathers every host's rows: process 0 writes the same outputs, rollouts and report as
     one 8-device process."""
-    from rre_jax import eval_cli
+    from rre_jax.cli import eval as eval_cmd
     root = runs["root"]
     common = ["--workdir", str(root / "pair"), "--eval-set", str(EVAL_SET), "--max-new-tokens", "16", "--n-boot", "20"]
-    argv = lambda i, port: [sys.executable, "-m", "rre_jax.eval_cli", *common, "--out", str(root / "eval_pair"),  # noqa: E731
-                            *_distributed(i, port, "--set")]
+    argv = lambda i, port: [sys.executable, "-m", "rre_jax.cli.eval", *common, "--out", str(root / "eval_pair"),  # noqa: E731
+                            *_distributed(i, port)]
     _wait_pair(root, "eval", _spawn_pair(root, "eval", argv))
-    assert eval_cli.main([*common, "--out", str(root / "eval_single")]) == 0
+    assert eval_cmd.main([*common, "--out", str(root / "eval_single")]) == 0
     pair, single = root / "eval_pair" / f"step_{STEPS}", root / "eval_single" / f"step_{STEPS}"
     outputs = json.loads((single / "model_outputs.json").read_text())
     assert len(outputs) == len(json.loads(EVAL_SET.read_text()))  # every prompt, not one host's share
@@ -234,15 +231,15 @@ def test_pair_eval_matches_single_process(runs):
 
 
 def test_pair_alignment_tax_matches_single_process(runs):
-    from rre_jax import eval_cli
+    from rre_jax.cli import alignment_tax
     root = runs["root"]
     common = ["--workdir", str(root / "pair"), "--step", str(STEPS), "--tasks-dir", str(TASKS), "--max-instances", "3",
               "--max-new-tokens", "8"]
-    argv = lambda i, port: [sys.executable, "-c", "import sys; from rre_jax import eval_cli; "  # noqa: E731
-                            "sys.exit(eval_cli.alignment_tax_main())", *common, "--out", str(root / "tax_pair.jsonl"),
-                            *_distributed(i, port, "--set")]
+    argv = lambda i, port: [sys.executable, "-m", "rre_jax.cli.alignment_tax", *common,  # noqa: E731
+                            "--out", str(root / "tax_pair.jsonl"),
+                            *_distributed(i, port)]
     _wait_pair(root, "tax", _spawn_pair(root, "tax", argv))
-    assert eval_cli.alignment_tax_main([*common, "--out", str(root / "tax_single.jsonl")]) == 0
+    assert alignment_tax.main([*common, "--out", str(root / "tax_single.jsonl")]) == 0
     single = _jsonl(root / "tax_single.jsonl")
     assert len(single) > 3 and _jsonl(root / "tax_pair.jsonl") == single  # greedy answers agree exactly
     _assert_same(json.loads((root / "tax_pair.metrics.json").read_text()),

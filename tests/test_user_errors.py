@@ -16,7 +16,7 @@ from test_train import REPO, tiny_cfg
 
 
 def _rre_train(workdir, *flags):
-    proc = subprocess.run([sys.executable, "-m", "rre_jax.main", f"--workdir={workdir}", *flags], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "rre_jax.cli.train", f"--workdir={workdir}", *flags], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     return proc.returncode, errors, proc.stderr
@@ -133,16 +133,16 @@ def _nonutf8(tmp_path):
 @pytest.mark.parametrize("command", ["rre-params", "rre-score", "rre-eval", "rre-alignment-tax", "rre-label-qtype"])
 def test_every_command_reports_a_mistake_in_one_line_with_exit_2(command, tmp_path, capsys):
     """A user's mistake (here a path or a file that is not UTF-8) is one ``<command>: error:`` line and status 2."""
-    from rre_jax import eval_cli, memory, qtype, score
+    from rre_jax.cli import alignment_tax, eval as eval_cmd, label_qtype, params, score
     bad = _nonutf8(tmp_path)
     main, argv, names = {
-        "rre-params": (memory.main, ["--config", str(tmp_path / "missing.py")], "missing.py"),
+        "rre-params": (params.main, ["--config", str(tmp_path / "missing.py")], "missing.py"),
         "rre-score": (score.main, ["--eval-set", str(bad), "--outputs", str(bad), "--reward", "li", "--out",
                                    str(tmp_path / "s.json")], "not UTF-8"),
-        "rre-eval": (eval_cli.main, ["--workdir", str(tmp_path / "nowhere"), "--eval-set", str(bad)], "nowhere"),
-        "rre-alignment-tax": (eval_cli.alignment_tax_main, ["--workdir", str(tmp_path / "nowhere"), "--step", "1",
+        "rre-eval": (eval_cmd.main, ["--workdir", str(tmp_path / "nowhere"), "--eval-set", str(bad)], "nowhere"),
+        "rre-alignment-tax": (alignment_tax.main, ["--workdir", str(tmp_path / "nowhere"), "--step", "1",
                                                             "--tasks-dir", str(tmp_path)], "nowhere"),
-        "rre-label-qtype": (qtype.main, ["--prompts", str(bad), "--out", str(tmp_path / "l.json"), "--random"],
+        "rre-label-qtype": (label_qtype.main, ["--prompts", str(bad), "--out", str(tmp_path / "l.json"), "--random"],
                             "not UTF-8"),
     }[command]
     try:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rre_jax import alignment_tax as at, eval_cli, metrics, reward, rollout, train
+from rre_jax import alignment_tax as at, checkpoint_eval, metrics, reward, rollout, train
+from rre_jax.cli import alignment_tax as tax_cmd, eval as eval_cmd
 from rre_jax.data import load_prompts
 
 from test_train import tiny_cfg
@@ -30,7 +31,7 @@ def workdir(assets, tmp_path_factory):  # noqa: F811
                               "sampling.max_new_tokens": 16, "ppo.ppo_epochs": 1,
                               "mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
     train.run(cfg, str(wd))
-    assert eval_cli.main(["--workdir", str(wd), "--eval-set", str(EVAL_SET)] + EVAL_ARGS) == 0
+    assert eval_cmd.main(["--workdir", str(wd), "--eval-set", str(EVAL_SET)] + EVAL_ARGS) == 0
     return wd
 
 
@@ -114,8 +115,8 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
     """The stored responses, re-tokenized and scored by reward.score_texts, give the stored scores back."""
     from rre_jax import checkpoint, evaluate
     ckpt = checkpoint.CheckpointManager(str(workdir))
-    config = eval_cli.config_from_checkpoint(ckpt, 10)
-    spec, mesh, paths, tokenizer = eval_cli._open(config, str(workdir))
+    config = checkpoint_eval.config_from_checkpoint(ckpt, 10)
+    spec, mesh, paths, tokenizer = checkpoint_eval._open(config, str(workdir))
     assert "cf/rer" in spec.counterfactual or config.reward.preset == "rer"  # validate adds RER
     engine = train.reward_engine(config, spec, mesh, tokenizer, len(tokenizer), load_prompts(EVAL_SET))
     for stored in evaluate.load_steps(workdir / "eval"):
@@ -124,7 +125,7 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
         np.testing.assert_array_equal(got["rp"], stored.features["rp"].astype(np.float32))
         for k in ("qr", "ar"):
             np.testing.assert_allclose(got[k], stored.features[k], atol=1e-5, rtol=0, err_msg=k)
-        for name, v in eval_cli.proxy_scores(got, "rer").items():
+        for name, v in checkpoint_eval.proxy_scores(got, "rer").items():
             np.testing.assert_allclose(v, stored.proxies[name], atol=1e-5, rtol=1e-5, err_msg=name)
 
 
@@ -152,16 +153,13 @@ def no_sampling(monkeypatch):
 
 def _bad(workdir, capsys, extra, eval_set=EVAL_SET):
     before = snapshot(workdir / "eval")
-    with pytest.raises(SystemExit) as e:
-        eval_cli.main(["--workdir", str(workdir), "--eval-set", str(eval_set)] + EVAL_ARGS + extra)
-    assert e.value.code == 2
+    assert eval_cmd.main(["--workdir", str(workdir), "--eval-set", str(eval_set)] + EVAL_ARGS + extra) == 2
     assert snapshot(workdir / "eval") == before, "bad input changed the stored eval"
     return capsys.readouterr().err
 
 
 def test_bad_input_fails_before_sampling_and_writes_nothing(workdir, tmp_path, capsys, assets, no_sampling):  # noqa: F811
-    with pytest.raises(SystemExit):
-        eval_cli.main(["--workdir", str(tmp_path / "typo"), "--eval-set", str(EVAL_SET)])
+    assert eval_cmd.main(["--workdir", str(tmp_path / "typo"), "--eval-set", str(EVAL_SET)]) == 2
     assert "holds no checkpoints/ directory" in capsys.readouterr().err and not (tmp_path / "typo").exists()
     err = _bad(workdir, capsys, ["--steps", "3,4"])
     assert "no checkpoint for step(s) [3]" in err and "saved steps: [2, 4, 6, 8, 10]" in err
@@ -177,10 +175,10 @@ def test_bad_input_fails_before_sampling_and_writes_nothing(workdir, tmp_path, c
     gold.mkdir()
     for name in ("config.json", "model.safetensors", "rre_tiny.json"):
         shutil.copy(pathlib.Path(assets["gold_rm"]) / name, gold / name)
-    err = _bad(workdir, capsys, ["--out", str(tmp_path / "g"), "--set", f"gold_rm.path={gold}"])
+    err = _bad(workdir, capsys, ["--out", str(tmp_path / "g"), f"--config.gold_rm.path={gold}"])
     assert "gold RM tokenizer not found" in err and "gold_rm.tokenizer" in err
     assert not (tmp_path / "g").exists() or not list((tmp_path / "g").glob("step_*"))
-    err = _bad(workdir, capsys, ["--out", str(tmp_path / "k"), "--set", "gold_rm.pth=/x"])
+    err = _bad(workdir, capsys, ["--out", str(tmp_path / "k"), "--config.gold_rm.pth=/x"])
     assert "no field 'pth'" in err and "'path'" in err
 
 
@@ -188,8 +186,8 @@ def test_rerun_with_overwrite_reproduces_the_step(workdir):
     """Same seed, same checkpoint, restored onto an 8-device mesh (trained and first evaluated on 1 device):
     --overwrite rewrites step 10 with the same responses and scores."""
     before = rollout_rows(workdir, 10)
-    assert eval_cli.main(["--workdir", str(workdir), "--eval-set", str(EVAL_SET), "--steps", "10", "--overwrite",
-                          "--set", "mesh.num_devices=0", "--set", "mesh.shape=(-1, 1, 1)"] + EVAL_ARGS) == 0
+    assert eval_cmd.main(["--workdir", str(workdir), "--eval-set", str(EVAL_SET), "--steps", "10", "--overwrite",
+                          "--config.mesh.num_devices=0", "--config.mesh.shape=(-1, 1, 1)"] + EVAL_ARGS) == 0
     assert rollout_rows(workdir, 10) == before
 
 
@@ -201,9 +199,9 @@ def test_alignment_tax_is_greedy_superni_rouge_of_the_checkpoint(workdir, tmp_pa
     from rre_jax import policy
     from rre_jax.models import llama
     out = tmp_path / "tax.jsonl"
-    plan = eval_cli.plan_alignment_tax(str(workdir), 10, str(TASKS), max_instances=3, max_new_tokens=8,
+    plan = checkpoint_eval.plan_alignment_tax(str(workdir), 10, str(TASKS), max_instances=3, max_new_tokens=8,
                                        batch_size=8, out=str(out))
-    result = eval_cli.run_alignment_tax(plan)
+    result = checkpoint_eval.run_alignment_tax(plan)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     instances = at.load_tasks(TASKS, max_instances_per_task=3)
     assert [r["id"] for r in rows] == [i.id for i in instances]
@@ -228,40 +226,40 @@ def test_alignment_tax_is_greedy_superni_rouge_of_the_checkpoint(workdir, tmp_pa
 
 def test_alignment_tax_bad_input(workdir, tmp_path, capsys, no_sampling):
     args = ["--workdir", str(workdir), "--tasks-dir", str(TASKS)]
-    with pytest.raises(SystemExit):
-        eval_cli.alignment_tax_main(args + ["--step", "5"])
+    assert tax_cmd.main(args + ["--step", "5"]) == 2
     assert "no checkpoint for step(s) [5]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        eval_cli.alignment_tax_main(["--workdir", str(workdir), "--step", "10", "--tasks-dir", str(tmp_path)])
+    assert tax_cmd.main(["--workdir", str(workdir), "--step", "10", "--tasks-dir", str(tmp_path)]) == 2
     assert "test_tasks.txt is missing" in capsys.readouterr().err
     (tmp_path / "taken.jsonl").write_text("{}\n")
-    with pytest.raises(SystemExit):
-        eval_cli.alignment_tax_main(args + ["--step", "10", "--out", str(tmp_path / "taken.jsonl")])
+    assert tax_cmd.main(args + ["--step", "10", "--out", str(tmp_path / "taken.jsonl")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "taken.jsonl").read_text() == "{}\n"
 
 
-def test_config_file_and_overrides():
-    config = eval_cli.load_config_file(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny.py") + ":li")
-    assert config.reward.preset == "li"
-    eval_cli.apply_overrides(config, ["mesh.shape=(2, 2, 2)", "gold_rm.path=123", "train.dev_size=4"])
+def test_config_file_and_overrides_on_the_command_line():
+    parser = eval_cmd.build_parser()
+    args, config, overrides = eval_cmd.parse(parser, [
+        "--workdir", "w", "--eval-set", "e.json", "--config", str(pathlib.Path(__file__).parents[1] / "configs" /
+                                                                  "tiny.py") + ":li",
+        "--config.mesh.shape=(2, 2, 2)", "--config.gold_rm.path=123", "--config.train.dev_size", "4"])
+    assert config.reward.preset == "li" and args.workdir == "w"
+    checkpoint_eval.apply_overrides(config, overrides)
     assert tuple(config.mesh.shape) == (2, 2, 2) and config.gold_rm.path == "123" and config.train.dev_size == 4
-    with pytest.raises(ValueError, match="--set train.dev_size='many'"):
-        eval_cli.apply_overrides(config, ["train.dev_size=many"])
-    with pytest.raises(KeyError, match="config.gold_rm has no field 'pth'"):
-        eval_cli.apply_overrides(config, ["gold_rm.pth=/x"])
-    with pytest.raises(ValueError, match="expected key=value"):
-        eval_cli.apply_overrides(config, ["gold_rm.path"])
+    with pytest.raises(ValueError, match="--config.train.dev_size='many'"):
+        checkpoint_eval.apply_overrides(config, [("train.dev_size", "many")])
+    with pytest.raises(ValueError, match="config.gold_rm has no field 'pth'"):
+        checkpoint_eval.apply_overrides(config, [("gold_rm.pth", "/x")])
 
 
 def test_rre_score_on_the_written_outputs_reproduces_the_store(workdir, assets, tmp_path):  # noqa: F811
     """rre-score on step 10's model_outputs.json (policy tokenizer, MiniLM, the run's gold RM) gives the stored
     features, gold and length-only presets back. (RER's CONSTRAINED branch scales with max_new_tokens, which
     rre-score fixes at 512 and the run's spec takes from its training config, so RER is compared on OPENENDED.)"""
-    from rre_jax import evaluate, score
+    from rre_jax import evaluate
+    from rre_jax.cli import score as score_cmd
     stored = evaluate.load_step(workdir / "eval", 10)
     out = tmp_path / "scores.json"
-    score.run(["--eval-set", str(EVAL_SET), "--outputs", str(workdir / "eval" / "step_10" / "model_outputs.json"),
+    score_cmd.run(["--eval-set", str(EVAL_SET), "--outputs", str(workdir / "eval" / "step_10" / "model_outputs.json"),
                "--reward", "rer", "--relevance-encoder", "minilm", "--tokenizer", assets["tokenizer"],
                "--gold-rm", assets["gold_rm"], "--out", str(out), "--quiet"])
     rows = json.loads(out.read_text())
