@@ -593,16 +593,13 @@ def run(config, workdir: str) -> dict:
                             ckpt.directory)
                 break
     bar.close()
-    if int(state["step"]) < total:  # preempted: no export
-        writer.close()
-        ckpt.close()
-        return last
-    if config.train.export_final:
+    export = bool(config.train.export_final) and int(state["step"]) == total  # not after a preemption
+    if export:
         params, adapters = policy.export_params(r.policy, state["trainable"], r.frozen)
         def whole(x):  # an array spread over hosts -> the whole array, on every host (a collective)
             return x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
         params, adapters = jax.tree.map(whole, (params, adapters))
-    if config.train.export_final and jax.process_index() == 0:
+    if export and jax.process_index() == 0:
         out = os.path.join(workdir, "export")
         llama.export_pretrained(out, r.policy.cfg, params, lora=adapters,
                                 lora_cfg=r.policy.lora_cfg if adapters is not None else None)
