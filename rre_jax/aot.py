@@ -241,7 +241,7 @@ def compile_run(config, report: str = "") -> int:
     from rre_jax import programs, reward, train
     topology = str(config.mesh.get("topology", ""))
     mesh, devices = mesh_for(mesh_lib.MeshConfig.from_config(config.mesh), topology)
-    spec = train.validate(config, num_devices=len(devices))
+    spec = train.validate(config, num_devices=len(devices), files=False)  # shapes only: no file is read
     lay = programs.Layout(mesh, spec.mesh.rules)
     pcfg, gcfg, rcfg = _architectures(config, spec)
     needs_rel = any(reward.preset(n).needs_relevance for n in (config.reward.preset, *config.reward.counterfactual))

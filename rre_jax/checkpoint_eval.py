@@ -51,7 +51,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-EVAL_PROXY = "rer"  # always scored (summary.EVAL_PROXY): the reference scores every checkpoint with full RER
 FEATURES = ("li", "rp", "qr", "ar")
 
 
@@ -133,15 +132,6 @@ def _make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts, b
                      frozen, engine, gold, paths, train.run_programs(spec, mesh, pspec, frozen, tokenizer))
 
 
-def _with_eval_proxy(spec):
-    """``spec`` with RER among the counterfactual proxies (scored at every checkpoint, as the reference does)."""
-    from rre_jax import reward
-    if spec.reward == reward.preset(EVAL_PROXY) or f"cf/{EVAL_PROXY}" in spec.counterfactual:
-        return spec
-    rer = dataclasses.replace(reward.preset(EVAL_PROXY), max_new_tokens=spec.reward.max_new_tokens)
-    return dataclasses.replace(spec, counterfactual={**spec.counterfactual, f"cf/{EVAL_PROXY}": rer})
-
-
 # ======================================================================================= checks
 
 def _file_sha256(path) -> str:
@@ -212,12 +202,15 @@ def sample_step(run, state, step: int, scfg, seed: int, bar=None, kl: bool = Tru
                 state["trainable"], run.frozen, jnp.concatenate([ids_BxT, roll.tokens_BxN], 1),
                 jnp.concatenate([mask_BxT, roll.mask_BxN], 1))
             c = {**c, "log_ratio": train._local(run, ratio)}
-        keep = np.asarray(b.valid_B)
-        index += list(np.asarray(b.index_B)[keep])
-        texts += [x for x, k in zip(t, keep) if k]
-        n_tokens += list(np.asarray(jax.device_get(mask_BxN)).sum(1)[keep])
-        for k, v in c.items():
-            comps.setdefault(k, []).extend(np.asarray(v)[keep].tolist())
+        # every host gathers every host's rows (process order, as the global batch lays them out)
+        every = train._gather({**c, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B),
+                               "n_tokens": train._local(run, mask_BxN).sum(1)})
+        keep = every["valid"]
+        index += list(every["index"][keep])
+        texts += [x for x, k in zip(train._gather_texts(t), keep) if k]
+        n_tokens += list(every["n_tokens"][keep])
+        for k in c:
+            comps.setdefault(k, []).extend(np.asarray(every[k])[keep].tolist())
         if bar is not None:
             bar.update(1)
     return {"index": np.asarray(index, np.int64), "texts": texts, "n_tokens": np.asarray(n_tokens, np.int64),
@@ -287,7 +280,6 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
     if not records:
         raise ValueError(f"eval set {eval_set!r} holds no prompts")
     spec, mesh, paths, tokenizer = _open(config, workdir)
-    spec = _with_eval_proxy(spec)
     bcfg = _batching(config, spec, batch_size)
     prompts = batching.tokenize_prompts(records, tokenizer, max_prompt_length=bcfg.max_prompt_length)
     out_dir = pathlib.Path(out or os.path.join(workdir, "eval"))
@@ -369,8 +361,12 @@ def greedy_generate(run, state, texts: Sequence[str], *, max_new_tokens: int, ma
         mask_BxT = np.zeros((batch_size, T), np.int32)
         for i, r in enumerate(chunk + [chunk[0]] * (batch_size - len(chunk))):  # filler rows keep one shape
             ids_BxT[i, T - len(r):], mask_BxT[i, T - len(r):] = r, 1
-        roll = sampler(params, train._global(run, ids_BxT), train._global(run, mask_BxT), jax.random.key(0), adapters)
-        toks, mask = np.asarray(jax.device_get(roll.tokens_BxN)), np.asarray(jax.device_get(roll.mask_BxN))
+        share = slice(jax.process_index() * batch_size // jax.process_count(),
+                      (jax.process_index() + 1) * batch_size // jax.process_count())  # this host's rows
+        roll = sampler(params, train._global(run, ids_BxT[share]), train._global(run, mask_BxT[share]),
+                       jax.random.key(0), adapters)
+        every = train._gather({"toks": train._local(run, roll.tokens_BxN), "mask": train._local(run, roll.mask_BxN)})
+        toks, mask = every["toks"], every["mask"]
         out += tok.batch_decode([t[m == 1] for t, m in zip(toks[:len(chunk)], mask)], skip_special_tokens=True)
     return out
 

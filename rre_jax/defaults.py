@@ -23,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.param_dtype = "float32"
     c.model.tiny = ml_collections.ConfigDict()  # used only when path is empty (configs/tiny.py)
+    # True (configs/tiny.py only): with path empty, build a tiny policy, tokenizer and random gold RM in
+    # <workdir>/assets and train on the bundled toy prompts. False: an empty path or train_file is an error.
+    c.model.build_tiny = False
     c.model.sft_steps = 0  # tiny policy warm start
     # lora: train LoRA adapters + value head on the shared trunk; the reference is the same network with
     # adapters off.  full: train every weight; the reference is a frozen copy of the initial policy.

@@ -12,6 +12,7 @@ where it belongs. ``param_bytes_per_device`` does the same bookkeeping without a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -19,6 +20,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -110,10 +113,15 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     """The global mesh with axes ``('data', 'fsdp', 'tensor')`` over ``devices`` (default: all)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.resolved_shape(len(devices))
-    try:
-        from jax.experimental import mesh_utils
+    from jax.experimental import mesh_utils
+    try:  # an order that follows the physical links (TPU torus); CPU and GPU devices come back in plain order
         arr = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-    except Exception:  # CPU / uneven topologies: plain order is fine.
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        log.warning("config.mesh.shape=%s over %d %s devices does not map onto their physical topology (%s: %s); "
+                    "the mesh uses plain device order, whose collectives may cross slower links. Choose a shape "
+                    "that tiles the slice (the TPU presets of configs/alpacafarm_rer.py do) or use every device "
+                    "(config.mesh.num_devices=0)", tuple(shape), len(devices), devices[0].platform,
+                    type(e).__name__, e)
         arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, MESH_AXES)
 

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rre_jax import checkpoint, grpo, mesh as mesh_lib, metrics as metrics_lib, policy, ppo, programs as programs_lib
-from rre_jax import reward
-from rre_jax import rollout, sampling
+from rre_jax import checkpoint, grpo, mesh as mesh_lib, metrics as metrics_lib, policy, ppo, preemption
+from rre_jax import programs as programs_lib, reward, rollout, sampling
+from rre_jax.errors import UserError
 from rre_jax.data import batching, prompts as prompts_lib, templates, tiny_prompts_path
 from rre_jax.models import llama, lora as lora_lib
 
@@ -53,14 +53,20 @@ class RunSpec:
     group: grpo.GroupConfig | None = None  # the group method's settings (algo 'grpo' / 'rloo'), else None
 
 
-def validate(config, num_devices: int | None = None) -> RunSpec:
+EVAL_PROXY = "rer"  # scored at every dev eval and checkpoint eval: the reference judges every run with full RER
+
+
+def validate(config, num_devices: int | None = None, *, files: bool = True) -> RunSpec:
     """Turn the ml-collections config into frozen dataclasses; every error names the field and the fix.
+
     ``num_devices``: the devices the run is for (default: every device here; a TPU topology's when compiling
-    ahead of time)."""
+    ahead of time). With ``files`` (the default) the inputs a run reads are checked too, before anything is
+    written: the policy source, every prompt file (read and validated record by record) and the relevance encoder.
+    """
     def dtype(field):
         name = config.model[field]
         if name not in ("float32", "bfloat16"):
-            raise ValueError(f"config.model.{field}={name!r}: choose 'float32' or 'bfloat16'")
+            raise UserError(f"config.model.{field}={name!r}: choose 'float32' or 'bfloat16'")
         return jnp.dtype(name)
 
     ppo_cfg = ppo.PPOConfig.from_config(config.ppo)
@@ -72,28 +78,62 @@ def validate(config, num_devices: int | None = None) -> RunSpec:
     spec = dataclasses.replace(spec, max_new_tokens=int(config.sampling.max_new_tokens))
     cf = {f"cf/{n}": dataclasses.replace(reward.preset(n), max_new_tokens=spec.max_new_tokens)
           for n in config.reward.counterfactual}
+    rer = dataclasses.replace(reward.preset(EVAL_PROXY), max_new_tokens=spec.max_new_tokens)
+    if spec != rer:  # the eval columns always hold RER, scored for real
+        cf.setdefault(f"cf/{EVAL_PROXY}", rer)
     if config.model.train_mode not in policy.MODES:
-        raise ValueError(f"config.model.train_mode={config.model.train_mode!r}; choose one of {policy.MODES}")
+        raise UserError(f"config.model.train_mode={config.model.train_mode!r}; choose one of {policy.MODES}")
     critic = policy.check_critic(config.model.get("critic", "separate"))
     remat = llama.check_remat(config.model.get("remat", "dots"))
     mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
     available = num_devices or jax.device_count()
     n_dev = mesh_cfg.num_devices or available
     if n_dev > available:
-        raise ValueError(f"config.mesh.num_devices={n_dev} but only {available} devices exist")
+        raise UserError(f"config.mesh.num_devices={n_dev} but only {available} devices exist")
     shape = mesh_cfg.resolved_shape(n_dev)  # raises with the fix when the mesh does not fit the devices
     rows = shape[0] * shape[1]
     if ppo_cfg.batch_size % rows:
-        raise ValueError(f"config.ppo.batch_size={ppo_cfg.batch_size} must be a multiple of the mesh's "
-                         f"data x fsdp = {rows} devices; change it or --config.mesh.shape")
+        raise UserError(f"config.ppo.batch_size={ppo_cfg.batch_size} must be a multiple of the mesh's "
+                        f"data x fsdp = {rows} devices; change it or --config.mesh.shape")
     if config.train.save_freq <= 0 or config.train.steps <= 0:
-        raise ValueError("config.train.steps and config.train.save_freq must be positive")
-    _check_prompt_source(config.data)
+        raise UserError("config.train.steps and config.train.save_freq must be positive")
+    if files:
+        _check_model_source(config)
+        _check_prompt_source(config)
+        if spec.needs_relevance or any(s.needs_relevance for s in cf.values()):
+            _check_relevance(config)
     return RunSpec(ppo=ppo_cfg, reward=spec, counterfactual=cf,
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
                    lora=lora_lib.LoraConfig.from_config(config.model.lora),
                    mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
                    param_dtype=dtype("param_dtype"), algo=algo, group=group)
+
+
+def uses_tiny(config) -> bool:
+    """Whether the run builds the tiny built-in policy: only a config that asks (``model.build_tiny``, as
+    configs/tiny.py does) and leaves ``model.path`` empty."""
+    return not config.model.path and bool(config.model.get("build_tiny", False))
+
+
+def _check_model_source(config) -> None:
+    if not config.model.path and not uses_tiny(config):
+        raise UserError("config.model.path is empty: set --config.model.path=DIR, the policy's Hugging Face "
+                        "checkpoint directory (e.g. the AlpacaFarm SFT10k LLaMA-7B); only configs that set "
+                        "config.model.build_tiny=True (configs/tiny.py) build a tiny model instead")
+    for field in ("model.path", "tokenizer.path", "gold_rm.path"):
+        section, name = field.split(".")
+        path = config[section][name]
+        if path and "://" not in path and not os.path.isdir(path):
+            raise UserError(f"config.{field}={path!r} is not a directory; pass a Hugging Face checkpoint directory")
+
+
+def _check_relevance(config) -> None:
+    from rre_jax import relevance
+    try:
+        relevance.encoder_path(config.relevance.path, "config.relevance.path")
+    except ValueError as e:
+        raise UserError(f"{e} (the reward presets {config.reward.preset!r} + counterfactuals "
+                        f"{tuple(config.reward.counterfactual)} + {EVAL_PROXY!r} at every eval use relevance)") from None
 
 
 # ======================================================================================= set-up
@@ -121,7 +161,7 @@ class Run:
 
 def _paths(config, workdir) -> dict:
     """Checkpoint directories; the tiny config builds its own in ``<workdir>/assets`` on first use."""
-    if config.model.path:
+    if not uses_tiny(config):
         gold = config.gold_rm.path
         return {"policy": config.model.path, "tokenizer": config.tokenizer.path or config.model.path,
                 "gold_rm": gold, "gold_rm_random": bool(gold) and reward._marked_random(gold)}
@@ -136,24 +176,35 @@ def _paths(config, workdir) -> dict:
             "gold_rm_random": not config.gold_rm.path or reward._marked_random(config.gold_rm.path)}
 
 
-def _check_prompt_source(data) -> None:
-    """json: prompt files must exist. tfds: ``<field> = '<builder name>:<split>'`` in ``data.tfds_dir``."""
+def _check_prompt_source(config) -> None:
+    """json: every prompt file is read and checked record by record (file, line, column, field) before anything
+    is built; tfds: ``<field> = '<builder name>:<split>'`` in ``data.tfds_dir``."""
+    data = config.data
     if data.source not in ("json", "tfds"):
-        raise ValueError(f"config.data.source={data.source!r}; choose 'json' (JSON / JSONL files) or 'tfds'")
+        raise UserError(f"config.data.source={data.source!r}; choose 'json' (JSON / JSONL files) or 'tfds'")
+    if data.source == "json" and not data.train_file and not uses_tiny(config):
+        raise UserError("config.data.train_file is empty: set --config.data.train_file=FILE, a JSON / JSONL prompt "
+                        "file (e.g. the AlpacaFarm unlabeled split with qtype); the bundled toy prompts serve only "
+                        "the tiny built-in model (configs/tiny.py)")
     for field in ("train_file", "dev_file"):
         path = data[field]
-        if path and data.source == "json" and not os.path.exists(path):
-            raise FileNotFoundError(f"config.data.{field}={path!r} does not exist")
+        if path and data.source == "json":
+            if not os.path.exists(path):
+                raise UserError(f"config.data.{field}={path!r} does not exist")
+            try:
+                prompts_lib.load_prompts(path, missing_qtype=data.missing_qtype)
+            except prompts_lib.PromptFileError as e:
+                raise UserError(f"config.data.{field}: {e}") from None
         if data.source == "tfds" and (path or field == "train_file") and not (":" in path and data.tfds_dir):
-            raise ValueError(f"config.data.source='tfds': set config.data.{field}='<builder>:<split>' (e.g. "
-                             "'alpaca_farm_prompts:alpacafarm_val') and config.data.tfds_dir to the prepared "
-                             f"data_dir (rre_jax.data.tfds_builders.build); got {field}={path!r}, "
-                             f"tfds_dir={data.tfds_dir!r}")
+            raise UserError(f"config.data.source='tfds': set config.data.{field}='<builder>:<split>' (e.g. "
+                            "'alpaca_farm_prompts:alpacafarm_val') and config.data.tfds_dir to the prepared "
+                            f"data_dir (rre_jax.data.tfds_builders.build); got {field}={path!r}, "
+                            f"tfds_dir={data.tfds_dir!r}")
 
 
 def _load_records(config, field: str):
     path = config.data[field]
-    if not path and config.data.source == "json" and (not config.model.path or field == "train_file"):
+    if not path and config.data.source == "json" and uses_tiny(config):
         path = str(tiny_prompts_path())
     if not path:
         return [], ""
@@ -174,7 +225,9 @@ def _relevance_encoder(config, mesh, needed: bool):
                                                       progress=False)
 
 
-def build(config, workdir: str) -> Run:
+def build(config, workdir: str, saved: tuple[dict, str] | None = None) -> Run:
+    """The run's mesh, data, models and reward engine; ``saved``: ``(meta, where)`` of the checkpoint it resumes,
+    whose data position is range-checked against the prompts before any model loads."""
     spec = validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(spec.mesh, jax.devices()[:spec.mesh.num_devices or None])
@@ -188,8 +241,7 @@ def build(config, workdir: str) -> Run:
                                    max_prompt_length=int(config.data.max_prompt_length),
                                    bucket_multiple=int(config.data.bucket), seed=int(config.data.shuffle_seed))
     per_step = spec.group.prompts_per_step if spec.group else spec.ppo.batch_size  # group: B / G prompts
-    iterator = batching.PromptIterator(prompts, dataclasses.replace(bcfg, global_batch_size=per_step),
-                                       process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = _prompt_iterator(prompts, dataclasses.replace(bcfg, global_batch_size=per_step), saved)
     dev_records, _ = _load_records(config, "dev_file")
     dev_records = dev_records[:int(config.train.dev_size)]
     max_len = int(config.data.max_prompt_length)
@@ -421,8 +473,8 @@ def dev_eval(run: Run, state, step: int) -> dict:
         from rre_jax import evaluate
         proxies = {k: np.asarray(v) for k, v in comps_all.items() if k == "proxy" or k.startswith("cf/")}
         proxies = {("train" if k == "proxy" else k[3:]): v for k, v in proxies.items()}
-        if "rer" not in proxies:
-            proxies["rer"] = proxies["train"]
+        if EVAL_PROXY not in proxies:  # validate adds cf/rer unless the training proxy is RER itself
+            proxies[EVAL_PROXY] = proxies["train"]
         roll = evaluate.StepRollouts(
             step=step, instruction=instr, response=out["texts"], qtype=[records[i].qtype for i in out["index"]],
             dataset=[records[i].dataset or "" for i in out["index"]], proxies=proxies,
@@ -451,16 +503,32 @@ def _meta(run: Run, state, iterator_state) -> dict:
             "gold_rm": run.paths["gold_rm"], "gold_rm_random": bool(run.paths["gold_rm_random"])}
 
 
+def _prompt_iterator(prompts, bcfg, saved: tuple[dict, str] | None) -> batching.PromptIterator:
+    """This host's prompt iterator, at a checkpoint's saved data position if ``saved`` (range-checked)."""
+    kw = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    if saved is None:
+        return batching.PromptIterator(prompts, bcfg, **kw)
+    meta, where = saved
+    try:
+        return batching.PromptIterator(prompts, bcfg, state=batching.IteratorState(**meta["data"]), **kw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {where}: its data position {meta.get('data')} does not fit this run "
+                        f"({len(prompts)} prompts, config.ppo.batch_size={bcfg.global_batch_size}): {e}; resume "
+                        "with the config.data.train_file and config.ppo.batch_size it was saved with, or start a "
+                        "new --workdir") from None
+
+
 def run(config, workdir: str) -> dict:
-    """Train (or resume) a run in ``workdir``; returns the last step's metrics."""
-    r = build(config, workdir)
-    state = init_state(r, jax.random.key(int(config.seed)))
+    """Train (or resume) a run in ``workdir``; returns the last step's metrics. On SIGTERM (spot / preemptible
+    VMs) every host saves at one common step and returns early (``preemption``); rerunning resumes there."""
+    validate(config)  # before the checkpoint directory is created
     ckpt = checkpoint.CheckpointManager(workdir, max_to_keep=int(config.train.max_to_keep) or None)
-    writer = metrics_lib.MetricWriter(workdir)
     latest = ckpt.latest_step()
+    r = build(config, workdir, None if latest is None else (ckpt.restore_meta(latest), f"{ckpt.directory}/{latest}"))
+    state = init_state(r, jax.random.key(int(config.seed)))
+    writer = metrics_lib.MetricWriter(workdir)
     if latest is not None:
-        state, meta = restore(r, ckpt, latest)
-        r.iterator.state = batching.IteratorState(**meta["data"])
+        state, _ = restore(r, ckpt, latest)
         writer.truncate_after(latest)
         log.info("resumed from step %d in %s", latest, ckpt.directory)
     from tqdm.auto import tqdm
@@ -468,25 +536,35 @@ def run(config, workdir: str) -> dict:
     bar = tqdm(total=total, initial=int(state["step"]), desc=config.name, unit="step",
                disable=jax.process_index() != 0)
     last: dict = {}
-    while int(state["step"]) < total:
-        batch = next(r.iterator)
-        state, last = train_step(r, state, batch)
-        step = int(state["step"])
-        writer.write(step, last)
-        bar.update(1)
-        bar.set_postfix(proxy=f"{last.get('reward/proxy', math.nan):.3f}", kl=f"{last.get('objective/kl', math.nan):.3f}")
-        if step % int(config.train.save_freq) == 0 or step == total:
-            # Dev eval first: a run killed after the save must not resume without this step's eval.
-            writer.write(step, dev_eval(r, state, step))
-            ckpt.save(step, state, _meta(r, state, r.iterator.state))
-            log.info("saved checkpoint for step %d", step)
+    with preemption.Watch() as watch:
+        while int(state["step"]) < total:
+            batch = next(r.iterator)
+            state, last = train_step(r, state, batch)
+            step = int(state["step"])
+            writer.write(step, last)
+            bar.update(1)
+            bar.set_postfix(proxy=f"{last.get('reward/proxy', math.nan):.3f}",
+                            kl=f"{last.get('objective/kl', math.nan):.3f}")
+            preempted = watch.reached(step)  # every host, every step: True on all hosts at the same step
+            if step % int(config.train.save_freq) == 0 or step == total:
+                # Dev eval first: a run killed after the save must not resume without this step's eval.
+                writer.write(step, dev_eval(r, state, step))
+                ckpt.save(step, state, _meta(r, state, r.iterator.state))
+                log.info("saved checkpoint for step %d", step)
+            elif preempted:  # no dev eval: the VM's notice is short, and this step is not on the eval schedule
+                ckpt.save(step, state, _meta(r, state, r.iterator.state))
+            if preempted:
+                log.warning("preempted: saved step %d in %s; the same rre-train command resumes from it", step,
+                            ckpt.directory)
+                break
     bar.close()
-    if config.train.export_final:
+    export = bool(config.train.export_final) and int(state["step"]) == total  # not after a preemption
+    if export:
         params, adapters = policy.export_params(r.policy, state["trainable"], r.frozen)
         def whole(x):  # an array spread over hosts -> the whole array, on every host (a collective)
             return x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
         params, adapters = jax.tree.map(whole, (params, adapters))
-    if config.train.export_final and jax.process_index() == 0:
+    if export and jax.process_index() == 0:
         out = os.path.join(workdir, "export")
         llama.export_pretrained(out, r.policy.cfg, params, lora=adapters,
                                 lora_cfg=r.policy.lora_cfg if adapters is not None else None)

@@ -117,7 +117,7 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
     ckpt = checkpoint.CheckpointManager(str(workdir))
     config = checkpoint_eval.config_from_checkpoint(ckpt, 10)
     spec, mesh, paths, tokenizer = checkpoint_eval._open(config, str(workdir))
-    spec = checkpoint_eval._with_eval_proxy(spec)
+    assert "cf/rer" in spec.counterfactual or config.reward.preset == "rer"  # validate adds RER
     engine = train.reward_engine(config, spec, mesh, tokenizer, len(tokenizer), load_prompts(EVAL_SET))
     for stored in evaluate.load_steps(workdir / "eval"):
         got = reward.score_texts(engine, tokenizer, np.arange(16), stored.response, batch_size=16)

@@ -9,9 +9,11 @@ in a single process; the final export is whole.
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -41,19 +43,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_pair(workdir: pathlib.Path, overrides: dict) -> list[dict]:
+def _distributed(i: int, port: int) -> list[str]:
+    """The flags that make process ``i`` of 2 join the coordinator on ``port`` (every command takes them)."""
+    values = {"initialize": True, "coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": i}
+    return [f"--config.distributed.{k}={v}" for k, v in values.items()]
+
+
+def _spawn_pair(logdir: pathlib.Path, name: str, argv) -> list:
+    """Two processes ``argv(i, port)`` (4 CPU devices each); their output goes to ``<logdir>/<name>.process<i>.log``."""
     port = _free_port()
-    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(REPO)}  # this checkout's rre_jax, whatever the venv has installed
     procs = []
     for i in range(2):
-        args = [sys.executable, str(WORKER), str(workdir / f"record{i}.json"), f"--workdir={workdir}",
-                f"--config={REPO / 'configs' / 'tiny.py'}", *flags, "--config.distributed.initialize=True",
-                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
-        log = open(workdir.parent / f"{workdir.name}.process{i}.log", "w")
-        procs.append((subprocess.Popen(args, env=env, cwd=workdir.parent, stdout=log, stderr=subprocess.STDOUT), log))
+        log = open(logdir / f"{name}.process{i}.log", "w")
+        procs.append((subprocess.Popen(argv(i, port), env=env, cwd=logdir, stdout=log, stderr=subprocess.STDOUT), log))
+    return procs
+
+
+def _wait_pair(logdir: pathlib.Path, name: str, procs: list) -> list[str]:
+    """Wait for both processes; each must exit 0. Returns their logs."""
     try:
         for proc, log in procs:
             proc.wait(timeout=900)
@@ -62,9 +71,21 @@ def _run_pair(workdir: pathlib.Path, overrides: dict) -> list[dict]:
             if proc.poll() is None:
                 proc.kill()
             log.close()
+    logs = [(logdir / f"{name}.process{i}.log").read_text() for i in range(2)]
     for i, (proc, _) in enumerate(procs):
-        tail = (workdir.parent / f"{workdir.name}.process{i}.log").read_text()[-4000:]
-        assert proc.returncode == 0, f"process {i} failed:\n{tail}"
+        assert proc.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+    return logs
+
+
+def _train_argv(workdir: pathlib.Path, overrides: dict):
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    return lambda i, port: [sys.executable, str(WORKER), str(workdir / f"record{i}.json"), f"--workdir={workdir}",
+                            f"--config={REPO / 'configs' / 'tiny.py'}", *flags, *_distributed(i, port)]
+
+
+def _run_pair(workdir: pathlib.Path, overrides: dict) -> list[dict]:
+    workdir.mkdir(exist_ok=True)
+    _wait_pair(workdir.parent, workdir.name, _spawn_pair(workdir.parent, workdir.name, _train_argv(workdir, overrides)))
     return [json.loads((workdir / f"record{i}.json").read_text()) for i in range(2)]
 
 
@@ -162,3 +183,123 @@ def test_pair_export_is_whole(runs):
     for k in single:
         assert pair[k].shape == single[k].shape, k
         np.testing.assert_allclose(pair[k], single[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+# ======================================================================================= evaluation
+
+EVAL_SET = REPO / "tests" / "data" / "eval_prompts.json"
+TASKS = REPO / "tests" / "data" / "natural_instructions"
+
+
+def _assert_same(pair, single, where="") -> None:
+    """Equal JSON trees; floats to the module's tolerance (relevance encodes each host's share in its own batch)."""
+    if isinstance(single, dict):
+        assert pair.keys() == single.keys(), where
+        for k in single:
+            _assert_same(pair[k], single[k], f"{where}/{k}")
+    elif isinstance(single, list):
+        assert len(pair) == len(single), where
+        for i, (a, b) in enumerate(zip(pair, single)):
+            _assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(single, float):
+        np.testing.assert_allclose(pair, single, rtol=1e-5, atol=1e-6, err_msg=where)
+    else:
+        assert pair == single, where
+
+
+def _jsonl(path) -> list:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_pair_eval_matches_single_process(runs):
+    """rre-eval on two hosts gathers every host's rows: process 0 writes the same outputs, rollouts and report as
+    one 8-device process."""
+    from rre_jax.cli import eval as eval_cmd
+    root = runs["root"]
+    common = ["--workdir", str(root / "pair"), "--eval-set", str(EVAL_SET), "--max-new-tokens", "16", "--n-boot", "20"]
+    argv = lambda i, port: [sys.executable, "-m", "rre_jax.cli.eval", *common, "--out", str(root / "eval_pair"),  # noqa: E731
+                            *_distributed(i, port)]
+    _wait_pair(root, "eval", _spawn_pair(root, "eval", argv))
+    assert eval_cmd.main([*common, "--out", str(root / "eval_single")]) == 0
+    pair, single = root / "eval_pair" / f"step_{STEPS}", root / "eval_single" / f"step_{STEPS}"
+    outputs = json.loads((single / "model_outputs.json").read_text())
+    assert len(outputs) == len(json.loads(EVAL_SET.read_text()))  # every prompt, not one host's share
+    assert json.loads((pair / "model_outputs.json").read_text()) == outputs  # sampled texts agree exactly
+    _assert_same(_jsonl(pair / "rollouts.jsonl"), _jsonl(single / "rollouts.jsonl"), "rollouts")
+    _assert_same(json.loads((root / "eval_pair" / "summary.json").read_text()),
+                 json.loads((root / "eval_single" / "summary.json").read_text()), "summary")
+
+
+def test_pair_alignment_tax_matches_single_process(runs):
+    from rre_jax.cli import alignment_tax
+    root = runs["root"]
+    common = ["--workdir", str(root / "pair"), "--step", str(STEPS), "--tasks-dir", str(TASKS), "--max-instances", "3",
+              "--max-new-tokens", "8"]
+    argv = lambda i, port: [sys.executable, "-m", "rre_jax.cli.alignment_tax", *common,  # noqa: E731
+                            "--out", str(root / "tax_pair.jsonl"),
+                            *_distributed(i, port)]
+    _wait_pair(root, "tax", _spawn_pair(root, "tax", argv))
+    assert alignment_tax.main([*common, "--out", str(root / "tax_single.jsonl")]) == 0
+    single = _jsonl(root / "tax_single.jsonl")
+    assert len(single) > 3 and _jsonl(root / "tax_pair.jsonl") == single  # greedy answers agree exactly
+    _assert_same(json.loads((root / "tax_pair.metrics.json").read_text()),
+                 json.loads((root / "tax_single.metrics.json").read_text()), "metrics")
+
+
+# ======================================================================================= preemption
+
+def _logged_steps(workdir: pathlib.Path) -> set:
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    return {json.loads(line)["step"] for line in lines if line.endswith("\n")}
+
+
+def _same_run(resumed: dict, uninterrupted: dict) -> None:
+    assert sorted(resumed) == sorted(uninterrupted)
+    for step in uninterrupted:
+        want = {k: v for k, v in uninterrupted[step].items() if not k.startswith(("time/", "compile/"))}
+        got = {k: v for k, v in resumed[step].items() if not k.startswith(("time/", "compile/"))}
+        assert got == want, f"step {step} differs after the preemption"
+
+
+def test_sigterm_saves_at_one_common_step_then_resumes_as_uninterrupted(runs):
+    """SIGTERM to process 1 alone once step 1 is logged: JAX's preemption sync point has both hosts save the same
+    step and exit 0; the same command then resumes, and every metric equals the uninterrupted pair's."""
+    root, work = runs["root"], runs["root"] / "preempted"
+    work.mkdir()
+    procs = _spawn_pair(root, work.name, _train_argv(work, runs["overrides"]))
+    while 1 not in _logged_steps(work):
+        assert all(p.poll() is None for p, _ in procs), "the pair stopped before step 1"
+        time.sleep(0.05)
+    procs[1][0].send_signal(signal.SIGTERM)
+    logs = _wait_pair(root, work.name, procs)
+    ckpt = checkpoint.CheckpointManager(str(work))
+    saved = ckpt.all_steps()
+    ckpt.close()
+    assert len(saved) == 1 and saved[0] < STEPS, f"expected one preemption checkpoint before step {STEPS}: {saved}"
+    for i, log in enumerate(logs):
+        assert f"preempted: saved step {saved[0]} " in log, f"process {i} did not stop at step {saved[0]}"
+    assert not (work / "export").exists()
+    _run_pair(work, runs["overrides"])
+    _same_run(_rows(work), _rows(runs["root"] / "pair"))
+
+
+def test_sigterm_single_process(runs, monkeypatch):
+    """One process (no coordination service): its own SIGTERM handler, the same semantics."""
+    work = runs["root"] / "preempted_single"
+    write = metrics.MetricWriter.write
+
+    def write_then_sigterm(self, step, scalars):
+        write(self, step, scalars)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(metrics.MetricWriter, "write", write_then_sigterm)
+    handler = signal.getsignal(signal.SIGTERM)
+    train.run(_cfg(runs["overrides"]), str(work))
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored after the loop
+    ckpt = checkpoint.CheckpointManager(str(work))
+    assert ckpt.all_steps() == [1]
+    ckpt.close()
+    monkeypatch.setattr(metrics.MetricWriter, "write", write)
+    train.run(_cfg(runs["overrides"]), str(work))
+    _same_run(_rows(work), _rows(runs["root"] / "single"))

@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, config, overrides = eval_cmd.parse(build_parser(), argv)
         eval_cmd.quiet_libraries()
+        eval_cmd.start_distributed(config, overrides)
         plan = checkpoint_eval.plan_alignment_tax(
             args.workdir, args.step, args.tasks_dir, config=config, overrides=overrides,
             max_instances=args.max_instances, max_new_tokens=args.max_new_tokens,

@@ -60,6 +60,19 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
     return args, (loader.load(args.config) if args.config else None), overrides
 
 
+def start_distributed(config, overrides) -> None:
+    """``jax.distributed`` for a multi-host eval, before anything touches a device: the ``distributed`` section of
+    ``--config`` (or of the defaults) with the ``--config.distributed.*`` overrides. The checkpoint's saved section
+    is not used: it names the training job's coordinator. On a TPU pod: ``--config.distributed.initialize=True``
+    on every host (JAX finds the rest)."""
+    from rre_jax import defaults, distributed
+    cfg = config if config is not None else defaults.base_config()
+    for key, raw in overrides:
+        if key.startswith("distributed."):
+            loader.override(cfg, key, raw)
+    distributed.maybe_initialize(cfg.distributed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rre-eval", description=__doc__.split("\n\n")[0])
     common_args(parser)
@@ -82,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, config, overrides = parse(build_parser(), argv)
         quiet_libraries()
+        start_distributed(config, overrides)
         plan = checkpoint_eval.plan_eval(
             args.workdir, args.eval_set, steps=args.steps, config=config, overrides=overrides, out=args.out,
             overwrite=args.overwrite, skip_existing=args.skip_existing, temperature=args.temperature,

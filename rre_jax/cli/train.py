@@ -54,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         train.validate(config)  # every config error surfaces here, before anything is loaded or compiled
     except _config_errors() as e:
         return errors.report("rre-train", e.args[0] if isinstance(e, KeyError) and e.args else e)
-    _run(config, args.workdir)
+    try:
+        _run(config, args.workdir)
+    except errors.UserError as e:  # found later (e.g. a checkpoint that does not fit the run): still one line
+        return errors.report("rre-train", e)
     return 0
 
 

@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.group.beta = 0.01 if algo == "rloo" else 0.0
 
     config.model.path = ""  # empty: build the tiny policy in <workdir>/assets
+    config.model.build_tiny = True  # the tiny built-in assets and the bundled prompts when paths are empty
     config.model.tiny = defaults.tiny_model_config()
     config.model.sft_steps = 60
     config.tokenizer.path = ""  # empty: train a tokenizer on the bundled prompts in <workdir>/assets

@@ -20,6 +20,8 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from rre_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 QTYPES = ("OPENENDED", "CONSTRAINED")
@@ -30,7 +32,7 @@ _TEXT_KEYS = ("input", "instruction")  # AlpacaFarm, AlpacaEval
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError):
     """A prompt file that cannot be read; the message names the file, line/item and field."""
 
 

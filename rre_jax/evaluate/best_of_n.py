@@ -100,7 +100,7 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
     records = prompts_lib.load_prompts(eval_set, missing_qtype=config.data.missing_qtype)
     if not records:
         raise UserError(f"eval set {eval_set!r} holds no prompts")
-    spec = checkpoint_eval._with_eval_proxy(train.validate(config))
+    spec = train.validate(config)  # RER is always among its proxies
     check_references({config.reward.preset: spec.reward, **{k[3:]: v for k, v in spec.counterfactual.items()}},
                      records)
     step = int(step or 0)
