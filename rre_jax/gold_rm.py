@@ -1,4 +1,4 @@
-"""The black-box gold reward model (DESIGN.md 4.3): loading, tokenising and placement of a sequence scorer.
+"""The black-box gold reward model: loading, tokenising and placement of a sequence scorer.
 
 ``GoldRM`` scores (prompt, response) pairs with its own tokenizer and its own input string; it never drives
 gradients, it judges dev and eval rollouts. Shapes: ``B`` rows of a batch (``batch_size``), ``T`` tokens

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rre_jax import backend
 from rre_jax.data import batching
 from rre_jax.models import bert
 
@@ -182,10 +183,10 @@ def _compiled_packed(cfg: bert.BertConfig, windows: tuple[int, ...], precision):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_padded(cfg: bert.BertConfig, precision, mesh, batch_axes, in_sh):
-    """As ``_compiled_packed``, for padded batches (with their mesh and input shardings)."""
+def _compiled_padded(cfg: bert.BertConfig, precision, mesh, batch_axes, in_sh, looped: bool):
+    """As ``_compiled_packed``, for padded batches (with their mesh, input shardings and attention layout)."""
     return jax.jit(lambda p, ids, mask: bert.embed(p, cfg, ids, mask, precision=precision, mesh=mesh,
-                                                   batch_axes=batch_axes),
+                                                   batch_axes=batch_axes, looped_attention=looped),
                    in_shardings=None if in_sh is None else (None, in_sh, in_sh))
 
 
@@ -202,7 +203,8 @@ class RelevanceEncoder:
     ``tokens_per_batch``: tokens per forward. On CPU without a multi-device mesh (``packed``) texts are
     packed one after another into streams of this many tokens (``plan_streams``, ``bert.embed_packed``):
     no padding tokens, one compiled shape per stream size. Otherwise padded rows (``plan_batches``), the
-    layout for accelerators. ``packed`` forces one or the other (default: as just said).
+    layout for accelerators (with BERT's looped attention on XLA:CPU). ``packed`` forces one or the other
+    (default: as just said, from ``backend.on_xla_cpu()`` at construction).
     ``mesh`` / ``rules``: params in their logical shardings, batch rows split over the ``batch`` axis.
     ``precision``: matmul precision (``jax.lax.Precision.HIGHEST`` for float32 parity on TPU).
     ``progress``: tqdm bar over batches (default: only when there are more than 8 batches).
@@ -234,10 +236,11 @@ class RelevanceEncoder:
         if packed and not single:
             raise ValueError("relevance: packed streams run on one device; use padded batches (packed=False) "
                              "with a multi-device mesh")
-        self.packed = (jax.default_backend() == "cpu" and single) if packed is None else bool(packed)
+        on_cpu = backend.on_xla_cpu()  # the layouts XLA:CPU wants, chosen once here
+        self.packed = (on_cpu and single) if packed is None else bool(packed)
         self.windows = windows(max_length, self.min_length)
         self._embed_packed = _compiled_packed(cfg, self.windows, precision)
-        self._embed = _compiled_padded(cfg, precision, mesh, batch_axes, in_sh)
+        self._embed = _compiled_padded(cfg, precision, mesh, batch_axes, in_sh, on_cpu)
 
     @classmethod
     def from_pretrained(cls, path: str, *, mesh=None, rules=None, dtype=jnp.float32, **kwargs) -> "RelevanceEncoder":
