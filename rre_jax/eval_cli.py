@@ -13,9 +13,9 @@ AlpacaEval ``model_outputs.json``, ``rollouts.jsonl``, ``meta.json``) under ``<w
 gold RM's path, a fingerprint of its files and whether it is a random stand-in, the sampling settings, the eval
 set and every reward spec. A new proxy is scored later without sampling again, from the stored texts:
 ``rre-score --eval-set EVAL.json --outputs <workdir>/eval/step_<N>/model_outputs.json ...`` or
-``text_scoring.score_texts`` (which reproduces the stored li/rp exactly and relevance to float round-off, because every
-score here is computed on the stored text). Then ``report.md``, ``summary.json`` and the plots are rebuilt from
-every stored step.
+``text_scoring.score_texts`` (which reproduce the stored li/rp exactly and relevance to float round-off, because
+every score here is computed on the stored text, ``features.scored_text`` of the response). Then ``report.md``,
+``summary.json`` and the plots are rebuilt from every stored step.
 
 The config is, by default, the one the run saved in its checkpoint meta (``train._meta``); ``--config`` loads a
 config file instead (``configs/x.py[:arg]`` or a ``.json`` dump) and ``--set a.b=v`` changes single fields (for
