@@ -181,7 +181,7 @@ trainer_cmd() {
   if [[ -x $VENV/bin/rre-train || $DRY_RUN == 1 ]]; then
     cmd+=("$VENV/bin/rre-train")
   else
-    cmd+=("$VENV/bin/python" -m rre_jax.main)
+    cmd+=("$VENV/bin/python" -m rre_jax.cli.train)
   fi
   cmd+=(--config "$CONFIG" --workdir "$WORKDIR" --config.distributed.initialize=True "${OVERRIDES[@]}")
   printf '%s\0' "${cmd[@]}"
@@ -225,7 +225,7 @@ is_running() {
   pid=$(<"$1")
   [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
   args=$(ps -o args= -p "$pid" 2>/dev/null) || return 1
-  [[ $args == *rre-train* || $args == *rre_jax.main* || $args == *host_entry.sh* ]]
+  [[ $args == *rre-train* || $args == *rre_jax.cli.train* || $args == *host_entry.sh* ]]
 }
 
 do_start() {

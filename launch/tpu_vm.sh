@@ -379,7 +379,7 @@ cmd_kill() {
   # 2. kill -9 whatever still holds a TPU device (/dev/accel* on v2-v4 and v5p, /dev/vfio/* on v5e/v6e);
   # 3. remove libtpu's lock file and log directory, which otherwise make the next start fail with
   #    "TPU in use" (the usual TPU VM cleanup); 4. forget the pid file.
-  local pat="[r]re-train|[r]re_jax[.]main|[h]ost_entry[.]sh (train|start)"
+  local pat="[r]re-train|[r]re_jax[.]cli[.]train|[h]ost_entry[.]sh (train|start)"
   ssh_all "pkill -TERM -f $(shquote "$pat") || true; sleep 5; pkill -KILL -f $(shquote "$pat") || true; sudo -n lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | xargs -r sudo -n kill -9 || true; sudo -n rm -rf /tmp/libtpu_lockfile /tmp/tpu_logs; rm -f $(shquote "$REMOTE_DIR/logs/train.pid")"
 }
 

@@ -1,5 +1,5 @@
-"""``rre-params``: parameter bytes per device of a Llama-family model on a mesh, and the memory plan of a
-whole run config -- without allocating.
+"""Parameter bytes per device of a Llama-family model on a mesh, and the memory plan of a whole run config --
+without allocating (the library behind ``rre-params``, ``rre_jax/cli/params.py``).
 
 Shapes come from ``jax.eval_shape`` of the real init, shardings from the same logical rules the run
 uses, and ``rre_jax.mesh.bytes_per_device`` counts one device's shard (uneven splits rounded up), so
@@ -15,13 +15,11 @@ The memory plan of a run (`plan`) adds what the run holds besides parameters; th
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.extend.core as jax_core
@@ -224,10 +222,7 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     batch_shards, tensor = mesh_shape["data"] * mesh_shape["fsdp"], mesh_shape["tensor"]
     pcfg = _llama_config(config.plan.policy or config.model.path, config.model.param_dtype, "config.plan.policy")
     gcfg = _llama_config(config.plan.gold_rm or config.gold_rm.path, config.model.param_dtype, "config.plan.gold_rm")
-    lcfg = config.model.lora
-    pspec = policy.PolicySpec(pcfg, config.model.train_mode,
-                              lora_lib.LoraConfig(rank=int(lcfg.rank), alpha=float(lcfg.alpha), dropout=0.0,
-                                                  targets=tuple(lcfg.targets)),
+    pspec = policy.PolicySpec(pcfg, config.model.train_mode, lora_lib.LoraConfig.from_config(config.model.lora),
                               critic=str(config.model.get("critic", "separate")),
                               remat=str(config.model.get("remat", "dots")))
     base = param_report(pcfg, mesh_shape, rules=rules, lora_cfg=pspec.lora_cfg)
@@ -273,95 +268,3 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
         host_bytes=0 if on_device else param_report(gcfg, dict.fromkeys(mesh_lib.MESH_AXES, 1), head="score")[
             "bytes_total"],
         chip_bytes=int(float(config.plan.chip_memory_gib) * GIB))
-
-
-def _config(args) -> llama.LlamaConfig:
-    if args.config_json:
-        with open(args.config_json) as f:
-            return llama.LlamaConfig.from_hf(json.load(f), args.config_json, dtype=args.dtype,
-                                             param_dtype=args.dtype)
-    return llama.LlamaConfig(**PRESETS[args.model], dtype=args.dtype, param_dtype=args.dtype)
-
-
-def _mesh_shape(text: str) -> dict[str, int]:
-    try:
-        shape = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise SystemExit(f"--mesh {text!r}: give three positive sizes for {mesh_lib.MESH_AXES}, e.g. 8,4,1")
-    return dict(zip(mesh_lib.MESH_AXES, shape))
-
-
-def load_config(spec: str):
-    """``path/to/config.py[:arg]`` -> the config its ``get_config(arg)`` returns (as ``--config`` of rre-train)."""
-    import importlib.util
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location("rre_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
-def _print_plan(args) -> int:
-    try:
-        mplan = plan(load_config(args.config), num_devices=args.devices or None)
-    except (ValueError, KeyError, OSError) as e:
-        print(f"rre-params: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({**dataclasses.asdict(mplan), "peak": mplan.peak, "fits": mplan.fits}))
-    else:
-        print(mplan.table())
-    return 0
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f} GiB"
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="rre-params", description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", choices=sorted(PRESETS), help="built-in architecture")
-    src.add_argument("--config-json", help="a transformers config.json (llama / mistral / qwen2)")
-    src.add_argument("--config", help="a run config file[:arg] (e.g. configs/alpacafarm_rer.py:rer,v4-32): "
-                     "print its memory plan")
-    p.add_argument("--devices", type=int, default=0, help="with --config: devices for a -1 in mesh.shape")
-    p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor sizes (default 1,1,1)")
-    p.add_argument("--dtype", default="bfloat16", help="parameter dtype (default bfloat16)")
-    p.add_argument("--head", choices=("lm", "score"), default="lm")
-    p.add_argument("--value-head", action="store_true", help="add the PPO value head")
-    p.add_argument("--lora", action="store_true", help="add LoRA adapters")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-targets", default="q_proj,v_proj")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = p.parse_args(argv)
-    if args.config:
-        return _print_plan(args)
-    mesh_shape = _mesh_shape(args.mesh)
-    try:
-        cfg = _config(args)
-        lora_cfg = (lora_lib.LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank,
-                                        targets=tuple(args.lora_targets.split(","))) if args.lora else None)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"rre-params: {e}", file=sys.stderr)
-        return 2
-    rep = param_report(cfg, mesh_shape, head=args.head, value_head=args.value_head, lora_cfg=lora_cfg)
-    if args.json:
-        print(json.dumps(rep))
-        return 0
-    name = args.model or args.config_json
-    print(f"{name}: {rep['params'] / 1e9:.3f}B params ({cfg.param_dtype.name}), {_gib(rep['bytes_total'])} in all")
-    print(f"mesh {args.mesh} (data,fsdp,tensor) = {rep['devices']} devices: "
-          f"{_gib(rep['bytes_per_device'])} of parameters per device")
-    if lora_cfg is not None:
-        print(f"LoRA r={lora_cfg.rank} on {','.join(lora_cfg.targets)}: {rep['lora_params'] / 1e6:.2f}M params, "
-              f"{rep['lora_bytes_per_device'] / 2**20:.2f} MiB per device")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""rre-score: score a model's AlpacaEval outputs with the white-box proxy reward (and, optionally, a gold RM).
+"""Scoring a model's AlpacaEval outputs with the white-box proxy reward (and, optionally, a gold RM): the library
+behind ``rre-score`` (``rre_jax/cli/score.py``).
 
     rre-score --eval-set alpaca_eval.json --outputs model_outputs.json --reward rer \\
         --relevance-encoder minilm [--gold-rm DIR] [--tokenizer POLICY_TOKENIZER_DIR] --out scores.json
@@ -28,7 +29,6 @@ qtype. Both files are written atomically; an existing file is kept unless ``--ov
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -40,6 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from rre_jax import gold_rm, reward, reward_engine, text_scoring
+from rre_jax.errors import UserError
 from rre_jax.data import prompts as prompts_lib
 from rre_jax.data import templates
 
@@ -47,72 +48,38 @@ MEANS_OF = ("n_words", "li", "rp", "qr", "ar", "relevance", "proxy", "gold")
 _SHOW = 80  # characters of a text quoted in an error
 
 
-_EPILOG = """\
-presets:
-  li        LI                          (LI = #wordpunct words / 100, after cutting at stop strings)
-  li_rp     LI * RP                     (RP = distinct word trigrams / trigrams)
-  qr_li_rp  QR * LI * RP                (QR = E(query) . E(response), no branching)
-  rer       OPENENDED: QR * LI * RP;  CONSTRAINED: AR / 3.5 * 5.12 * RP
-                                        (AR = E(reference answer) . E(response))
-
-query:    the eval item's raw instruction through relevance_query (what the reference's eval passes)
-features: from the ids of --tokenizer; without it, from the raw UTF-8 bytes of each response
-output:   OUT, one item per eval item: index, instruction, qtype, n_words, li, rp, qr, ar, relevance
-          (AR for CONSTRAINED items when the reward branches, else QR), proxy, gold, presets {name: value};
-          null = not computed.  OUT.summary.json (scores.json -> scores.summary.json): settings, qtype counts,
-          missing-qtype count, means overall and per qtype.  Both are written atomically; existing files
-          are kept unless --overwrite.
-
-example:
-  rre-score --eval-set alpaca_eval.json --outputs step_500/alpaca_eval_outputs.json --reward rer \\
-      --relevance-encoder minilm --gold-rm starling_rm/ --out step_500/scores.json
-"""
-
-
-class ScoreError(ValueError):
+class ScoreError(UserError):
     """Bad input to rre-score; the message names the file, item or flag and the fix."""
 
 
-# ================================================================================================ flags
+# ================================================================================================ request
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rre-score", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Score a model's AlpacaEval outputs with the white-box proxy reward (LI, RP, relevance, "
-                    "query-type branching) and optionally a gold reward model, as the paper's eval does.",
-        epilog=_EPILOG)
-    p.add_argument("--eval-set", required=True, metavar="EVAL.json",
-                   help="AlpacaEval-style prompts: instruction, output (reference answer), qtype (.json or .jsonl)")
-    p.add_argument("--outputs", required=True, metavar="OUTPUTS.json",
-                   help="the model's outputs in AlpacaEval format (instruction, output), in eval-set order")
-    p.add_argument("--reward", required=True, choices=("li", "li_rp", "qr_li_rp", "rer"),
-                   help="the proxy stored as 'proxy'; every other computable preset is stored under 'presets'")
-    p.add_argument("--out", required=True, metavar="SCORES.json", help="where to write the per-item scores")
-    p.add_argument("--relevance-encoder", default="", metavar="DIR",
-                   help="BERT-style encoder dir (e.g. facebook/contriever), or 'minilm' for the packaged "
-                        "all-MiniLM-L6-v2; required by qr_li_rp and rer")
-    p.add_argument("--gold-rm", default="", metavar="DIR",
-                   help="gold reward model dir (LlamaForSequenceClassification or Starling-RM layout)")
-    p.add_argument("--gold-rm-tokenizer", default="", metavar="DIR", help="gold RM tokenizer dir (default: --gold-rm)")
-    p.add_argument("--tokenizer", default="", metavar="DIR",
-                   help="policy tokenizer whose ids the features read (default: raw UTF-8 bytes of the text)")
-    p.add_argument("--missing-qtype", default="OPENENDED", choices=prompts_lib.MISSING_QTYPE_POLICIES,
-                   help="qtype for eval items without one (default OPENENDED; 'error' rejects the file)")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random-qtype preset (default 0)")
-    p.add_argument("--batch-size", type=int, default=128, metavar="N",
-                   help="responses per feature batch (default 128)")
-    p.add_argument("--relevance-max-length", type=int, default=512, metavar="N",
-                   help="relevance encoder tokens kept, left-truncated (default 512)")
-    p.add_argument("--gold-rm-max-length", type=int, default=2048, metavar="N",
-                   help="gold RM tokens kept, left-truncated (default 2048)")
-    p.add_argument("--gold-rm-batch-size", type=int, default=4, metavar="N",
-                   help="gold RM rows per forward (default 4)")
-    p.add_argument("--relevance-text", default="scored", choices=text_scoring.RELEVANCE_TEXTS,
-                   help="what relevance sees: 'scored' = the response cut at its first stop string, as rre-eval "
-                        "stores and scores it (default); 'raw' = the response as written (the paper's scoring code)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its summary")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
+@dataclasses.dataclass(frozen=True)
+class ScoreRequest:
+    """What to score and how (the fields of ``rre-score``'s command line, ``rre_jax/cli/score.py``)."""
+
+    eval_set: str
+    outputs: str
+    reward: str
+    out: str
+    relevance_encoder: str = ""
+    gold_rm: str = ""
+    gold_rm_tokenizer: str = ""
+    tokenizer: str = ""
+    missing_qtype: str = "OPENENDED"
+    seed: int = 0
+    batch_size: int = 128
+    relevance_max_length: int = 512
+    gold_rm_max_length: int = 2048
+    gold_rm_batch_size: int = 4
+    relevance_text: str = "scored"
+    overwrite: bool = False
+    quiet: bool = False
+
+
+def reward_choices() -> list[str]:
+    """The presets ``--reward`` accepts: every preset whose query types come with the eval set."""
+    return [n for n, s in reward.PRESETS.items() if s.qtype_source != "predicted"]
 
 
 def summary_path(out: str) -> pathlib.Path:
@@ -200,7 +167,7 @@ def features_tokenizer(path: str):
 class Job:
     """Everything checked and loaded before any scoring compute starts."""
 
-    args: argparse.Namespace
+    args: ScoreRequest
     spec: reward.RewardSpec
     records: list
     responses: list
@@ -213,7 +180,7 @@ class Job:
     gold: object = None
 
 
-def prepare(args: argparse.Namespace) -> Job:
+def prepare(args: ScoreRequest) -> Job:
     """Validate flags and files (cheap errors first), then load the tokenizer, gold RM and relevance encoder."""
     out, summary = pathlib.Path(args.out), summary_path(args.out)
     for path in (out, summary):
@@ -221,11 +188,15 @@ def prepare(args: argparse.Namespace) -> Job:
             raise ScoreError(f"{path} exists; pass --overwrite to replace it (or choose another --out)")
     if not out.parent.is_dir():
         raise ScoreError(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
+    if args.reward not in reward_choices():
+        raise ScoreError(f"--reward {args.reward!r}: choose one of {reward_choices()}")
     spec = reward.preset(args.reward)
     if spec.needs_relevance and not args.relevance_encoder:
         raise ScoreError(f"--reward {args.reward} uses relevance (QR/AR) but no --relevance-encoder was given; "
                          "pass a BERT encoder dir or 'minilm', or choose --reward li / li_rp")
     enc = encoder_dir(args.relevance_encoder) if args.relevance_encoder else ""
+    if args.relevance_text not in text_scoring.RELEVANCE_TEXTS:
+        raise ScoreError(f"--relevance-text {args.relevance_text!r}: choose one of {text_scoring.RELEVANCE_TEXTS}")
     if args.batch_size < 1 or args.gold_rm_batch_size < 1:
         raise ScoreError("--batch-size and --gold-rm-batch-size must be positive")
     records, n_missing = load_eval_set(args.eval_set, args.missing_qtype)
@@ -347,32 +318,15 @@ def write_json(path: pathlib.Path, obj) -> None:
     write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1, allow_nan=False) + "\n")
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse, check, score and write; returns the summary. Bad input raises before any scoring compute."""
-    args = build_parser().parse_args(argv)
-    job = prepare(args)
+def run(request: ScoreRequest) -> dict:
+    """Check, score and write; returns the summary. Bad input raises before any scoring compute."""
+    job = prepare(request)
     if job.n_missing_qtype:
         print(f"rre-score: {job.n_missing_qtype} of {len(job.records)} eval items have no qtype; scored as "
-              f"{args.missing_qtype}", file=sys.stderr)
+              f"{request.missing_qtype}", file=sys.stderr)
     t0 = time.perf_counter()
     rows = rows_of(job, compute(job))
     summary = summarize(job, rows, time.perf_counter() - t0)
-    write_json(pathlib.Path(args.out), rows)
-    write_json(summary_path(args.out), summary)
+    write_json(pathlib.Path(request.out), rows)
+    write_json(summary_path(request.out), summary)
     return summary
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point ``rre-score``; input errors print one line and exit with status 2."""
-    try:
-        summary = run(argv)
-    except (ScoreError, prompts_lib.PromptFileError, FileNotFoundError) as e:
-        print(f"rre-score: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    means = summary["means"]["all"]
-    shown = ", ".join(f"{k} {means[k]:.4f}" for k in MEANS_OF if means.get(k) is not None)
-    print(f"rre-score: {summary['n_items']} items, reward {summary['reward']}: {shown}")
-
-
-if __name__ == "__main__":
-    main()

@@ -67,7 +67,6 @@ def validate(config) -> RunSpec:
         raise ValueError(f"config.model.train_mode={config.model.train_mode!r}; choose one of {policy.MODES}")
     critic = policy.check_critic(config.model.get("critic", "separate"))
     remat = llama.check_remat(config.model.get("remat", "dots"))
-    lcfg = config.model.lora
     mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
     n_dev = mesh_cfg.num_devices or jax.device_count()
     if n_dev > jax.device_count():
@@ -82,8 +81,7 @@ def validate(config) -> RunSpec:
     _check_prompt_source(config.data)
     return RunSpec(ppo=ppo_cfg, reward=spec, counterfactual=cf,
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
-                   lora=lora_lib.LoraConfig(rank=int(lcfg.rank), alpha=float(lcfg.alpha), dropout=float(lcfg.dropout),
-                                            targets=tuple(lcfg.targets)),
+                   lora=lora_lib.LoraConfig.from_config(config.model.lora),
                    mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
                    param_dtype=dtype("param_dtype"))
 

@@ -22,7 +22,7 @@ def main() -> None:
         return batch
 
     batching.PromptIterator.__next__ = spy
-    from rre_jax import main as cli
+    from rre_jax.cli import train as cli
     sys.argv = ["rre-train"] + argv
     try:
         cli.run()

@@ -6,16 +6,15 @@ checkpoints (a tiny Llama policy and gold RM built here, the packaged MiniLM as 
 files (the bundled tiny set), prompt/response lengths, the mesh (all local devices) and the step count.
 """
 import dataclasses
-import os
 
 import numpy as np
 import pytest
 
 from rre_jax import configs, memory, metrics, reward, train
-from rre_jax.configs import alpacafarm_rer, tiny as tiny_config
+from rre_jax.configs import alpacafarm_rer, loader, tiny as tiny_config
 from rre_jax.data import tiny_prompts_path
 
-SHIPPED = sorted(f[:-3] for f in os.listdir(configs.CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+SHIPPED = configs.names()
 ARGS = {"tiny": [None, *sorted(reward.PRESETS)],
         "alpacafarm_rer": [f"{r},{m}" for r in sorted(reward.PRESETS) for m in alpacafarm_rer.MESH_PRESETS]}
 
@@ -25,7 +24,7 @@ def test_every_shipped_config_is_covered():
 
 
 def _get(name, arg):
-    return memory.load_config(configs.path(name) + (f":{arg}" if arg else ""))
+    return loader.load(name + (f":{arg}" if arg else ""))
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n in ARGS for a in ARGS[n]])

@@ -15,7 +15,8 @@ import torch
 import transformers
 
 import hf_fixtures
-from rre_jax import gold_rm, score
+from rre_jax import gold_rm
+from rre_jax.cli import score as score_cmd
 from rre_jax import tokenizer as tok_lib
 from rre_jax.data import templates
 
@@ -117,7 +118,7 @@ def test_missing_tokenizer_is_a_clear_error(assets, tmp_path):
     eval_path.write_text(json.dumps([{"instruction": "q", "output": "a", "qtype": "OPENENDED"}]))
     out_path.write_text(json.dumps([{"instruction": "q", "output": "r"}]))
     with pytest.raises(FileNotFoundError, match="gold RM tokenizer not found"):
-        score.run(["--eval-set", str(eval_path), "--outputs", str(out_path), "--reward", "li",
+        score_cmd.run(["--eval-set", str(eval_path), "--outputs", str(out_path), "--reward", "li",
                    "--gold-rm", str(bare), "--out", str(tmp_path / "s.json")])
     assert not (tmp_path / "s.json").exists()
     # a separate tokenizer dir fixes it
@@ -132,7 +133,7 @@ def test_rre_score_gold_column_is_the_reference_eval(assets, tmp_path):
     eval_path, out_path = tmp_path / "eval.json", tmp_path / "out.json"
     eval_path.write_text(json.dumps([{"instruction": i, "output": "ref", "qtype": "OPENENDED"} for i in INSTRUCTIONS]))
     out_path.write_text(json.dumps([{"instruction": i, "output": r} for i, r in zip(INSTRUCTIONS, RESPONSES)]))
-    summary = score.run(["--eval-set", str(eval_path), "--outputs", str(out_path), "--reward", "li_rp",
+    summary = score_cmd.run(["--eval-set", str(eval_path), "--outputs", str(out_path), "--reward", "li_rp",
                          "--gold-rm", path, "--gold-rm-max-length", str(MAX_LEN), "--out", str(tmp_path / "s.json"),
                          "--quiet"])
     rows = json.loads((tmp_path / "s.json").read_text())

@@ -172,7 +172,7 @@ def test_tpu_kill_cleans_tpu_lock_files(env):
     (pattern,) = {w for w in shlex.split(remote.replace(";", " ; ")) if "re-train" in w}
     assert re.search(pattern, "/home/u/rre_venv/bin/python3 /home/u/rre_venv/bin/rre-train --config c")
     assert re.search(pattern, "bash /home/u/rre_jax/launch/host_entry.sh train --config c --workdir w")
-    assert re.search(pattern, "/home/u/rre_venv/bin/python -m rre_jax.main --config c")
+    assert re.search(pattern, "/home/u/rre_venv/bin/python -m rre_jax.cli.train --config c")
     assert not re.search(pattern, f"bash -c {remote}")
 
 

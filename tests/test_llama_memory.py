@@ -2,6 +2,7 @@
 import json
 
 from rre_jax import memory
+from rre_jax.cli import params
 from rre_jax.models import llama
 
 
@@ -24,7 +25,7 @@ def test_llama7b_and_yi34b_counts_and_bytes(capsys):
     norms, score = (2 * 60 + 1) * 7168, 7168
     assert rep["bytes_per_device"] == 2 * ((n - norms - score) // 32 + norms + score // 32)
 
-    assert memory.main(["--model", "llama-7b", "--lora", "--mesh", "8,4,1"]) == 0
+    assert params.main(["--model", "llama-7b", "--lora", "--mesh", "8,4,1"]) == 0
     out = capsys.readouterr().out
     assert "6.738B params" in out and "32 devices" in out and "LoRA r=8 on q_proj,v_proj: 4.19M params" in out
 
@@ -32,15 +33,11 @@ def test_llama7b_and_yi34b_counts_and_bytes(capsys):
 def test_config_json_and_bad_mesh(tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "llama", **memory.PRESETS["mid"]}))
-    assert memory.main(["--config-json", str(path), "--mesh", "1,1,1", "--dtype", "float32", "--json"]) == 0
+    assert params.main(["--config-json", str(path), "--mesh", "1,1,1", "--dtype", "float32", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["params"] == _hand_count(32000, 512, 1408, 8, 8, 8, 64) and rep["bytes_per_device"] == 4 * rep["params"]
     path.write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    assert memory.main(["--config-json", str(path)]) == 2
+    assert params.main(["--config-json", str(path)]) == 2
     assert "required field 'vocab_size' is missing" in capsys.readouterr().err
-    try:
-        memory.main(["--model", "mid", "--mesh", "8,4"])
-    except SystemExit as e:
-        assert "three positive sizes" in str(e)
-    else:
-        raise AssertionError("a 2-entry mesh must be rejected")
+    assert params.main(["--model", "mid", "--mesh", "8,4"]) == 2  # a 2-entry mesh is rejected
+    assert "three positive sizes" in capsys.readouterr().err

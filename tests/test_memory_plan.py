@@ -93,7 +93,7 @@ def test_unknown_architecture_is_a_clear_error():
 
 
 def test_cli_prints_the_plan():
-    out = subprocess.run([sys.executable, "-m", "rre_jax.memory", "--config",
+    out = subprocess.run([sys.executable, "-m", "rre_jax.cli.params", "--config",
                           "configs/alpacafarm_rer.py:rer,v5e-8"], capture_output=True, text=True, check=True,
                          cwd=memory.__file__.rsplit("/rre_jax/", 1)[0]).stdout
     for line in ("policy params", "optimizer state", "kv cache (rollout)", "activations (update micro-batch)",

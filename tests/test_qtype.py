@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rre_jax import qtype, reward
+from rre_jax.cli import label_qtype
 from rre_jax.data import load_prompts
 
 EVAL_SET = pathlib.Path(__file__).parent / "data" / "eval_prompts.json"
@@ -67,7 +68,7 @@ def test_cohen_kappa_by_hand():
 
 def test_cli_labels_a_file_and_reports_agreement(assets, tmp_path, capsys):
     out = tmp_path / "labelled.jsonl"
-    assert qtype.main(["--prompts", str(EVAL_SET), "--model", assets["policy"], "--out", str(out)]) == 0
+    assert label_qtype.main(["--prompts", str(EVAL_SET), "--model", assets["policy"], "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     given = [r.qtype for r in load_prompts(EVAL_SET)]
     relabelled = load_prompts(out, missing_qtype="error")  # a prompt file the trainer reads
@@ -94,7 +95,7 @@ def test_agreement_with_the_papers_labels_on_real_prompts(shared_data, assets, t
 
 def test_random_labels_are_the_reward_random_source(tmp_path):
     out = tmp_path / "random.json"
-    assert qtype.main(["--prompts", str(EVAL_SET), "--random", "--seed", "3", "--out", str(out)]) == 0
+    assert label_qtype.main(["--prompts", str(EVAL_SET), "--random", "--seed", "3", "--out", str(out)]) == 0
     labels = [r.qtype for r in load_prompts(out)]
     engine_flags = reward.qtype_labels(reward.preset("rer_random_qtype"), np.zeros(16), 3)  # RewardEngine's draw
     assert labels == ["CONSTRAINED" if f else "OPENENDED" for f in engine_flags]
@@ -104,9 +105,8 @@ def test_random_labels_are_the_reward_random_source(tmp_path):
 
 def test_bad_input(assets, tmp_path, capsys):
     def fails(args, match):
-        with pytest.raises(SystemExit) as e:
-            qtype.main(["--prompts", str(EVAL_SET)] + args)
-        assert e.value.code == 2 and match in capsys.readouterr().err
+        assert label_qtype.main(["--prompts", str(EVAL_SET)] + args) == 2
+        assert match in capsys.readouterr().err
     fails(["--out", str(tmp_path / "a.json")], "exactly one of --model")
     fails(["--out", str(tmp_path / "a.json"), "--random", "--model", assets["policy"]], "exactly one of --model")
     fails(["--out", str(tmp_path / "a.json"), "--model", assets["gold_rm"]], "not a causal LM")

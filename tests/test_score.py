@@ -10,6 +10,7 @@ import torch
 
 import reference_features as ref
 from rre_jax import score
+from rre_jax.cli import score as score_cmd
 from rre_jax import tokenizer as tok_lib
 from rre_jax.data import PromptFileError
 from test_relevance import MINILM, ReferenceRelevance
@@ -50,7 +51,7 @@ def argv(files, reward="li_rp", *extra):
 
 
 def test_li_rp_scores_summary_and_files(files, capsys):
-    summary = score.run(argv(files))
+    summary = score_cmd.run(argv(files))
     assert "1 of 5 eval items have no qtype; scored as OPENENDED" in capsys.readouterr().err
     rows = json.loads(open(files["out"]).read())
     assert [r["instruction"] for r in rows] == [e["instruction"] for e in EVAL]
@@ -79,16 +80,16 @@ def test_li_rp_scores_summary_and_files(files, capsys):
 
 
 def test_existing_output_is_kept_without_overwrite(files):
-    score.run(argv(files))
+    score_cmd.run(argv(files))
     before = open(files["out"]).read()
     write(files["dir"] / "outputs.json", [{"instruction": e["instruction"], "output": "x"} for e in EVAL])
     with pytest.raises(score.ScoreError, match=r"scores.json exists; pass --overwrite"):
-        score.run(argv(files))
+        score_cmd.run(argv(files))
     assert open(files["out"]).read() == before
     os.remove(files["out"])  # a stale summary alone also blocks: both files belong to one run
     with pytest.raises(score.ScoreError, match=r"scores.summary.json exists"):
-        score.run(argv(files))
-    score.run(argv(files, "li_rp", "--overwrite"))
+        score_cmd.run(argv(files))
+    score_cmd.run(argv(files, "li_rp", "--overwrite"))
     assert [r["n_words"] for r in json.loads(open(files["out"]).read())] == [1] * 5
     assert not [p for p in os.listdir(files["dir"]) if p.endswith(".tmp")]
 
@@ -97,7 +98,7 @@ def test_policy_tokenizer_ids_give_the_same_features(files, tmp_path):
     """--tokenizer: features read that tokenizer's ids (SentencePiece, byte fallback) -- same LI/RP as the text."""
     tok_dir = tmp_path / "tok"
     tok_lib.train_tokenizer(RESPONSES * 4, "sentencepiece", 300, tok_dir)
-    summary = score.run(argv(files, "li_rp", "--tokenizer", str(tok_dir), "--batch-size", "2"))
+    summary = score_cmd.run(argv(files, "li_rp", "--tokenizer", str(tok_dir), "--batch-size", "2"))
     rows = json.loads(open(files["out"]).read())
     assert summary["features_tokenizer"] == str(tok_dir)
     assert [(r["li"], r["rp"]) for r in rows] == [(float(np.float32(c.li)), float(np.float32(c.rp)))
@@ -134,42 +135,40 @@ def test_bad_input_is_named(files, case):
     name, content, error, message = BAD[case]
     _replace(files, name, content)
     with pytest.raises(error, match=message):
-        score.run(argv(files))
+        score_cmd.run(argv(files))
     assert not os.path.exists(files["out"])
 
 
 def test_empty_eval_set(files):
     _replace(files, "eval.json", [])
     with pytest.raises(score.ScoreError, match="eval.json holds no items"):
-        score.run(argv(files))
+        score_cmd.run(argv(files))
 
 
 def test_missing_qtype_policy_error_and_relevance_without_encoder(files, tmp_path):
     with pytest.raises(PromptFileError, match=r"item 2 \(line \d+\): missing field 'qtype'"):
-        score.run(argv(files, "li", "--missing-qtype", "error"))
+        score_cmd.run(argv(files, "li", "--missing-qtype", "error"))
     # checked before any file is read or model loaded: the eval set here does not even exist
     for reward in ("qr_li_rp", "rer"):
         with pytest.raises(score.ScoreError, match=f"--reward {reward} uses relevance .* no --relevance-encoder"):
-            score.run(["--eval-set", str(tmp_path / "nope.json"), "--outputs", files["outputs"], "--reward", reward,
+            score_cmd.run(["--eval-set", str(tmp_path / "nope.json"), "--outputs", files["outputs"], "--reward", reward,
                        "--out", files["out"]])
     with pytest.raises(score.ScoreError, match="--relevance-encoder '.*no_such_dir' is not a directory"):
-        score.run(argv(files, "rer", "--relevance-encoder", str(tmp_path / "no_such_dir")))
+        score_cmd.run(argv(files, "rer", "--relevance-encoder", str(tmp_path / "no_such_dir")))
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(score.ScoreError, match="empty_dir': cannot load a BERT encoder there .*no tokenizer files"):
-        score.run(argv(files, "rer", "--relevance-encoder", str(tmp_path / "empty_dir")))
+        score_cmd.run(argv(files, "rer", "--relevance-encoder", str(tmp_path / "empty_dir")))
 
 
 def test_main_exit_status_and_help(files, capsys):
     _replace(files, "eval.json", [{**EVAL[0], "qtype": "OPEN"}])
+    assert score_cmd.main(argv(files)) == 2 and "rre-score: error: " in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        score.main(argv(files))
-    assert e.value.code == 2 and "rre-score: error: " in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        score.main(["--help"])
+        score_cmd.main(["--help"])
     text = capsys.readouterr().out
     assert e.value.code == 0
     for flag in ("--eval-set", "--outputs", "--reward", "--relevance-encoder", "--gold-rm", "--gold-rm-tokenizer",
-                 "--tokenizer", "--out", "--overwrite", "minilm", "{li,li_rp,qr_li_rp,rer}", "summary.json"):
+                 "--tokenizer", "--out", "--overwrite", "minilm", "{li,li_rp,qr_li_rp,rer,rer_random_qtype}", "summary.json"):
         assert flag in text, flag
 
 
@@ -199,7 +198,7 @@ def test_rer_end_to_end_matches_reference_on_alpaca_eval(shared_data, tmp_path):
     files = {"eval": write(tmp_path / "eval.json", items), "out": str(tmp_path / "scores.json"),
              "outputs": write(tmp_path / "outputs.json", [{"instruction": x["instruction"], "output": x["output"]}
                                                           for x in items])}
-    summary = score.run(argv(files, "rer", "--relevance-encoder", "minilm"))
+    summary = score_cmd.run(argv(files, "rer", "--relevance-encoder", "minilm"))
     rows = json.loads(open(files["out"]).read())
     torch_rel = ReferenceRelevance(MINILM, batch_size=1)
     c = [ref.counts(x["output"]) for x in items]

@@ -84,7 +84,7 @@ def test_sharded_run_matches_single_device_and_compiles_once(assets, tmp_path):
 
 def _cli(workdir, assets, steps, save_freq):
     cfg = tiny_cfg(assets)
-    args = [sys.executable, "-m", "rre_jax.main", f"--workdir={workdir}", f"--config={REPO / 'configs' / 'tiny.py'}",
+    args = [sys.executable, "-m", "rre_jax.cli.train", f"--workdir={workdir}", f"--config={REPO / 'configs' / 'tiny.py'}",
             f"--config.model.path={cfg.model.path}", f"--config.tokenizer.path={cfg.tokenizer.path}",
             f"--config.gold_rm.path={cfg.gold_rm.path}", f"--config.data.train_file={cfg.data.train_file}",
             f"--config.data.dev_file={cfg.data.dev_file}", f"--config.data.bucket={cfg.data.bucket}",

@@ -32,7 +32,7 @@ def test_validate_names_the_field(override, match):
 
 
 def test_cli_rejects_unknown_config_key(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rre_jax.main", f"--workdir={tmp_path}", "--config.ppo.lrr=1"],
+    proc = subprocess.run([sys.executable, "-m", "rre_jax.cli.train", f"--workdir={tmp_path}", "--config.ppo.lrr=1"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "lrr" in proc.stderr and "learning_rate" in proc.stderr  # names the key and lists the valid ones

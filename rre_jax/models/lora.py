@@ -39,6 +39,15 @@ class LoraConfig:
         if bad or not self.targets:
             raise ValueError(f"LoraConfig.targets {self.targets!r}: unknown {bad}; choose from {TARGETS}")
 
+    @classmethod
+    def from_config(cls, section) -> "LoraConfig":
+        """From a run config's ``model.lora`` section (the one place a run builds its LoRA config)."""
+        try:
+            return cls(rank=int(section.rank), alpha=float(section.alpha), dropout=float(section.dropout),
+                       targets=tuple(section.targets))
+        except ValueError as e:
+            raise ValueError(f"config.model.lora: {e}") from None
+
     @property
     def scale(self) -> float:
         return self.alpha / self.rank

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rre_jax import alignment_tax as at, eval_cli, metrics, rollout, text_scoring, train
+from rre_jax import alignment_tax as at, checkpoint_eval, metrics, rollout, text_scoring, train
+from rre_jax.cli import alignment_tax as tax_cmd, eval as eval_cmd
 from rre_jax.data import load_prompts
 
 from test_train import tiny_cfg
@@ -30,7 +31,7 @@ def workdir(assets, tmp_path_factory):  # noqa: F811
                               "sampling.max_new_tokens": 16, "ppo.ppo_epochs": 1,
                               "mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
     train.run(cfg, str(wd))
-    assert eval_cli.main(["--workdir", str(wd), "--eval-set", str(EVAL_SET)] + EVAL_ARGS) == 0
+    assert eval_cmd.main(["--workdir", str(wd), "--eval-set", str(EVAL_SET)] + EVAL_ARGS) == 0
     return wd
 
 
@@ -114,9 +115,9 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
     """The stored responses, re-tokenized and scored by text_scoring.score_texts, give the stored scores back."""
     from rre_jax import checkpoint, evaluate
     ckpt = checkpoint.CheckpointManager(str(workdir))
-    config = eval_cli.config_from_checkpoint(ckpt, 10)
-    spec, mesh, paths, tokenizer = eval_cli._open(config, str(workdir))
-    spec = eval_cli._with_eval_proxy(spec)
+    config = checkpoint_eval.config_from_checkpoint(ckpt, 10)
+    spec, mesh, paths, tokenizer = checkpoint_eval._open(config, str(workdir))
+    spec = checkpoint_eval._with_eval_proxy(spec)
     engine = train.reward_engine(config, spec, mesh, tokenizer, len(tokenizer), load_prompts(EVAL_SET))
     for stored in evaluate.load_steps(workdir / "eval"):
         got = text_scoring.score_texts(engine, tokenizer, np.arange(16), stored.response, batch_size=16)
@@ -124,7 +125,7 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
         np.testing.assert_array_equal(got["rp"], stored.features["rp"].astype(np.float32))
         for k in ("qr", "ar"):
             np.testing.assert_allclose(got[k], stored.features[k], atol=1e-5, rtol=0, err_msg=k)
-        for name, v in eval_cli.proxy_scores(got, "rer").items():
+        for name, v in checkpoint_eval.proxy_scores(got, "rer").items():
             np.testing.assert_allclose(v, stored.proxies[name], atol=1e-5, rtol=1e-5, err_msg=name)
 
 
@@ -139,10 +140,11 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
 
     import jax
 
-    from rre_jax import evaluate, features, score
+    from rre_jax import evaluate, features
+    from rre_jax.cli import score as score_cmd
     from rre_jax.data import batching
-    plan = eval_cli.plan_eval(str(workdir), str(EVAL_SET), steps=[10], out=str(tmp_path / "eval"), batch_size=8,
-                              max_new_tokens=16, n_boot=10)
+    plan = checkpoint_eval.plan_eval(str(workdir), str(EVAL_SET), steps=[10], out=str(tmp_path / "eval"),
+                                     batch_size=8, max_new_tokens=16, n_boot=10)
     tok = plan.run.tokenizer
     row = tok(ONE_TEXT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
@@ -155,22 +157,25 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
                                    np.int32(len(row)))
         return sample
     monkeypatch.setattr(rollout, "jitted_sampler", fixed_sampler)
-    eval_cli.run_eval(plan, progress=False)
+    checkpoint_eval.run_eval(plan, progress=False)
     train.dev_eval(dataclasses.replace(plan.run, workdir=str(tmp_path / "run")), plan.state, 10)
     stored = {"rre-eval": evaluate.load_step(tmp_path / "eval", 10),
               "dev eval": evaluate.load_step(tmp_path / "run" / "dev_eval", 10)}
     cut = features.scored_text(ONE_TEXT)
     assert cut == "Cats purr and sleep all day long.\n\n" and all(s.response == [cut] * 16 for s in stored.values())
     outputs = tmp_path / "eval" / "step_10" / "model_outputs.json"
-    score.run(["--eval-set", str(EVAL_SET), "--outputs", str(outputs), "--reward", "rer", "--quiet",
+    score_cmd.run(["--eval-set", str(EVAL_SET), "--outputs", str(outputs), "--reward", "rer", "--quiet",
                "--relevance-encoder", "minilm", "--tokenizer", plan.run.paths["tokenizer"],
                "--out", str(tmp_path / "scores.json")])
     rows = json.loads((tmp_path / "scores.json").read_text())
-    got = {k: np.array([r[k] for r in rows], np.float32) for k in ("li", "rp", "qr", "ar", "proxy")}
-    got["proxy:li"] = np.array([r["presets"]["li"] for r in rows], np.float32)
+    got = {k: np.array([r[k] for r in rows], np.float32) for k in ("li", "rp", "qr", "ar")}
+    got.update({f"proxy:{n}": np.array([r["presets"][n] for r in rows], np.float32) for n in ("li", "qr_li_rp")})
+    open_ended = np.array([r["qtype"] == "OPENENDED" for r in rows])  # RER's AR branch scales with max_new_tokens:
+    got["proxy:rer"] = np.array([r["proxy"] for r in rows], np.float32)[open_ended]  # 512 here, 16 in the run
     for name, s in stored.items():
         want = {**{k: s.features[k].astype(np.float32) for k in ("li", "rp", "qr", "ar")},
-                "proxy": s.proxies["rer"].astype(np.float32), "proxy:li": s.proxies["li"].astype(np.float32)}
+                **{f"proxy:{n}": s.proxies[n].astype(np.float32) for n in ("li", "qr_li_rp")},
+                "proxy:rer": s.proxies["rer"].astype(np.float32)[open_ended]}
         for k, v in want.items():  # one encoder, one text: packed relevance is bit-identical however batched
             np.testing.assert_array_equal(got[k], v, err_msg=f"rre-score vs {name}: {k}")
     b = next(iter(batching.eval_batches(plan.run.dev[1], plan.run.dev[2])))
@@ -178,8 +183,9 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
                                                    train._global(plan.run, b.mask_BxT), b.index_B,
                                                    jax.random.key(0), plan.scfg)
     assert texts == [cut] * 8
-    np.testing.assert_array_equal(comps["li"], got["li"][:8])
-    assert np.all(comps["qr"] != got["qr"][:8])  # the PPO reward's relevance saw the uncut text
+    rows_B = np.asarray(b.index_B)
+    np.testing.assert_array_equal(comps["li"], got["li"][rows_B])
+    assert np.all(comps["qr"] != got["qr"][rows_B])  # the PPO reward's relevance saw the uncut text
 
 
 def test_training_logs_monotonicity_so_far(workdir):
@@ -206,16 +212,13 @@ def no_sampling(monkeypatch):
 
 def _bad(workdir, capsys, extra, eval_set=EVAL_SET):
     before = snapshot(workdir / "eval")
-    with pytest.raises(SystemExit) as e:
-        eval_cli.main(["--workdir", str(workdir), "--eval-set", str(eval_set)] + EVAL_ARGS + extra)
-    assert e.value.code == 2
+    assert eval_cmd.main(["--workdir", str(workdir), "--eval-set", str(eval_set)] + EVAL_ARGS + extra) == 2
     assert snapshot(workdir / "eval") == before, "bad input changed the stored eval"
     return capsys.readouterr().err
 
 
 def test_bad_input_fails_before_sampling_and_writes_nothing(workdir, tmp_path, capsys, assets, no_sampling):  # noqa: F811
-    with pytest.raises(SystemExit):
-        eval_cli.main(["--workdir", str(tmp_path / "typo"), "--eval-set", str(EVAL_SET)])
+    assert eval_cmd.main(["--workdir", str(tmp_path / "typo"), "--eval-set", str(EVAL_SET)]) == 2
     assert "holds no checkpoints/ directory" in capsys.readouterr().err and not (tmp_path / "typo").exists()
     err = _bad(workdir, capsys, ["--steps", "3,4"])
     assert "no checkpoint for step(s) [3]" in err and "saved steps: [2, 4, 6, 8, 10]" in err
@@ -231,10 +234,10 @@ def test_bad_input_fails_before_sampling_and_writes_nothing(workdir, tmp_path, c
     gold.mkdir()
     for name in ("config.json", "model.safetensors", "rre_tiny.json"):
         shutil.copy(pathlib.Path(assets["gold_rm"]) / name, gold / name)
-    err = _bad(workdir, capsys, ["--out", str(tmp_path / "g"), "--set", f"gold_rm.path={gold}"])
+    err = _bad(workdir, capsys, ["--out", str(tmp_path / "g"), f"--config.gold_rm.path={gold}"])
     assert "gold RM tokenizer not found" in err and "gold_rm.tokenizer" in err
     assert not (tmp_path / "g").exists() or not list((tmp_path / "g").glob("step_*"))
-    err = _bad(workdir, capsys, ["--out", str(tmp_path / "k"), "--set", "gold_rm.pth=/x"])
+    err = _bad(workdir, capsys, ["--out", str(tmp_path / "k"), "--config.gold_rm.pth=/x"])
     assert "no field 'pth'" in err and "'path'" in err
 
 
@@ -242,8 +245,8 @@ def test_rerun_with_overwrite_reproduces_the_step(workdir):
     """Same seed, same checkpoint, restored onto an 8-device mesh (trained and first evaluated on 1 device):
     --overwrite rewrites step 10 with the same responses and scores."""
     before = rollout_rows(workdir, 10)
-    assert eval_cli.main(["--workdir", str(workdir), "--eval-set", str(EVAL_SET), "--steps", "10", "--overwrite",
-                          "--set", "mesh.num_devices=0", "--set", "mesh.shape=(-1, 1, 1)"] + EVAL_ARGS) == 0
+    assert eval_cmd.main(["--workdir", str(workdir), "--eval-set", str(EVAL_SET), "--steps", "10", "--overwrite",
+                          "--config.mesh.num_devices=0", "--config.mesh.shape=(-1, 1, 1)"] + EVAL_ARGS) == 0
     assert rollout_rows(workdir, 10) == before
 
 
@@ -255,9 +258,9 @@ def test_alignment_tax_is_greedy_superni_rouge_of_the_checkpoint(workdir, tmp_pa
     from rre_jax import policy
     from rre_jax.models import llama
     out = tmp_path / "tax.jsonl"
-    plan = eval_cli.plan_alignment_tax(str(workdir), 10, str(TASKS), max_instances=3, max_new_tokens=8,
+    plan = checkpoint_eval.plan_alignment_tax(str(workdir), 10, str(TASKS), max_instances=3, max_new_tokens=8,
                                        batch_size=8, out=str(out))
-    result = eval_cli.run_alignment_tax(plan)
+    result = checkpoint_eval.run_alignment_tax(plan)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     instances = at.load_tasks(TASKS, max_instances_per_task=3)
     assert [r["id"] for r in rows] == [i.id for i in instances]
@@ -282,40 +285,40 @@ def test_alignment_tax_is_greedy_superni_rouge_of_the_checkpoint(workdir, tmp_pa
 
 def test_alignment_tax_bad_input(workdir, tmp_path, capsys, no_sampling):
     args = ["--workdir", str(workdir), "--tasks-dir", str(TASKS)]
-    with pytest.raises(SystemExit):
-        eval_cli.alignment_tax_main(args + ["--step", "5"])
+    assert tax_cmd.main(args + ["--step", "5"]) == 2
     assert "no checkpoint for step(s) [5]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        eval_cli.alignment_tax_main(["--workdir", str(workdir), "--step", "10", "--tasks-dir", str(tmp_path)])
+    assert tax_cmd.main(["--workdir", str(workdir), "--step", "10", "--tasks-dir", str(tmp_path)]) == 2
     assert "test_tasks.txt is missing" in capsys.readouterr().err
     (tmp_path / "taken.jsonl").write_text("{}\n")
-    with pytest.raises(SystemExit):
-        eval_cli.alignment_tax_main(args + ["--step", "10", "--out", str(tmp_path / "taken.jsonl")])
+    assert tax_cmd.main(args + ["--step", "10", "--out", str(tmp_path / "taken.jsonl")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "taken.jsonl").read_text() == "{}\n"
 
 
-def test_config_file_and_overrides():
-    config = eval_cli.load_config_file(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny.py") + ":li")
-    assert config.reward.preset == "li"
-    eval_cli.apply_overrides(config, ["mesh.shape=(2, 2, 2)", "gold_rm.path=123", "train.dev_size=4"])
+def test_config_file_and_overrides_on_the_command_line():
+    parser = eval_cmd.build_parser()
+    args, config, overrides = eval_cmd.parse(parser, [
+        "--workdir", "w", "--eval-set", "e.json", "--config", str(pathlib.Path(__file__).parents[1] / "configs" /
+                                                                  "tiny.py") + ":li",
+        "--config.mesh.shape=(2, 2, 2)", "--config.gold_rm.path=123", "--config.train.dev_size", "4"])
+    assert config.reward.preset == "li" and args.workdir == "w"
+    checkpoint_eval.apply_overrides(config, overrides)
     assert tuple(config.mesh.shape) == (2, 2, 2) and config.gold_rm.path == "123" and config.train.dev_size == 4
-    with pytest.raises(ValueError, match="--set train.dev_size='many'"):
-        eval_cli.apply_overrides(config, ["train.dev_size=many"])
-    with pytest.raises(KeyError, match="config.gold_rm has no field 'pth'"):
-        eval_cli.apply_overrides(config, ["gold_rm.pth=/x"])
-    with pytest.raises(ValueError, match="expected key=value"):
-        eval_cli.apply_overrides(config, ["gold_rm.path"])
+    with pytest.raises(ValueError, match="--config.train.dev_size='many'"):
+        checkpoint_eval.apply_overrides(config, [("train.dev_size", "many")])
+    with pytest.raises(ValueError, match="config.gold_rm has no field 'pth'"):
+        checkpoint_eval.apply_overrides(config, [("gold_rm.pth", "/x")])
 
 
 def test_rre_score_on_the_written_outputs_reproduces_the_store(workdir, assets, tmp_path):  # noqa: F811
     """rre-score on step 10's model_outputs.json (policy tokenizer, MiniLM, the run's gold RM) gives the stored
     features, gold and length-only presets back. (RER's CONSTRAINED branch scales with max_new_tokens, which
     rre-score fixes at 512 and the run's spec takes from its training config, so RER is compared on OPENENDED.)"""
-    from rre_jax import evaluate, score
+    from rre_jax import evaluate
+    from rre_jax.cli import score as score_cmd
     stored = evaluate.load_step(workdir / "eval", 10)
     out = tmp_path / "scores.json"
-    score.run(["--eval-set", str(EVAL_SET), "--outputs", str(workdir / "eval" / "step_10" / "model_outputs.json"),
+    score_cmd.run(["--eval-set", str(EVAL_SET), "--outputs", str(workdir / "eval" / "step_10" / "model_outputs.json"),
                "--reward", "rer", "--relevance-encoder", "minilm", "--tokenizer", assets["tokenizer"],
                "--gold-rm", assets["gold_rm"], "--out", str(out), "--quiet"])
     rows = json.loads(out.read_text())

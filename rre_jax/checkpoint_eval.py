@@ -1,7 +1,7 @@
-"""``rre-eval`` and ``rre-alignment-tax``: score a run's saved checkpoints (DESIGN.md 4.5).
+"""Scoring a run's saved checkpoints: the library behind ``rre-eval`` and ``rre-alignment-tax`` (rre_jax/cli/).
 
     rre-eval --workdir DIR --eval-set alpaca_eval.json [--steps 500,1000] [--config FILE[:arg]]
-             [--set gold_rm.path=DIR ...] [--out DIR] [--overwrite | --skip-existing]
+             [--config.gold_rm.path=DIR ...] [--out DIR] [--overwrite | --skip-existing]
              [--temperature 0.7 --top-p 1 --max-new-tokens 512] [--batch-size N] [--seed S] [--n-boot 1000]
 
 For every checkpoint step (default: all saved): restore the policy, sample each eval prompt once with the
@@ -18,7 +18,7 @@ every score here is computed on the stored text, ``features.scored_text`` of the
 ``summary.json`` and the plots are rebuilt from every stored step.
 
 The config is, by default, the one the run saved in its checkpoint meta (``train._meta``); ``--config`` loads a
-config file instead (``configs/x.py[:arg]`` or a ``.json`` dump) and ``--set a.b=v`` changes single fields (for
+config file instead (``configs/x.py[:arg]`` or a ``.json`` dump) and ``--config.a.b=v`` changes single fields (for
 example a different gold RM). Everything a user can get wrong -- a missing step, an empty or unreadable eval set,
 stored steps that hold other prompts, a step already stored (without ``--overwrite``), a gold RM without its
 tokenizer -- fails before the first token is sampled, and nothing stored is replaced without ``--overwrite``.
@@ -33,15 +33,12 @@ Shapes: ``B`` rows of a batch, ``T`` prompt bucket, ``N`` new tokens.
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import pathlib
-import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -54,23 +51,6 @@ FEATURES = ("li", "rp", "qr", "ar")
 
 # ======================================================================================= config
 
-def load_config_file(arg: str):
-    """An ml-collections config from ``path.py[:arg]`` (``get_config(arg)``) or a ``.json`` dump of one."""
-    import importlib.util
-
-    import ml_collections
-    path, _, cfg_arg = arg.partition(":") if not os.path.exists(arg) else (arg, "", "")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--config {arg!r}: {path!r} does not exist")
-    if path.endswith(".json"):
-        with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
-    spec = importlib.util.spec_from_file_location("_rre_eval_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(cfg_arg) if cfg_arg else module.get_config()
-
-
 def config_from_checkpoint(ckpt, step: int):
     """The config the run saved in the meta of checkpoint ``step`` (see ``train._meta``)."""
     import ml_collections
@@ -80,30 +60,11 @@ def config_from_checkpoint(ckpt, step: int):
     return ml_collections.ConfigDict(meta["config"])
 
 
-def apply_overrides(config, overrides: Sequence[str]):
-    """``--set a.b=value``: the value is a Python literal (``3``, ``(2, 2, 2)``, ``True``) or else a string."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set gold_rm.path=/ckpt/starling")
-        *parents, leaf = key.split(".")
-        node = config
-        for i, name in enumerate(parents + [leaf]):
-            if name not in node:
-                where = ".".join(["config"] + parents[:i])
-                raise KeyError(f"--set {key}: {where} has no field {name!r}; its fields: {sorted(node.keys())}")
-            if i < len(parents):
-                node = node[name]
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        if isinstance(node[leaf], str) and not isinstance(value, str):
-            value = raw  # a path or name that happens to parse as a number
-        try:
-            node[leaf] = value
-        except TypeError as e:
-            raise ValueError(f"--set {key}={raw!r}: {e}") from None
+def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
+    """``config`` with each ``(field, text)`` override (``--config.a.b=v`` on the command line) applied."""
+    from rre_jax.configs import loader
+    for key, raw in overrides:
+        loader.override(config, key, raw)
     return config
 
 
@@ -449,93 +410,3 @@ def run_alignment_tax(plan: TaxPlan) -> dict:
     if jax.process_index() == 0:
         at.write_predictions(plan.out, plan.instances, predictions, result)
     return result
-
-
-# ======================================================================================= command lines
-
-_USER_ERRORS = (OSError, ValueError, KeyError)
-
-
-def _steps_arg(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps {text!r}: expected comma-separated integers, e.g. 500,1000")
-
-
-def _common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", required=True, help="run directory (holds checkpoints/)")
-    parser.add_argument("--config", default=None,
-                        help="config file path.py[:arg] or .json (default: the config saved in the checkpoint)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change one config field, e.g. --set gold_rm.path=/ckpt/starling (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: config.ppo.batch_size)")
-    parser.add_argument("--overwrite", action="store_true", help="replace outputs already written")
-
-
-def _logging() -> None:
-    """rre_jax's own INFO lines; libraries (absl, orbax, jax) at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("rre_jax").setLevel(logging.INFO)
-
-
-def _config(args):
-    return load_config_file(args.config) if args.config else None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``rre-eval`` (see the module docstring); exits with status 2 and a message on bad input."""
-    parser = argparse.ArgumentParser(prog="rre-eval", description=__doc__.split("\n\n")[0])
-    _common_args(parser)
-    parser.add_argument("--eval-set", required=True, help="AlpacaEval/AlpacaFarm prompt file (.json or .jsonl)")
-    parser.add_argument("--steps", type=_steps_arg, default=None, help="e.g. 500,1000 (default: every checkpoint)")
-    parser.add_argument("--out", default=None, help="rollout store and report directory (default: WORKDIR/eval)")
-    parser.add_argument("--skip-existing", action="store_true", help="keep steps already stored, sample the rest")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.seed)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the report's intervals")
-    args = parser.parse_args(argv)
-    _logging()
-    try:
-        plan = plan_eval(args.workdir, args.eval_set, steps=args.steps, config=_config(args),
-                         overrides=args.overrides, out=args.out, overwrite=args.overwrite,
-                         skip_existing=args.skip_existing, temperature=args.temperature, top_p=args.top_p,
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                         n_boot=args.n_boot)
-    except _USER_ERRORS as e:
-        parser.exit(2, f"rre-eval: error: {e}\n")
-    summary = run_eval(plan)
-    print(f"rre-eval: report {plan.out_dir / 'report.md'} (checkpoints {summary.get('steps')})", file=sys.stderr)
-    return 0
-
-
-def alignment_tax_main(argv: Sequence[str] | None = None) -> int:
-    """``rre-alignment-tax`` (see the module docstring); exits with status 2 and a message on bad input."""
-    parser = argparse.ArgumentParser(prog="rre-alignment-tax",
-                                     description="SuperNI ROUGE-L of a checkpoint's greedy answers (alignment tax).")
-    _common_args(parser)
-    parser.add_argument("--step", type=int, required=True, help="checkpoint step")
-    parser.add_argument("--tasks-dir", required=True, help="natural-instructions root (splits/ and tasks/)")
-    parser.add_argument("--max-instances", type=int, default=100, help="first instances of each test task")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--max-prompt-length", type=int, default=512)
-    parser.add_argument("--out", default=None, help="predictions JSONL (default: WORKDIR/alignment_tax/step_N.jsonl)")
-    args = parser.parse_args(argv)
-    _logging()
-    try:
-        plan = plan_alignment_tax(args.workdir, args.step, args.tasks_dir, config=_config(args),
-                                  overrides=args.overrides, max_instances=args.max_instances,
-                                  max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
-                                  batch_size=args.batch_size, out=args.out, overwrite=args.overwrite)
-    except _USER_ERRORS as e:
-        parser.exit(2, f"rre-alignment-tax: error: {e}\n")
-    result = run_alignment_tax(plan)
-    print(f"rre-alignment-tax: step {result['step']}: ROUGE-L {result['rougeL']:.2f} over "
-          f"{result['n_instances']} instances of {result['n_tasks']} tasks", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
