@@ -17,6 +17,12 @@ set and every reward spec. A new proxy is scored later without sampling again, f
 every score here is computed on the stored text, ``features.scored_text`` of the response). Then ``report.md``,
 ``summary.json`` and the plots are rebuilt from every stored step.
 
+Each step also records the sampled KL(pi || pi_ref) of its responses (`rre_jax.sampled_kl`: the mean over
+responses of the summed per-token log-ratio of the sampled tokens under the eval sampling settings, with its
+standard error) in its meta, and the report plots gold and every proxy against d = sqrt(KL) with the fitted
+overoptimization curve (`rre_jax.evaluate.curves`). Step ``0`` is the initial policy (no checkpoint needed):
+``--steps 0 --skip-existing`` adds the d = 0 anchor the curves are re-centred on.
+
 The config is, by default, the one the run saved in its checkpoint meta (``train._meta``); ``--config`` loads a
 config file instead (``configs/x.py[:arg]`` or a ``.json`` dump) and ``--config.a.b=v`` changes single fields (for
 example a different gold RM). Everything a user can get wrong -- a missing step, an empty or unreadable eval set,
@@ -83,7 +89,7 @@ def resolve_steps(ckpt, steps: Sequence[int] | None) -> list[int]:
         raise FileNotFoundError(f"no checkpoints in {ckpt.directory}; train first (rre-train --workdir ...)")
     if not steps:
         return available
-    missing = sorted(set(steps) - set(available))
+    missing = sorted(set(steps) - set(available) - {0})  # step 0: the initial policy, never a checkpoint
     if missing:
         raise FileNotFoundError(f"no checkpoint for step(s) {missing} in {ckpt.directory}; saved steps: {available}")
     return sorted(set(steps))
@@ -184,21 +190,28 @@ def check_store(out_dir, steps: Sequence[int], instructions: Sequence[str], *, o
 
 # ======================================================================================= sampling
 
-def sample_step(run, state, step: int, scfg, seed: int, bar=None) -> dict:
+def sample_step(run, state, step: int, scfg, seed: int, bar=None, kl: bool = True) -> dict:
     """Sample and score every eval prompt once: ``{"index": i64[N], "texts": [N], "n_tokens": i64[N],
-    "comps": {component: f32[N]}}`` over the kept prompts, in order."""
+    "comps": {component: f32[N]}}`` over the kept prompts, in order; with ``kl`` also ``"log_ratio": f64[N]``,
+    each response's summed log pi - log pi_ref under the sampling settings (`rre_jax.sampled_kl`)."""
     import jax
+    import jax.numpy as jnp
 
-    from rre_jax import train
+    from rre_jax import sampled_kl, train
     from rre_jax.data import batching
     records, prompts, bcfg = run.dev
     index, texts, n_tokens, comps = [], [], [], {}
     key = jax.random.fold_in(jax.random.key(seed), step)
     for i, b in enumerate(batching.eval_batches(prompts, bcfg, process_index=jax.process_index(),
                                                 process_count=jax.process_count())):
-        _, mask_BxN, c, t, _ = train.sample_and_score(
-            run, state, train._global(run, b.ids_BxT), train._global(run, b.mask_BxT), b.index_B,
-            jax.random.fold_in(key, i), scfg, relevance_on_cut=True)
+        ids_BxT, mask_BxT = train._global(run, b.ids_BxT), train._global(run, b.mask_BxT)
+        roll, mask_BxN, c, t, _ = train.sample_and_score(run, state, ids_BxT, mask_BxT, b.index_B,
+                                                         jax.random.fold_in(key, i), scfg, relevance_on_cut=True)
+        if kl:  # every sampled token (the raw mask): the KL of the sampled responses, before the stop-string cut
+            ratio = sampled_kl.jitted_log_ratio(run.policy, b.ids_BxT.shape[1], scfg)(
+                state["trainable"], run.frozen, jnp.concatenate([ids_BxT, roll.tokens_BxN], 1),
+                jnp.concatenate([mask_BxT, roll.mask_BxN], 1))
+            c = {**c, "log_ratio": train._local(run, ratio)}
         keep = np.asarray(b.valid_B)
         index += list(np.asarray(b.index_B)[keep])
         texts += [x for x, k in zip(t, keep) if k]
@@ -224,6 +237,13 @@ def step_rollouts(run, step: int, sampled: dict, gold, scfg, seed: int, extra: d
     records = run.dev[0]
     recs = [records[i] for i in sampled["index"]]
     comps = sampled["comps"]
+    if "log_ratio" in comps and not np.all(np.isfinite(comps["log_ratio"])):
+        log.warning("step %d: the sampled KL is infinite (top-k / top-p: the reference gives a sampled token zero "
+                    "probability); it is not recorded and the step stays off the RL curves", step)
+    elif "log_ratio" in comps:  # the RL curves' distance (`evaluate.curves.rl_curves`)
+        from rre_jax import sampled_kl
+        extra = {**extra, "kl": {**sampled_kl.estimate(comps["log_ratio"]),
+                                 "log_ratio": comps["log_ratio"].tolist()}}
     return evaluate.StepRollouts(
         step=step, instruction=[r.instruction for r in recs], response=sampled["texts"], qtype=[r.qtype for r in recs],
         dataset=[r.dataset for r in recs], proxies=proxy_scores(comps, run.config.reward.preset),
@@ -261,7 +281,8 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
     from rre_jax.data import batching, prompts as prompts_lib
     ckpt = open_checkpoints(workdir)
     steps = resolve_steps(ckpt, steps)
-    config = apply_overrides(config if config is not None else config_from_checkpoint(ckpt, steps[-1]), overrides)
+    latest = steps[-1] or ckpt.all_steps()[-1]  # step 0 (the initial policy) has no checkpoint meta
+    config = apply_overrides(config if config is not None else config_from_checkpoint(ckpt, latest), overrides)
     scfg = sampling.SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     records = prompts_lib.load_prompts(eval_set, missing_qtype=config.data.missing_qtype)
     if not records:
@@ -308,7 +329,7 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> dict:
                    disable=not progress or jax.process_index() != 0)
         for step in plan.steps:
             bar.set_postfix(step=step)
-            state, _ = train.restore(plan.run, plan.ckpt, step, plan.state)
+            state = train.restore(plan.run, plan.ckpt, step, plan.state)[0] if step else plan.state  # 0: initial
             sampled = sample_step(plan.run, state, step, plan.scfg, plan.seed, bar)
             gold = None
             if plan.run.gold is not None:

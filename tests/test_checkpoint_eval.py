@@ -332,3 +332,31 @@ def test_rre_score_on_the_written_outputs_reproduces_the_store(workdir, assets, 
         np.testing.assert_allclose([r["presets"][name] for r in rows], stored.proxies[name], atol=1e-5, rtol=1e-5)
     open_ended = np.array([q == "OPENENDED" for q in stored.qtype])
     np.testing.assert_allclose(col("proxy")[open_ended], stored.proxies["rer"][open_ended], atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_kl_per_checkpoint_and_rl_curves(workdir, tmp_path):
+    """Every step records its sampled KL with its standard error; step 0 (the initial policy, added with
+    --steps 0 --skip-existing) anchors d = 0 and the report gains the RL overoptimization curves."""
+    from rre_jax import sampled_kl
+    out = tmp_path / "eval"
+    shutil.copytree(workdir / "eval", out)
+    report = (out / "report.md").read_text()
+    assert "no d = 0 anchor" in report and "rre-eval --steps 0 --skip-existing" in report
+    assert eval_cmd.main(["--workdir", str(workdir), "--eval-set", str(EVAL_SET), "--steps", "0",
+                          "--skip-existing", "--out", str(out)] + EVAL_ARGS) == 0
+    curves = json.loads((out / "rl_curves.json").read_text())
+    assert curves["steps"] == [0] + STEPS and curves["sampling"]["temperature"] == 0.7
+    for c, step in enumerate(curves["steps"]):
+        kl = json.loads((out / f"step_{step}" / "meta.json").read_text())["extra"]["kl"]
+        assert len(kl["log_ratio"]) == 16 and kl == {**sampled_kl.estimate(kl["log_ratio"]),
+                                                     "log_ratio": kl["log_ratio"]}
+        assert curves["kl"][c] == kl["kl"] and curves["kl_stderr"][c] == kl["stderr"]
+    assert curves["kl"][0] == 0.0  # LoRA adapters start at B = 0: the initial policy is its reference, exactly
+    assert all(k > 0 and s > 0 for k, s in zip(curves["kl"][1:], curves["kl_stderr"][1:]))
+    np.testing.assert_allclose(curves["d"], np.sqrt(np.maximum(curves["kl"], 0)), rtol=1e-12)
+    gold = [np.mean([r["gold"] for r in rollout_rows(tmp_path, s)]) for s in curves["steps"]]
+    np.testing.assert_allclose(curves["variants"]["gold"]["mean"], np.subtract(gold, gold[0]), atol=1e-9)
+    assert {"gold", "rer", "li"} <= set(curves["variants"]) and "overoptimized" in curves
+    report = (out / "report.md").read_text()
+    assert "## Overoptimization curves (RL checkpoints)" in report and "](plots/rl_curves.png)" in report
+    assert (out / "plots" / "rl_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

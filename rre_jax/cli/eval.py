@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rre-eval", description=__doc__.split("\n\n")[0])
     common_args(parser)
     parser.add_argument("--eval-set", required=True, help="AlpacaEval/AlpacaFarm prompt file (.json or .jsonl)")
-    parser.add_argument("--steps", type=steps_arg, default=None, help="e.g. 500,1000 (default: every checkpoint)")
+    parser.add_argument("--steps", type=steps_arg, default=None,
+                        help="e.g. 0,500,1000; 0 is the initial policy (default: every checkpoint)")
     parser.add_argument("--out", default=None, help="rollout store and report directory (default: WORKDIR/eval)")
     parser.add_argument("--skip-existing", action="store_true", help="keep steps already stored, sample the rest")
     parser.add_argument("--temperature", type=float, default=0.7)

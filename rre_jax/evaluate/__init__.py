@@ -10,7 +10,9 @@ RM, average per checkpoint, and rank-correlate the per-checkpoint proxy means wi
 * `monotonicity`: per-checkpoint means, Spearman / Kendall with SciPy p-values, prompt-bootstrap intervals,
   the reward-hacking flag, length statistics;
 * `summary`: stored checkpoints -> every number of the report;
-* `plots` and `report`: PNGs and ``report.md``; `refresh_report` rebuilds them from the store.
+* `plots` and `report`: PNGs and ``report.md``; `refresh_report` rebuilds them from the store;
+* `overoptimization` and `curves`: gold and proxy against d = sqrt(KL) (Gao et al. 2022) for best-of-n
+  (`best_of_n`, the ``rre-bon`` command) and for RL checkpoints (the report's RL section), with the fits.
 
 Sampling the checkpoints and scoring them live elsewhere; everything here takes plain arrays, lists and dicts::
 

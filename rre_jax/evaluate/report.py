@@ -7,6 +7,7 @@ stored step under ``root`` (see `rre_jax.evaluate.store`), recomputes the statis
     root/summary.json   every number of the report (NaN as null)
     root/report.md      tables + verdict, linking the plots below
     root/plots/proxy_vs_gold.png, root/plots/series.png, root/plots/length_hist.png
+    root/rl_curves.json, root/plots/rl_curves.png   when the steps recorded their sampled KL (`curves`)
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import os
 import pathlib
 from typing import Mapping
 
-from rre_jax.evaluate import plots, store
+from rre_jax.evaluate import curves, plots, store
 from rre_jax.evaluate.monotonicity import word_counts
 from rre_jax.evaluate.summary import GOLD, summarize
 
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
+RL_CURVES_FILE = "rl_curves.json"
 PLOTS_DIR = "plots"
 
 
@@ -150,6 +152,13 @@ def refresh_report(root: str | os.PathLike, *, k: int = 3, n_boot: int = 1000, s
              "response-length histograms": plots.plot_length_histograms(
                  summary["steps"], [word_counts(s.response) for s in steps], root / PLOTS_DIR / "length_hist.png")}
     store.write_atomic(root / SUMMARY_FILE, json.dumps(_json_safe(summary), indent=1, allow_nan=False))
-    store.write_atomic(root / REPORT_FILE, render_markdown(summary, {t: p.relative_to(root).as_posix()
-                                                              for t, p in files.items()}))
+    text = render_markdown(summary, {t: p.relative_to(root).as_posix() for t, p in files.items()})
+    rl = curves.rl_curves(steps, n_boot=n_boot, seed=seed, level=level)
+    if rl is not None:  # steps that recorded their sampled KL: the RL overoptimization curves
+        if "d" in rl:
+            curves.plot_curves(rl, root / PLOTS_DIR / "rl_curves.png", gold_random=summary["gold_rm"]["random"])
+        store.write_atomic(root / RL_CURVES_FILE, json.dumps(_json_safe(rl), indent=1, allow_nan=False))
+        text += "\n" + "\n".join(curves.curves_markdown(rl, f"{PLOTS_DIR}/rl_curves.png",
+                                                         gold_random=summary["gold_rm"]["random"]))
+    store.write_atomic(root / REPORT_FILE, text)
     return summary
