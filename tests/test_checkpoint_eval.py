@@ -139,6 +139,7 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
     import dataclasses
 
     import jax
+    import jax.numpy as jnp
 
     from rre_jax import evaluate, features
     from rre_jax.cli import score as score_cmd
@@ -153,7 +154,7 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
             put = lambda x: jax.device_put(np.asarray(x), ids_BxT.sharding)  # noqa: E731
             B = ids_BxT.shape[0]
             return rollout.Rollout(put(np.tile(np.int32(row), (B, 1))), put(np.ones((B, len(row)), np.int32)),
-                                   put(np.zeros((B, len(row)), np.float32)), put(np.full(B, len(row), np.int32)),
+                                   put(np.zeros((B, len(row)), np.float32)), jnp.full(B, len(row), jnp.int32),
                                    np.int32(len(row)))
         return sample
     monkeypatch.setattr(rollout, "jitted_sampler", fixed_sampler)
