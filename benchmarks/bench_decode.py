@@ -84,14 +84,14 @@ def worker_ours(path, layout):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from rre_jax import models
+    from rre_jax import models, rollout
     from rre_jax.models import llama
     kw = {} if layout == "stacked" else {"layer_layout": layout}
     loaded = models.from_pretrained(path, **kw)
     cfg, params = loaded.config, loaded.params
     ids, mask = (jnp.asarray(x, jnp.int32) for x in _prompts(cfg.vocab_size))
     pre = lambda: jax.block_until_ready(llama.prefill(cfg, params, ids, mask, T + N))
-    gen = lambda: jax.block_until_ready(llama.greedy_generate(cfg, params, ids, mask, N))
+    gen = lambda: jax.block_until_ready(rollout.greedy(cfg, params, ids, mask, N))
     pre()
     tokens = np.asarray(gen())  # compile
     t_pre, t_all = _best(pre, 5), _best(gen, 3)
@@ -220,7 +220,7 @@ def report(ours, hf, layout):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layout", default="per_layer", choices=("per_layer", "stacked"),
-                    help="our params' layer layout (stacked: split once per greedy_generate call)")
+                    help="our params' layer layout (stacked: split once per decode call)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as path:
         _run("build", path)

@@ -13,9 +13,9 @@ AlpacaEval ``model_outputs.json``, ``rollouts.jsonl``, ``meta.json``) under ``<w
 gold RM's path, a fingerprint of its files and whether it is a random stand-in, the sampling settings, the eval
 set and every reward spec. A new proxy is scored later without sampling again, from the stored texts:
 ``rre-score --eval-set EVAL.json --outputs <workdir>/eval/step_<N>/model_outputs.json ...`` or
-``reward.score_texts`` (which reproduces the stored li/rp exactly and relevance to float round-off, because every
-score here is computed on the stored text). Then ``report.md``, ``summary.json`` and the plots are rebuilt from
-every stored step.
+``text_scoring.score_texts`` (which reproduce the stored li/rp exactly and relevance to float round-off, because
+every score here is computed on the stored text, ``features.scored_text`` of the response). Then ``report.md``,
+``summary.json`` and the plots are rebuilt from every stored step.
 
 Each step also records the sampled KL(pi || pi_ref) of its responses (`rre_jax.sampled_kl`: the mean over
 responses of the summed per-token log-ratio of the sampled tokens under the eval sampling settings, with its

@@ -3,37 +3,14 @@
 XLA's compiler (LLVM on CPU) allocates hundreds of MB while it builds a large program such as the PPO update,
 and glibc keeps those freed pages in its arenas. A plain ``jax.jit`` call compiles and then runs in one go, so
 the program's own buffers land on top of the compiler's leftovers and the process peaks at both together.
-``AheadOfTime`` compiles a signature first (``lower(...).compile()``), calls ``release_host_memory`` and only
-then runs it: the peak becomes the larger of the two, not their sum (figures: docs/benchmark_results.md).
+``AheadOfTime`` compiles a signature first (``lower(...).compile()``), calls ``backend.release_host_memory`` and
+only then runs it: the peak becomes the larger of the two, not their sum (figures: docs/benchmark_results.md).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import gc
-
 import jax
 
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere: macOS, musl)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-def release_host_memory() -> bool:
-    """Collect garbage and return the C heap's free pages to the OS; True when ``malloc_trim`` ran."""
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
+from rre_jax.backend import release_host_memory
 
 
 def _signature(x):

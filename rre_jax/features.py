@@ -42,12 +42,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rre_jax import backend
 from rre_jax.tokenizer import ByteTable
 
 DEFAULT_STOPS: tuple[str, ...] = ("### Instruction:", "### Response:", "\n\n\n\n", "\n\n--", "\n\n____")
 N_CODE_POINTS = 0x110000
 SPACE, WORD, OTHER = 0, 1, 2  # character classes; outside the cleaned span everything is SPACE
 _STRIP = (0x0A, 0x20)  # "\n", " "
+
+
+def scored_text(text: str, stop_strings: Sequence[str] = DEFAULT_STOPS) -> str:
+    """The text a feature scores: ``text`` up to the first stop string found inside ``text.strip("\\n ")``, else
+    ``text`` itself (no strip). This is clean(r) before its strip, the cut ``text_features`` makes on device
+    (``cut_token_B``), as a string: LI and RP of ``scored_text(r)`` equal those of ``r``. Dev eval and ``rre-eval``
+    store it and score relevance on it, and ``rre-score`` scores relevance on it, so a stored response rescored
+    gives every component back. (A PPO step's reward scores relevance on the uncut text: see ``reward_engine``.)
+    Idempotent: the cut text holds no stop string inside its strip."""
+    lo = len(text) - len(text.lstrip("\n "))
+    hi = len(text.rstrip("\n "))
+    found = [i for i in (text.find(s, lo, hi) for s in stop_strings) if i >= 0]
+    return text[:min(found)] if found else text
 
 
 class FeatureTables(NamedTuple):
@@ -112,28 +126,6 @@ def _shift(x_BxN: jax.Array, k: int, fill=0) -> jax.Array:
     return padded[..., k:] if k > 0 else padded[..., :k]
 
 
-def _materialize(x_N: jax.Array) -> jax.Array:
-    """``x_N`` written to memory once. XLA fuses a cheap producer into each consumer, so a value read at
-    shifted or gathered positions (bytes, code points, classes) would be re-derived at every read; its CPU
-    pipeline drops ``optimization_barrier``, but a scatter's result is always a buffer of its own."""
-    n = x_N.shape[0]
-    return jnp.zeros_like(x_N).at[jnp.arange(n)].set(x_N, indices_are_sorted=True, unique_indices=True)
-
-
-def _cumsum(x_N: jax.Array, block: int = 128) -> jax.Array:
-    """Inclusive integer prefix sum of a long 1-D stream, in two levels: within blocks of ``block``, then the
-    blocks' running totals added on. The same integers as ``jnp.cumsum`` (integer sums are exact, uint32
-    wraps alike) at about half its cost on XLA CPU for a stream of ~80k positions. The blocks' offsets are
-    added to their first elements before the in-block scan, so the scan's own output is the result: one
-    buffer, which consumers read instead of each re-adding the offsets."""
-    n = x_N.shape[0]
-    blocks_Kxb = jnp.pad(x_N, (0, -n % block)).reshape(-1, block)
-    total_K = blocks_Kxb.sum(axis=1, dtype=x_N.dtype)
-    first_Kx1 = blocks_Kxb[:, :1] + (jnp.cumsum(total_K) - total_K)[:, None]
-    return jnp.cumsum(jnp.concatenate([first_Kx1, blocks_Kxb[:, 1:]], axis=1), axis=1).reshape(-1)[:n]
-
-
-
 # ----------------------------------------------------------------------------------------------- bytes
 
 
@@ -155,7 +147,7 @@ def packed_bytes(ids_BxT, mask_BxT, bytes_VxL, len_V, max_bytes: int, total_byte
     off_B = jnp.cumsum(kept_B + 1) - (kept_B + 1)
     end_kept = jnp.minimum(end_BxT, max_bytes)
     marks = off_B[:, None] + end_kept + (end_kept == kept_B[:, None])
-    count_P = _cumsum(jnp.zeros(total_bytes, jnp.int32).at[marks.ravel()].add(1, mode="drop"))
+    count_P = backend.cumsum(jnp.zeros(total_bytes, jnp.int32).at[marks.ravel()].add(1, mode="drop"))
     seg_P = jnp.minimum(count_P // t, b)
     tok_P = jnp.minimum(count_P, b * t - 1)
     off_Bp, kept_Bp = (jnp.concatenate([x, jnp.zeros(1, x.dtype)]) for x in (off_B, kept_B))
@@ -292,8 +284,8 @@ def word_hashes(cp_P, start_P, class_P, seg_P, last_R) -> Words:
     p, n_rows = cp_P.shape[0], last_R.shape[0]
     in_word = class_P != SPACE
     word_start = in_word & (class_P != _shift(class_P, -1, SPACE))
-    wid_P = _cumsum(word_start.astype(jnp.int32)) - 1  # index of the word each byte is in (or follows)
-    chars_P = _cumsum(start_P.astype(jnp.int32))  # characters so far, inclusive
+    wid_P = backend.cumsum(word_start.astype(jnp.int32)) - 1  # index of the word each byte is in (or follows)
+    chars_P = backend.cumsum(start_P.astype(jnp.int32))  # characters so far, inclusive
     at_start = jnp.where(word_start, wid_P, p)  # slot of the word a byte starts (p: none, dropped)
     bits = max(p - 1, 1).bit_length()
     if bits + n_rows.bit_length() <= _PACK_BITS:  # one scatter: characters before the word | row << bits
@@ -394,7 +386,7 @@ def text_features(ids_BxT, mask_BxT, tables: FeatureTables, stop_strings: Sequen
     p = int(total_bytes or b * (n + 1))
     bytes_P, seg_P, tok_P, n_bytes_B, kept_B, off_B = packed_bytes(
         ids_BxT, mask_BxT, tables.bytes_VxL, tables.len_V, n, p)
-    bytes_P = _materialize(bytes_P)
+    bytes_P = backend.materialize(bytes_P)
     cp_1xP, start_1xP = utf8_decode(bytes_P[None])
     real_P = jnp.arange(p) < jnp.concatenate([off_B + kept_B, jnp.zeros(1, off_B.dtype)])[seg_P]
     lo_R, hi_R, cut_R = clean_span(bytes_P, seg_P, real_P, b, stop_strings)
@@ -402,7 +394,7 @@ def text_features(ids_BxT, mask_BxT, tables: FeatureTables, stop_strings: Sequen
     in_span = (pos_P >= lo_R[seg_P]) & (pos_P < hi_R[seg_P])
     class_P = jnp.where(in_span, char_class(cp_1xP[0], tables.word_C, tables.space_C), SPACE)
     # One int32 per byte: code point (21 bits), unit start (bit 21), class (bits 22-23), written once.
-    info_P = _materialize(cp_1xP[0] | start_1xP[0].astype(jnp.int32) << 21 | class_P << 22)
+    info_P = backend.materialize(cp_1xP[0] | start_1xP[0].astype(jnp.int32) << 21 | class_P << 22)
     cp_P, start_P, class_P = info_P & 0x1FFFFF, (info_P >> 21 & 1).astype(bool), info_P >> 22
     words = word_hashes(cp_P, start_P, class_P, seg_P, off_B + kept_B)  # each row's separator
     n_words = words.n_words_R

@@ -20,6 +20,7 @@ read there, as trl 0.7.4's ``batched_forward_pass`` does (``logits[:, :-1]`` aga
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -60,10 +61,27 @@ class PolicySpec:
             raise ValueError("model.train_mode='lora' needs a LoRA config (config.model.lora)")
 
 
-def init_value_head(cfg: llama.LlamaConfig, rng):
-    """A fresh scalar value head on the trunk's final hidden state (``Dense(1)`` with bias)."""
-    w = 0.02 * jax.random.normal(rng, (cfg.hidden_size, 1), cfg.param_dtype)
-    return {"value_head": w, "value_bias": jnp.zeros((1,), cfg.param_dtype)}
+VALUE_HEAD_INITS = ("trl", "normal")
+
+
+def init_value_head(cfg: llama.LlamaConfig, rng, init: str = "trl"):
+    """A fresh scalar value head on the trunk's final hidden state (``Dense(1)`` with bias, D = hidden size).
+
+    ``trl`` (the default): what trl 0.7.4's ``ValueHead`` starts from, torch ``nn.Linear``'s own init (trl's
+    ``v_head_init_strategy=None`` leaves it alone): weight and bias each uniform in [-1/sqrt(D), 1/sqrt(D)).
+    ``normal``: weight N(0, 0.02), zero bias (rre_jax's init before it followed trl; a smaller first value
+    estimate, so the first value losses differ).
+    """
+    if init not in VALUE_HEAD_INITS:
+        raise ValueError(f"value head init {init!r}; choose one of {VALUE_HEAD_INITS}")
+    k_w, k_b = jax.random.split(rng)
+    D = cfg.hidden_size
+    if init == "normal":
+        return {"value_head": 0.02 * jax.random.normal(k_w, (D, 1), cfg.param_dtype),
+                "value_bias": jnp.zeros((1,), cfg.param_dtype)}
+    bound = 1.0 / math.sqrt(D)
+    return {"value_head": jax.random.uniform(k_w, (D, 1), cfg.param_dtype, -bound, bound),
+            "value_bias": jax.random.uniform(k_b, (1,), cfg.param_dtype, -bound, bound)}
 
 
 def init_trainable(spec: PolicySpec, base, rng):

@@ -35,6 +35,10 @@ Adam; each epoch reshuffles the batch. Differences from trl 0.7.4, on purpose:
   were all skipped, leaves parameters and optimizer state unchanged (``ppo/skipped_steps``).
 * trl runs its training forward passes with dropout off (``batched_forward_pass`` calls ``model.eval()``); the
   ``rng`` handed to ``forward_fn`` lets the caller choose, and the Llama trainer passes deterministic=True.
+
+The value head starts as trl's does (``policy.init_value_head``: torch ``nn.Linear``'s default, weight and bias
+uniform in +-1/sqrt(D)), drawn from JAX's RNG, so the distribution matches and the draw does not;
+``init='normal'`` gives the N(0, 0.02), zero-bias start rre_jax used before.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rre_jax.data import prompts as prompts_lib, templates
+from rre_jax.data import batching, prompts as prompts_lib, templates
 
 PROMPT = (
     "Decide whether a request to an AI assistant is constrained or open.\n"
@@ -109,10 +109,10 @@ class ZeroShotLabeller:
             if n > self.max_length:
                 raise ValueError(f"a labelling prompt has {n} tokens > max_length={self.max_length}; "
                                  "lower --max-query-chars")
-            T = min(self.max_length, max(16, 1 << (n - 1).bit_length()))  # pow2 buckets: few compiles
-            ids, mask, target = (np.zeros((self.batch_size, T), np.int32) for _ in range(3))
-            for i, (r, start) in enumerate(chunk):
-                ids[i, :len(r)], mask[i, :len(r)], target[i, start:len(r)] = r, 1, 1
+            T = batching.pow2_bucket(n, 16, self.max_length)  # pow2 buckets: few compiles
+            ids, mask = batching.pad_right([r for r, _ in chunk], T, self.batch_size, 0)
+            start_B = np.array([first for _, first in chunk] + [T] * (self.batch_size - len(chunk)))
+            target = mask * (np.arange(T)[None] >= start_B[:, None])  # the label word's tokens
             out[s:s + len(chunk)] = np.asarray(self._label_logp(self.model.params, ids, mask, target))[:len(chunk)]
         return out
 

@@ -32,18 +32,16 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
+from rre_jax import backend
+from rre_jax.data import batching
 from rre_jax.models import bert
-
-
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _geometric_ceil(n: int) -> int:
     """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^(k-1)) that is >= ``n``."""
-    p = _pow2_ceil(n)
+    p = batching.pow2_bucket(n)
     return 3 * p // 4 if p >= 4 and n <= 3 * p // 4 else p
 
 
@@ -187,22 +185,29 @@ def _compiled_packed(cfg: bert.BertConfig, windows: tuple[int, ...], precision):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_padded(cfg: bert.BertConfig, precision, mesh, batch_axes, in_sh):
-    """As ``_compiled_packed``, for padded batches (with their mesh and input shardings)."""
+def _compiled_padded(cfg: bert.BertConfig, precision, mesh, batch_axes, in_sh, looped: bool):
+    """As ``_compiled_packed``, for padded batches (with their mesh, input shardings and attention layout)."""
     return jax.jit(lambda p, ids, mask: bert.embed(p, cfg, ids, mask, precision=precision, mesh=mesh,
-                                                   batch_axes=batch_axes),
+                                                   batch_axes=batch_axes, looped_attention=looped),
                    in_shardings=None if in_sh is None else (None, in_sh, in_sh))
 
 
+def pair_dot(a_NxD, b_NxD) -> np.ndarray:
+    """``E(a_i) . E(b_i)`` for each row, f32[N] (QR: a = queries, AR: a = reference answers; b = responses),
+    summed in float64 so the result does not depend on how the embeddings were batched."""
+    return np.einsum("nd,nd->n", np.asarray(a_NxD, np.float64), np.asarray(b_NxD, np.float64)).astype(np.float32)
+
+
 class RelevanceEncoder:
-    """``embed_texts(texts) -> f32[N, D]`` and ``relevance(a, b) -> f32[N]`` (row-wise dot products).
+    """``embed_texts(texts) -> f32[N, D]``; QR / AR are ``pair_dot`` of two such embeddings.
 
     ``max_length``: tokens kept per text, special tokens included (the reference: 512).
     ``tokens_per_batch``: tokens per forward. On CPU without a multi-device mesh (``packed``) texts are
     packed one after another into streams of this many tokens (``plan_streams``, ``bert.embed_packed``):
     no padding tokens, one compiled shape per stream size. Otherwise padded rows (``plan_batches``), the
-    layout for accelerators. ``packed`` forces one or the other (default: as just said). ``one_stream_size``:
-    every packed stream has ``tokens_per_batch`` tokens (``plan_streams(halve=False)``), one compile.
+    layout for accelerators (with BERT's looped attention on XLA:CPU). ``packed`` forces one or the other
+    (default: as just said, from ``backend.on_xla_cpu()`` at construction). ``one_stream_size``: every packed
+    stream has ``tokens_per_batch`` tokens (``plan_streams(halve=False)``), one compile.
     ``mesh`` / ``rules``: params in their logical shardings, batch rows split over the ``batch`` axis.
     ``precision``: matmul precision (``jax.lax.Precision.HIGHEST`` for float32 parity on TPU).
     ``progress``: tqdm bar over batches (default: only when there are more than 8 batches).
@@ -234,10 +239,11 @@ class RelevanceEncoder:
         if packed and not single:
             raise ValueError("relevance: packed streams run on one device; use padded batches (packed=False) "
                              "with a multi-device mesh")
-        self.packed = (jax.default_backend() == "cpu" and single) if packed is None else bool(packed)
+        on_cpu = backend.on_xla_cpu()  # the layouts XLA:CPU wants, chosen once here
+        self.packed = (on_cpu and single) if packed is None else bool(packed)
         self.windows = windows(max_length, self.min_length)
         self._embed_packed = _compiled_packed(cfg, self.windows, precision)
-        self._embed = _compiled_padded(cfg, precision, mesh, batch_axes, in_sh)
+        self._embed = _compiled_padded(cfg, precision, mesh, batch_axes, in_sh, on_cpu)
 
     @classmethod
     def from_pretrained(cls, path: str, *, mesh=None, rules=None, dtype=jnp.float32, **kwargs) -> "RelevanceEncoder":
@@ -252,15 +258,6 @@ class RelevanceEncoder:
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False,
                              return_attention_mask=False, return_token_type_ids=False)
         return enc["input_ids"]
-
-    def _pad(self, rows: list[list[int]], T: int, B: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids_BxT, mask_BxT): ``rows`` right-padded with the pad id to T tokens and B rows."""
-        ids_BxT = np.full((B, T), self.tokenizer.pad_token_id, np.int32)
-        mask_BxT = np.zeros((B, T), np.int32)
-        for i, r in enumerate(rows):
-            ids_BxT[i, :len(r)] = r
-            mask_BxT[i, :len(r)] = 1
-        return ids_BxT, mask_BxT
 
     def _stream(self, rows: list[list[int]], n: int, items: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
         """The arrays of one packed stream of ``n`` tokens (see ``bert.embed_packed``)."""
@@ -287,7 +284,8 @@ class RelevanceEncoder:
                      lambda n=n, items=items: self._embed_packed(self.params, *self._stream(rows, n, items)))
                     for n, items in plan_streams(lengths, self.tokens_per_batch, self.max_length, self.min_length,
                                                  halve=not self.one_stream_size)]
-        return [(idx, lambda idx=idx, T=T, B=B: self._embed(self.params, *self._pad([rows[i] for i in idx], T, B)))
+        return [(idx, lambda idx=idx, T=T, B=B: self._embed(self.params, *batching.pad_right(
+                    [rows[i] for i in idx], T, B, self.tokenizer.pad_token_id)))
                 for idx, T, B in plan_batches(lengths, self.tokens_per_batch, self.max_length, self.row_multiple,
                                               self.min_length)]
 
@@ -312,12 +310,3 @@ class RelevanceEncoder:
         bar.close()
         where = {t: i for i, t in enumerate(unique)}
         return out_UxD[[where[t] for t in texts]]
-
-    def relevance(self, texts_a: Sequence[str], texts_b: Sequence[str]) -> np.ndarray:
-        """``E(a_i) . E(b_i)`` for each pair, f32[N] (QR: a = queries; AR: a = reference answers)."""
-        _check_texts(texts_a), _check_texts(texts_b)
-        if len(texts_a) != len(texts_b):
-            raise ValueError(f"relevance: {len(texts_a)} texts_a but {len(texts_b)} texts_b; pairs must align")
-        e_NxD = self.embed_texts(list(texts_a) + list(texts_b))
-        a_NxD, b_NxD = e_NxD[:len(texts_a)], e_NxD[len(texts_a):]
-        return np.einsum("nd,nd->n", a_NxD.astype(np.float64), b_NxD.astype(np.float64)).astype(np.float32)

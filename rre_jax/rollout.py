@@ -1,4 +1,4 @@
-"""Rollouts: ``(params, prompts, rng) -> Rollout``, one jitted program.
+"""Rollouts: ``(params, prompts, rng) -> Rollout``, one jitted program -- the one decode loop of rre_jax.
 
 Shapes: ``B`` rows, ``T`` (bucketed, left-padded) prompt length, ``N`` = max new tokens, ``V`` vocab.
 
@@ -7,7 +7,12 @@ per step and exits as soon as every row has emitted EOS (or after ``N`` steps). 
 ``pad_id``. The response mask covers the sampled tokens up to and including the first EOS, as trl 0.7.4's
 ``generate(remove_padding=True)`` keeps them. Per-token log-probabilities are those of the untempered,
 unfiltered policy (``log_softmax(logits)`` at the chosen token), i.e. what the PPO forward pass computes
-when ``temperature == 1``; they are reported, not trained on.
+when ``temperature == 1``; they are reported, not trained on. Greedy decoding (``greedy``, rre-eval's alignment
+tax, the decode benchmark) is this sampler with ``SamplingConfig(greedy=True)``: argmax at every step.
+
+Weights: a stacked weight sliced inside the ``while_loop`` would be copied at every step, so the loop runs on
+per-layer weights: ``llama.unstack_layers`` once per call (a second copy of the layer weights for the call), or
+none at all for params loaded with ``layer_layout='per_layer'`` (generation-only use: no second copy ever).
 """
 from __future__ import annotations
 
@@ -30,9 +35,10 @@ class Rollout(NamedTuple):
 
 
 def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: sampling.SamplingConfig, *,
-           eos_id: int, pad_id: int, lora=None, lora_cfg=None, cache=None, mesh=None, rules=None,
+           eos_id: int | None, pad_id: int, lora=None, lora_cfg=None, cache=None, mesh=None, rules=None,
            return_cache: bool = False) -> Rollout:
-    """Sample up to ``scfg.max_new_tokens`` tokens per row of a left-padded prompt batch.
+    """Sample up to ``scfg.max_new_tokens`` tokens per row of a left-padded prompt batch (``eos_id=None``: rows
+    never end early). ``params`` / ``lora`` may be stacked or per-layer (``llama.layer_layout``).
 
     ``cache``: an empty KV cache of ``T + N`` slots to decode into (``llama.init_cache``; default: a fresh one);
     ``return_cache`` returns ``(rollout, final cache)``, so that a donated ``cache`` is decoded in place;
@@ -55,7 +61,7 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
         lp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV.astype(jnp.float32)), tok_B[:, None], -1)[:, 0]
         toks_BxN = lax.dynamic_update_slice(toks_BxN, tok_B[:, None], (0, i))
         logp_BxN = lax.dynamic_update_slice(logp_BxN, jnp.where(done_B, 0.0, lp_B)[:, None], (0, i))
-        done_B = done_B | (tok_B == eos_id)
+        done_B = done_B if eos_id is None else done_B | (tok_B == eos_id)
         logits_BxV, cache = llama.decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg, **con)
         return i + 1, logits_BxV, cache, toks_BxN, logp_BxN, done_B
 
@@ -67,10 +73,10 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
     return (out, cache) if return_cache else out
 
 
-def response_mask(tokens_BxN, steps, eos_id: int):
+def response_mask(tokens_BxN, steps, eos_id: int | None):
     """1 on tokens up to and including each row's first EOS, and only on the ``steps`` decoded."""
     N = tokens_BxN.shape[1]
-    is_eos = tokens_BxN == eos_id
+    is_eos = jnp.zeros(tokens_BxN.shape, bool) if eos_id is None else tokens_BxN == eos_id
     eos_before = jnp.cumsum(is_eos, axis=1) - is_eos  # EOS strictly before this position
     return ((eos_before == 0) & (jnp.arange(N)[None] < steps)).astype(jnp.int32)
 
@@ -88,7 +94,7 @@ def samplers() -> list:
     return list(_SAMPLERS.values())
 
 
-def jitted_sampler(cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id: int, pad_id: int,
+def jitted_sampler(cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id: int | None, pad_id: int,
                    lora_cfg=None):
     """The jitted ``(params, ids, mask, rng, lora) -> Rollout`` for one model and sampling setting (cached)."""
     key = (cfg, scfg, eos_id, pad_id, lora_cfg)
@@ -98,3 +104,12 @@ def jitted_sampler(cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id
                           lora_cfg=lora_cfg)
         _SAMPLERS[key] = compiled.AheadOfTime(jax.jit(fn))
     return _SAMPLERS[key]
+
+
+def greedy(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, max_new_tokens: int, *, eos_id: int | None = None,
+           pad_id: int = 0, lora=None, lora_cfg=None):
+    """Greedy continuation ``int32[B, N]`` of a left-padded batch: the sampler with ``greedy=True`` (argmax at
+    every step), pad after a row's EOS, as transformers' ``generate(do_sample=False)``."""
+    scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=max_new_tokens)
+    run = jitted_sampler(cfg, scfg, eos_id, pad_id, lora_cfg)
+    return run(params, ids_BxT, mask_BxT, jax.random.key(0), lora).tokens_BxN

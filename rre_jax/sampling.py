@@ -14,6 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from rre_jax import backend
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -58,27 +60,13 @@ def filter_logits(logits_BxV, cfg: SamplingConfig):
     return logits_BxV
 
 
-def argmax(x_BxV):
-    """``jnp.argmax(x, -1)`` as ``int32[B]``, exactly (first index of the maximum; a NaN wins, the first
-    one), computed as a max and a min-reduce of ``where(x == max, iota, V)``.
-
-    XLA:CPU lowers ``jnp.argmax`` to a variadic (value, index) reduce that does not vectorise; two plain
-    reductions are several times cheaper per decode step (docs/benchmark_results.md).
-    """
-    V = x_BxV.shape[-1]
-    max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)  # NaN if the row holds one
-    hit_BxV = (x_BxV == max_Bx1) | jnp.isnan(x_BxV)
-    iota_BxV = jax.lax.broadcasted_iota(jnp.int32, x_BxV.shape, x_BxV.ndim - 1)
-    return jnp.min(jnp.where(hit_BxV, iota_BxV, V), axis=-1)
-
-
 def sample(rng, logits_BxV, cfg: SamplingConfig):
     """Next tokens ``int32[B]`` (argmax when ``cfg.greedy``).
 
     Sampling is ``jax.random.categorical`` spelled out -- the argmax of ``gumbel(rng) + logits`` -- with
-    the faster exact ``argmax``: the same key gives the same tokens, bit for bit.
+    the exact ``backend.argmax``: the same key gives the same tokens, bit for bit.
     """
     if cfg.greedy:
-        return argmax(logits_BxV)
+        return backend.argmax(logits_BxV)
     logits_BxV = filter_logits(logits_BxV, cfg)
-    return argmax(jax.random.gumbel(rng, logits_BxV.shape, logits_BxV.dtype) + logits_BxV)
+    return backend.argmax(jax.random.gumbel(rng, logits_BxV.shape, logits_BxV.dtype) + logits_BxV)

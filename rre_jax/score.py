@@ -10,13 +10,15 @@ What is scored, item by item, as the paper's ``eval_monotonicity.py`` scores a c
   ``OUTPUTS.json`` (AlpacaEval outputs: ``instruction``, ``output`` = the model's response) align by order;
   the instructions must match item by item (an error names the first index that differs). A row without
   ``qtype`` gets ``--missing-qtype`` (default OPENENDED, as ``rre_jax.data``), counted in the summary.
-* LI and RP come from the on-device features (``reward.score_texts``) on token ids of ``--tokenizer`` (the
+* LI and RP come from the on-device features (``text_scoring.score_texts``) on token ids of ``--tokenizer`` (the
   policy's tokenizer; its id -> bytes table). Without ``--tokenizer`` the ids are the raw UTF-8 bytes of the
   response (an identity byte table), i.e. exactly the Python definition (docs/design.md 4.2) on the text as written.
 * QR = E(q) . E(response) with ``q = relevance_query(instruction)``: the reference passes the raw,
   untemplated ``instruction`` through its ``extract_raw_query`` (same result as the templated prompt on all
-  805 AlpacaEval items). AR = E(reference answer) . E(response). Relevance sees the uncleaned response.
-* ``gold``: the gold RM on ``starling_input(starling_query(instruction), response)`` (``reward.GoldRM``).
+  805 AlpacaEval items). AR = E(reference answer) . E(response). Relevance sees ``features.scored_text`` of the
+  response (cut at its first stop string: the text ``rre-eval`` stores and scores), or with
+  ``--relevance-text raw`` the response as written, as the paper's scoring code passes it.
+* ``gold``: the gold RM on ``starling_input(starling_query(instruction), response)`` (``gold_rm.GoldRM``).
 
 Output: ``--out`` is a JSON list aligned with the eval set; each item holds ``index, instruction, qtype,
 n_words, li, rp, qr, ar, relevance, proxy, gold`` and ``presets`` (every preset that can be computed
@@ -37,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rre_jax import reward
+from rre_jax import gold_rm, reward, reward_engine, text_scoring
 from rre_jax.errors import UserError
 from rre_jax.data import prompts as prompts_lib
 from rre_jax.data import templates
@@ -70,6 +72,7 @@ class ScoreRequest:
     relevance_max_length: int = 512
     gold_rm_max_length: int = 2048
     gold_rm_batch_size: int = 4
+    relevance_text: str = "scored"
     overwrite: bool = False
     quiet: bool = False
 
@@ -192,6 +195,8 @@ def prepare(args: ScoreRequest) -> Job:
         raise ScoreError(f"--reward {args.reward} uses relevance (QR/AR) but no --relevance-encoder was given; "
                          "pass a BERT encoder dir or 'minilm', or choose --reward li / li_rp")
     enc = encoder_dir(args.relevance_encoder) if args.relevance_encoder else ""
+    if args.relevance_text not in text_scoring.RELEVANCE_TEXTS:
+        raise ScoreError(f"--relevance-text {args.relevance_text!r}: choose one of {text_scoring.RELEVANCE_TEXTS}")
     if args.batch_size < 1 or args.gold_rm_batch_size < 1:
         raise ScoreError("--batch-size and --gold-rm-batch-size must be positive")
     records, n_missing = load_eval_set(args.eval_set, args.missing_qtype)
@@ -204,8 +209,8 @@ def prepare(args: ScoreRequest) -> Job:
     if args.gold_rm:
         if not os.path.isdir(args.gold_rm):
             raise ScoreError(f"--gold-rm {args.gold_rm!r} is not a directory")
-        gold = reward.GoldRM(args.gold_rm, tokenizer_path=args.gold_rm_tokenizer,
-                             max_length=args.gold_rm_max_length, batch_size=args.gold_rm_batch_size)
+        gold = gold_rm.GoldRM(args.gold_rm, tokenizer_path=args.gold_rm_tokenizer,
+                              max_length=args.gold_rm_max_length, batch_size=args.gold_rm_batch_size)
     encoder = None
     if enc:
         from rre_jax import relevance
@@ -236,12 +241,13 @@ def compute(job: Job) -> dict:
     args, encoder = job.args, job.encoder
     counterfactual, _ = scored_presets(args.reward, encoder is not None)
     qtype_P = np.array([r.qtype_id for r in job.records])
-    engine = reward.RewardEngine(
+    engine = reward_engine.RewardEngine(
         job.spec, counterfactual, features.feature_tables(job.table), stop_strings=features.DEFAULT_STOPS,
         queries=[templates.relevance_query(r.instruction) for r in job.records],
         references=[r.reference for r in job.records], qtype_P=qtype_P, encoder=encoder, seed=args.seed)
-    out = reward.score_texts(engine, job.tokenizer, np.arange(len(job.responses)), job.responses,
-                             batch_size=args.batch_size, progress=not args.quiet)
+    out = text_scoring.score_texts(engine, job.tokenizer, np.arange(len(job.responses)), job.responses,
+                                   batch_size=args.batch_size, progress=not args.quiet,
+                                   relevance_text=args.relevance_text)
     out["constrained"] = engine.constrained["proxy"]
     if job.gold is not None:
         out["gold"] = gold_scores(job.gold, [r.instruction for r in job.records], job.responses, args.quiet)

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rre_jax import checkpoint, grpo, mesh as mesh_lib, metrics as metrics_lib, policy, ppo, preemption
-from rre_jax import programs as programs_lib, reward, rollout, sampling
+from rre_jax import checkpoint, features, gold_rm as gold_rm_lib, grpo, mesh as mesh_lib, metrics as metrics_lib
+from rre_jax import policy, ppo, preemption, programs as programs_lib, reward, reward_engine as engine_lib
+from rre_jax import rollout, sampling
 from rre_jax.errors import UserError
 from rre_jax.data import batching, prompts as prompts_lib, templates, tiny_prompts_path
 from rre_jax.models import llama, lora as lora_lib
@@ -153,7 +154,7 @@ class Run:
     dev: tuple
     policy: policy.PolicySpec
     frozen: Any
-    engine: reward.RewardEngine
+    engine: engine_lib.RewardEngine
     gold: Any
     paths: dict
     programs: programs_lib.RunPrograms
@@ -164,7 +165,7 @@ def _paths(config, workdir) -> dict:
     if not uses_tiny(config):
         gold = config.gold_rm.path
         return {"policy": config.model.path, "tokenizer": config.tokenizer.path or config.model.path,
-                "gold_rm": gold, "gold_rm_random": bool(gold) and reward._marked_random(gold)}
+                "gold_rm": gold, "gold_rm_random": bool(gold) and gold_rm_lib.marked_random(gold)}
     from rre_jax import tiny
     if jax.process_index() == 0:  # one builder; the other hosts then find the finished directories
         built = tiny.ensure_assets(config, workdir)
@@ -173,7 +174,7 @@ def _paths(config, workdir) -> dict:
         built = tiny.ensure_assets(config, workdir)
     gold = config.gold_rm.path or built["gold_rm"]
     return {"policy": built["policy"], "tokenizer": built["tokenizer"], "gold_rm": gold,
-            "gold_rm_random": not config.gold_rm.path or reward._marked_random(config.gold_rm.path)}
+            "gold_rm_random": not config.gold_rm.path or gold_rm_lib.marked_random(config.gold_rm.path)}
 
 
 def _check_prompt_source(config) -> None:
@@ -274,29 +275,28 @@ def run_programs(spec: RunSpec, mesh, pspec: policy.PolicySpec, frozen, tokenize
                                     pad_id=tokenizer.pad_token_id, experience_rows=rows)
 
 
-def reward_engine(config, spec: RunSpec, mesh, tokenizer, vocab_size: int, records) -> reward.RewardEngine:
+def reward_engine(config, spec: RunSpec, mesh, tokenizer, vocab_size: int, records) -> engine_lib.RewardEngine:
     """The reward engine of ``spec`` (training proxy + counterfactuals) over the prompt set ``records``."""
-    from rre_jax import features
     from rre_jax import tokenizer as tok_lib
     needs_rel = spec.reward.needs_relevance or any(s.needs_relevance for s in spec.counterfactual.values())
     encoder = _relevance_encoder(config, mesh, needs_rel)
     tables = features.feature_tables(_pad_table(tok_lib.byte_table(tokenizer), vocab_size))
     queries = [templates.relevance_query(templates.alpaca_prompt(r.instruction)) for r in records]
-    return reward.RewardEngine(spec.reward, spec.counterfactual, tables,
-                               stop_strings=tuple(config.reward.stop_strings), queries=queries,
-                               references=[r.reference for r in records],
-                               qtype_P=np.array([r.qtype_id for r in records]), encoder=encoder,
-                               seed=int(config.seed))
+    return engine_lib.RewardEngine(spec.reward, spec.counterfactual, tables,
+                                   stop_strings=tuple(config.reward.stop_strings), queries=queries,
+                                   references=[r.reference for r in records],
+                                   qtype_P=np.array([r.qtype_id for r in records]), encoder=encoder,
+                                   seed=int(config.seed))
 
 
 def gold_rm(config, spec: RunSpec, paths: dict, mesh):
     """The gold RM of ``paths['gold_rm']`` (None when the run has none); its tokenizer is checked first."""
     if not paths["gold_rm"]:
         return None
-    return reward.GoldRM(paths["gold_rm"], tokenizer_path=config.gold_rm.tokenizer,
-                         max_length=int(config.gold_rm.max_length), batch_size=int(config.gold_rm.batch_size),
-                         layout=config.gold_rm.layout, mesh=mesh, rules=spec.mesh.rules,
-                         is_random=paths["gold_rm_random"], placement=config.gold_rm.placement)
+    return gold_rm_lib.GoldRM(paths["gold_rm"], tokenizer_path=config.gold_rm.tokenizer,
+                              max_length=int(config.gold_rm.max_length), batch_size=int(config.gold_rm.batch_size),
+                              layout=config.gold_rm.layout, mesh=mesh, rules=spec.mesh.rules,
+                              is_random=paths["gold_rm_random"], placement=config.gold_rm.placement)
 
 
 def _pad_table(table, vocab_size: int):
@@ -368,8 +368,9 @@ def sample_and_score(run: Run, state, ids_BxT, mask_BxT, index_B, rng, scfg: sam
                      relevance_on_cut: bool = False):
     """Rollout + reward of one batch: ``(rollout, response mask after the cut, components, texts, timings)``.
 
-    Relevance sees the uncut text during training; ``relevance_on_cut`` (checkpoint evals) scores the cut text,
-    the one that is stored and judged, so that rescoring stored responses reproduces every component.
+    ``texts`` are ``features.scored_text`` of the decoded responses: what evals store and judge. Relevance sees
+    the uncut decoded text during training, as the reference's reward does; ``relevance_on_cut`` (dev eval,
+    ``rre-eval``) scores ``texts``, so that rescoring stored responses (``rre-score``) reproduces every component.
     """
     t0 = time.perf_counter()
     params, adapters = policy.sampling_params(run.policy, state["trainable"], run.frozen)
@@ -378,9 +379,9 @@ def sample_and_score(run: Run, state, ids_BxT, mask_BxT, index_B, rng, scfg: sam
     mask_BxN = rollout.cut_mask(roll.mask_BxN, feats.cut_token_B) if run.config.reward.cut_at_stop else roll.mask_BxN
     jax.block_until_ready(mask_BxN)
     t1 = time.perf_counter()
-    tokens, raw_mask, cut_mask = (_local(run, x) for x in (roll.tokens_BxN, roll.mask_BxN, mask_BxN))
-    decode = lambda m: run.tokenizer.batch_decode([t[k == 1] for t, k in zip(tokens, m)], skip_special_tokens=True)
-    raw_texts, texts = decode(raw_mask), decode(cut_mask)
+    tokens, raw_mask = _local(run, roll.tokens_BxN), _local(run, roll.mask_BxN)
+    raw_texts = run.tokenizer.batch_decode([t[k == 1] for t, k in zip(tokens, raw_mask)], skip_special_tokens=True)
+    texts = [features.scored_text(t, run.engine.stop_strings) for t in raw_texts]
     feats = type(feats)(*(_local(run, f) for f in feats))  # this host's share is scored on this host
     comps = run.engine.score(np.asarray(index_B), feats, texts if relevance_on_cut else raw_texts)
     t2 = time.perf_counter()
@@ -455,7 +456,8 @@ def dev_eval(run: Run, state, step: int) -> dict:
                                                 process_count=jax.process_count())):
         rng = jax.random.fold_in(jax.random.key(int(run.config.seed) + 7), step * 1000 + i)
         _, _, comps, texts, _ = sample_and_score(run, state, _global(run, b.ids_BxT), _global(run, b.mask_BxT),
-                                                 b.index_B + len(run.records), rng, run.spec.sampling)
+                                                 b.index_B + len(run.records), rng, run.spec.sampling,
+                                                 relevance_on_cut=True)
         # every host gathers the whole batch, so the gold RM sees the same inputs everywhere
         every = _gather({**comps, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B)})
         keep = every["valid"]

@@ -39,6 +39,13 @@ def clean(r: str, stops: Sequence[str] = STOPS) -> str:
     return (r[: m.start()] if m else r).strip("\n ")
 
 
+def cut(r: str, stops: Sequence[str] = STOPS) -> str:
+    """``r`` up to the leftmost stop string found in ``r.strip("\\n ")`` (clean before its strips), else ``r``."""
+    lead = len(r) - len(r.lstrip("\n "))
+    m = _first_stop(r.strip("\n "), stops)
+    return r[:lead + m.start()] if m else r
+
+
 def words(r: str, stops: Sequence[str] = STOPS, tokenize=nltk.wordpunct_tokenize) -> list[str]:
     """W(r) = nltk.wordpunct_tokenize(clean(r)) (``tokenize`` swaps the tokenizer, e.g. a stdlib-re one)."""
     return tokenize(clean(r, stops))

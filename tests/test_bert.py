@@ -1,4 +1,5 @@
 """BERT encoder parity with ``transformers.BertModel`` (PyTorch, fp32) and checkpoint loading errors."""
+import functools
 import json
 import os
 
@@ -250,10 +251,11 @@ def test_cpu_attention_loop_matches_batched_attention(T):
 def test_cpu_attention_row_does_not_depend_on_its_batch():
     """A row's attention output is bit-identical alone, in a batch of 5 and on an 8-device mesh."""
     q, k, v, mask = _qkv_mask(8, 320, seed=1)
-    attend = jax.jit(bert.attention)
+    attend = jax.jit(functools.partial(bert.attention, looped=True))
     alone = np.asarray(attend(q[:1], k[:1], v[:1], mask[:1]))
     np.testing.assert_array_equal(np.asarray(attend(q[:5], k[:5], v[:5], mask[:5]))[:1], alone)
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(4, 2, 1)), jax.devices())
-    on_mesh = jax.jit(lambda *a: bert.attention(*a, mesh=mesh, batch_axes=("data", "fsdp")))(q, k, v, mask)
+    on_mesh = jax.jit(lambda *a: bert.attention(*a, mesh=mesh, batch_axes=("data", "fsdp"), looped=True))(
+        q, k, v, mask)
     assert len(on_mesh.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(on_mesh)[:1], alone)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rre_jax import alignment_tax as at, checkpoint_eval, metrics, programs, reward, train
+from rre_jax import alignment_tax as at, checkpoint_eval, metrics, programs, rollout, text_scoring, train
 from rre_jax.cli import alignment_tax as tax_cmd, eval as eval_cmd
 from rre_jax.data import load_prompts
 
@@ -112,7 +112,7 @@ def test_outputs_load_as_alpaca_eval_model_outputs(workdir):
 
 
 def test_rescoring_the_store_reproduces_every_component(workdir):
-    """The stored responses, re-tokenized and scored by reward.score_texts, give the stored scores back."""
+    """The stored responses, re-tokenized and scored by text_scoring.score_texts, give the stored scores back."""
     from rre_jax import checkpoint, evaluate
     ckpt = checkpoint.CheckpointManager(str(workdir))
     config = checkpoint_eval.config_from_checkpoint(ckpt, 10)
@@ -120,13 +120,73 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
     assert "cf/rer" in spec.counterfactual or config.reward.preset == "rer"  # validate adds RER
     engine = train.reward_engine(config, spec, mesh, tokenizer, len(tokenizer), load_prompts(EVAL_SET))
     for stored in evaluate.load_steps(workdir / "eval"):
-        got = reward.score_texts(engine, tokenizer, np.arange(16), stored.response, batch_size=16)
+        got = text_scoring.score_texts(engine, tokenizer, np.arange(16), stored.response, batch_size=16)
         np.testing.assert_array_equal(got["li"], stored.features["li"].astype(np.float32))
         np.testing.assert_array_equal(got["rp"], stored.features["rp"].astype(np.float32))
         for k in ("qr", "ar"):
             np.testing.assert_allclose(got[k], stored.features[k], atol=1e-5, rtol=0, err_msg=k)
         for name, v in checkpoint_eval.proxy_scores(got, "rer").items():
             np.testing.assert_allclose(v, stored.proxies[name], atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+ONE_TEXT = "Cats purr and sleep all day long.\n\n### Instruction: now write about dogs, dogs and dogs"
+
+
+def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path, monkeypatch):
+    """Every row samples ONE_TEXT (a response holding a stop string). Training's dev eval and rre-eval store its
+    cut (``features.scored_text``), and they and rre-score on that stored text give the same li, rp, qr, ar and
+    proxies. A PPO step's reward scores relevance on the uncut text, as the reference's training does."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from rre_jax import evaluate, features
+    from rre_jax.cli import score as score_cmd
+    from rre_jax.data import batching
+    plan = checkpoint_eval.plan_eval(str(workdir), str(EVAL_SET), steps=[10], out=str(tmp_path / "eval"),
+                                     batch_size=8, max_new_tokens=16, n_boot=10)
+    tok = plan.run.tokenizer
+    row = tok(ONE_TEXT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def fixed_sampler(cfg, scfg, eos_id, pad_id, lora_cfg=None):
+        def sample(params, ids_BxT, mask_BxT, rng, lora):
+            put = lambda x: jax.device_put(np.asarray(x), ids_BxT.sharding)  # noqa: E731
+            B = ids_BxT.shape[0]
+            return rollout.Rollout(put(np.tile(np.int32(row), (B, 1))), put(np.ones((B, len(row)), np.int32)),
+                                   put(np.zeros((B, len(row)), np.float32)), jnp.full(B, len(row), jnp.int32),
+                                   np.int32(len(row)))
+        return sample
+    monkeypatch.setattr(rollout, "jitted_sampler", fixed_sampler)
+    checkpoint_eval.run_eval(plan, progress=False)
+    train.dev_eval(dataclasses.replace(plan.run, workdir=str(tmp_path / "run")), plan.state, 10)
+    stored = {"rre-eval": evaluate.load_step(tmp_path / "eval", 10),
+              "dev eval": evaluate.load_step(tmp_path / "run" / "dev_eval", 10)}
+    cut = features.scored_text(ONE_TEXT)
+    assert cut == "Cats purr and sleep all day long.\n\n" and all(s.response == [cut] * 16 for s in stored.values())
+    outputs = tmp_path / "eval" / "step_10" / "model_outputs.json"
+    score_cmd.run(["--eval-set", str(EVAL_SET), "--outputs", str(outputs), "--reward", "rer", "--quiet",
+               "--relevance-encoder", "minilm", "--tokenizer", plan.run.paths["tokenizer"],
+               "--out", str(tmp_path / "scores.json")])
+    rows = json.loads((tmp_path / "scores.json").read_text())
+    got = {k: np.array([r[k] for r in rows], np.float32) for k in ("li", "rp", "qr", "ar")}
+    got.update({f"proxy:{n}": np.array([r["presets"][n] for r in rows], np.float32) for n in ("li", "qr_li_rp")})
+    open_ended = np.array([r["qtype"] == "OPENENDED" for r in rows])  # RER's AR branch scales with max_new_tokens:
+    got["proxy:rer"] = np.array([r["proxy"] for r in rows], np.float32)[open_ended]  # 512 here, 16 in the run
+    for name, s in stored.items():
+        want = {**{k: s.features[k].astype(np.float32) for k in ("li", "rp", "qr", "ar")},
+                **{f"proxy:{n}": s.proxies[n].astype(np.float32) for n in ("li", "qr_li_rp")},
+                "proxy:rer": s.proxies["rer"].astype(np.float32)[open_ended]}
+        for k, v in want.items():  # one encoder, one text: packed relevance is bit-identical however batched
+            np.testing.assert_array_equal(got[k], v, err_msg=f"rre-score vs {name}: {k}")
+    b = next(iter(batching.eval_batches(plan.run.dev[1], plan.run.dev[2])))
+    _, _, comps, texts, _ = train.sample_and_score(plan.run, plan.state, train._global(plan.run, b.ids_BxT),
+                                                   train._global(plan.run, b.mask_BxT), b.index_B,
+                                                   jax.random.key(0), plan.scfg)
+    assert texts == [cut] * 8
+    rows_B = np.asarray(b.index_B)
+    np.testing.assert_array_equal(comps["li"], got["li"][rows_B])
+    assert np.all(comps["qr"] != got["qr"][rows_B])  # the PPO reward's relevance saw the uncut text
 
 
 def test_training_logs_monotonicity_so_far(workdir):

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rre_jax import compiled
+from rre_jax import backend, compiled
 
 
 def test_one_executable_per_signature_and_same_results_as_jit():
@@ -43,4 +43,4 @@ def test_sharded_inputs_get_their_own_executable():
 
 
 def test_release_host_memory_runs_malloc_trim_on_linux():
-    assert compiled.release_host_memory() is True  # CI and the TPU VMs run glibc
+    assert backend.release_host_memory() is True  # CI and the TPU VMs run glibc

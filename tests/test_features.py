@@ -208,6 +208,17 @@ def test_stop_strings_inserted(families, answers, family):
     assert (got["cut_token_B"] < lengths - (fam[0] is not None)).sum() > len(texts) // 2  # most are cut
 
 
+def test_scored_text_is_the_cut_the_features_make(answers):
+    """``scored_text`` cuts where clean(r) cuts (the reference's regex on the stripped text), keeps text without a
+    stop string as written, is idempotent, and leaves LI / RP unchanged: features of the cut text are those of r."""
+    texts = _insert_stops(answers[:300], seed=7) + ["\n\n--x", "x\n\n\n\n", "  ### Response: y", "", "plain"]
+    cut = [F.scored_text(t) for t in texts]
+    assert cut == [ref.cut(t) for t in texts]
+    assert sum(c != t for c, t in zip(cut, texts)) > 100 and cut[-5:] == ["\n\n--x", "x\n\n\n\n", "  ", "", "plain"]
+    assert [F.scored_text(c) for c in cut] == cut
+    assert [ref.counts(c) for c in cut] == [ref.counts(t) for t in texts]
+
+
 def test_custom_stop_strings(families, answers):
     """Stop strings are a static argument: non-ASCII ones and responses that hold none of them."""
     fam = families["sentencepiece"]

@@ -1,4 +1,4 @@
-"""Gold RM scoring (``reward.GoldRM``) against transformers on tiny random RMs of both layouts.
+"""Gold RM scoring (``gold_rm.GoldRM``) against transformers on tiny random RMs of both layouts.
 
 The reference (Starling-RM-34B as the paper's eval runs it): input string
 ``"<|im_start|>user\\n{query}<|im_end|>\\n<|im_start|>assistant\\n{assistant}<|im_end|>"`` with
@@ -15,7 +15,7 @@ import torch
 import transformers
 
 import hf_fixtures
-from rre_jax import reward
+from rre_jax import gold_rm
 from rre_jax.cli import score as score_cmd
 from rre_jax import tokenizer as tok_lib
 from rre_jax.data import templates
@@ -78,7 +78,7 @@ def assets(tmp_path_factory):
 def test_starling_input_string_is_the_reference_construction():
     prompts = INSTRUCTIONS + [templates.alpaca_prompt(i) for i in INSTRUCTIONS]
     responses = RESPONSES * 2
-    gold = reward.GoldRM.__new__(reward.GoldRM)  # inputs() needs no weights
+    gold = gold_rm.GoldRM.__new__(gold_rm.GoldRM)  # inputs() needs no weights
     assert gold.inputs(prompts, responses) == [reference_text(p, r) for p, r in zip(prompts, responses)]
     # eval (raw instruction, as eval_monotonicity.py) and training (templated prompt) give the same string
     assert gold.inputs(INSTRUCTIONS, RESPONSES) == gold.inputs(prompts[len(INSTRUCTIONS):], RESPONSES)
@@ -88,7 +88,7 @@ def test_starling_input_string_is_the_reference_construction():
 def test_scores_match_transformers(assets, layout):
     tok, models, _ = assets
     model, path = models[layout]
-    gold = reward.GoldRM(path, max_length=MAX_LEN, batch_size=4)
+    gold = gold_rm.GoldRM(path, max_length=MAX_LEN, batch_size=4)
     assert gold.layout == layout
     texts = [reference_text(p, r) for p, r in zip(INSTRUCTIONS, RESPONSES)]
     want, want_ids = reference_scores(model, path, texts, layout)
@@ -113,7 +113,7 @@ def test_missing_tokenizer_is_a_clear_error(assets, tmp_path):
     bare = tmp_path / "rm_without_tokenizer"
     hf_fixtures.save(models["starling"][0], bare)
     with pytest.raises(FileNotFoundError, match="gold RM tokenizer not found in .*rm_without_tokenizer"):
-        reward.GoldRM(str(bare))
+        gold_rm.GoldRM(str(bare))
     eval_path, out_path = tmp_path / "eval.json", tmp_path / "out.json"
     eval_path.write_text(json.dumps([{"instruction": "q", "output": "a", "qtype": "OPENENDED"}]))
     out_path.write_text(json.dumps([{"instruction": "q", "output": "r"}]))
@@ -122,7 +122,7 @@ def test_missing_tokenizer_is_a_clear_error(assets, tmp_path):
                    "--gold-rm", str(bare), "--out", str(tmp_path / "s.json")])
     assert not (tmp_path / "s.json").exists()
     # a separate tokenizer dir fixes it
-    gold = reward.GoldRM(str(bare), tokenizer_path=models["starling"][1], max_length=MAX_LEN)
+    gold = gold_rm.GoldRM(str(bare), tokenizer_path=models["starling"][1], max_length=MAX_LEN)
     assert gold.layout == "starling"
 
 
@@ -149,8 +149,8 @@ def test_host_placement_scores_like_device_placement(assets):
     _, models, _ = assets
     _, path = models["starling"]
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(2, 2, 2)))
-    on_device = reward.GoldRM(path, max_length=MAX_LEN, batch_size=4, mesh=mesh)
-    on_host = reward.GoldRM(path, max_length=MAX_LEN, batch_size=4, mesh=mesh, placement="host")
+    on_device = gold_rm.GoldRM(path, max_length=MAX_LEN, batch_size=4, mesh=mesh)
+    on_host = gold_rm.GoldRM(path, max_length=MAX_LEN, batch_size=4, mesh=mesh, placement="host")
     host = jax.devices("cpu")[0]
     assert all(x.sharding == jax.sharding.SingleDeviceSharding(host) for x in jax.tree.leaves(on_host.model.params))
     placed = on_host._device_params()
@@ -158,4 +158,4 @@ def test_host_placement_scores_like_device_placement(assets):
     np.testing.assert_allclose(on_host.score(INSTRUCTIONS, RESPONSES), on_device.score(INSTRUCTIONS, RESPONSES),
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="placement"):
-        reward.GoldRM(path, placement="disk")
+        gold_rm.GoldRM(path, placement="disk")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hf_fixtures as F
-from rre_jax import models
+from rre_jax import models, rollout
 from rre_jax.models import llama
 
 
@@ -36,7 +36,7 @@ def test_greedy_matches_transformers_generate(variant, tmp_path):
         theirs = ref.generate(input_ids=torch.tensor(ids, dtype=torch.long),
                               attention_mask=torch.tensor(mask, dtype=torch.long), max_new_tokens=32,
                               do_sample=False, eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].numpy()
-    ours = np.asarray(llama.greedy_generate(loaded.config, loaded.params, ids, mask, 32))
+    ours = np.asarray(rollout.greedy(loaded.config, loaded.params, ids, mask, 32))
     assert theirs.shape == (4, 32)
     np.testing.assert_array_equal(ours, theirs)
     assert len(np.unique(theirs)) > 8  # not a degenerate constant continuation
@@ -47,9 +47,9 @@ def test_greedy_stops_rows_at_eos():
                             num_attention_heads=2)
     params = llama.init_params(cfg, jax.random.key(0))
     ids, mask = F.left_padded(1, 2, 4, 16, (0, 2))
-    free = np.asarray(llama.greedy_generate(cfg, params, ids, mask, 12))
+    free = np.asarray(rollout.greedy(cfg, params, ids, mask, 12))
     eos = int(free[0, 2])
-    out = np.asarray(llama.greedy_generate(cfg, params, ids, mask, 12, eos_id=eos, pad_id=0))
+    out = np.asarray(rollout.greedy(cfg, params, ids, mask, 12, eos_id=eos, pad_id=0))
     for row_free, row in zip(free, out):
         hit = np.flatnonzero(row_free == eos)
         if hit.size:

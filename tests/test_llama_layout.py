@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file
 
 import hf_fixtures as F
-from rre_jax import models
+from rre_jax import models, rollout
 from rre_jax.models import hf, llama, lora as lora_lib
 
 
@@ -45,9 +45,9 @@ def test_per_layer_load_matches_transformers_and_stacked(variant, tmp_path):
     _close_to_stacked(logits[real], np.asarray(models.causal_lm_logits(stacked, stacked.params, ids, mask))[real],
                       "forward")
 
-    tokens = np.asarray(llama.greedy_generate(cfg, params, ids, mask, 24))
+    tokens = np.asarray(rollout.greedy(cfg, params, ids, mask, 24))
     np.testing.assert_array_equal(tokens, hf_tokens)
-    np.testing.assert_array_equal(tokens, np.asarray(llama.greedy_generate(cfg, stacked.params, ids, mask, 24)))
+    np.testing.assert_array_equal(tokens, np.asarray(rollout.greedy(cfg, stacked.params, ids, mask, 24)))
     assert len(np.unique(hf_tokens)) > 6
 
     lp, cp = llama.prefill(cfg, params, ids[:, :5], mask[:, :5], 12)
@@ -90,8 +90,8 @@ def test_stacked_lora_applies_to_per_layer_params(tmp_path):
     assert np.abs(np.asarray(got) - np.asarray(plain))[real].max() > 1e-3  # the adapters do something
     _close_to_stacked(np.asarray(got)[real], np.asarray(want)[real], "forward with LoRA")
     np.testing.assert_array_equal(
-        llama.greedy_generate(cfg, per.params, ids, mask, 8, lora=adapters, lora_cfg=lcfg),
-        llama.greedy_generate(cfg, stacked.params, ids, mask, 8, lora=adapters, lora_cfg=lcfg))
+        rollout.greedy(cfg, per.params, ids, mask, 8, lora=adapters, lora_cfg=lcfg),
+        rollout.greedy(cfg, stacked.params, ids, mask, 8, lora=adapters, lora_cfg=lcfg))
     with pytest.raises(ValueError, match="load the model with layer_layout='stacked'"):
         llama.export_pretrained(str(tmp_path / "x"), cfg, per.params, lora=adapters, lora_cfg=lcfg)
 

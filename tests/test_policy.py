@@ -143,6 +143,30 @@ def test_bad_critic_is_named():
                                             num_attention_heads=1), "full", critic="twin")
 
 
+def test_value_head_starts_as_trl_does():
+    """trl 0.7.4's ValueHead keeps torch nn.Linear's default init: weight and bias uniform in +-1/sqrt(D). Ours
+    (D = 4096: 4096 weights; 300 seeds: 300 biases) against torch's own draws of the same layer: inside the
+    bound, and the same distribution by a two-sample Kolmogorov-Smirnov test (p > 1e-3: a wrong law -- the old
+    N(0, 0.02), or a 1/D bound -- gives p < 1e-30 at these sizes). ``init='normal'`` keeps N(0, 0.02), bias 0."""
+    from scipy import stats
+    D = 4096
+    cfg = llama.LlamaConfig(vocab_size=8, hidden_size=D, intermediate_size=8, num_hidden_layers=1,
+                            num_attention_heads=1)
+    heads = jax.vmap(lambda k: policy.init_value_head(cfg, k))(jax.random.split(jax.random.key(0), 300))
+    w, bias = np.asarray(heads["value_head"][0, :, 0]), np.asarray(heads["value_bias"][:, 0])
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(D, 1) for _ in range(300)]
+    w_t, bias_t = linears[0].weight.detach().numpy()[0], np.array([float(lin.bias) for lin in linears])
+    bound = 1 / np.sqrt(D)
+    assert np.abs(w).max() <= bound and np.abs(bias).max() <= bound and np.abs(w).max() > 0.99 * bound
+    assert stats.ks_2samp(w, w_t).pvalue > 1e-3 and stats.ks_2samp(bias, bias_t).pvalue > 1e-3
+    assert stats.ks_2samp(0.02 * np.random.default_rng(0).normal(size=D), w_t).pvalue < 1e-30  # the test can fail
+    old = policy.init_value_head(cfg, jax.random.key(0), init="normal")
+    assert float(old["value_bias"][0]) == 0.0 and abs(float(np.std(old["value_head"])) - 0.02) < 0.001
+    with pytest.raises(ValueError, match="value head init 'zeros'"):
+        policy.init_value_head(cfg, jax.random.key(0), init="zeros")
+
+
 def _hf_to_jax(hf, tmp_path):
     F.save(hf, str(tmp_path))
     return llama.load_pretrained(str(tmp_path))[2]

@@ -41,7 +41,7 @@ def test_presets_and_counterfactual_scoring():
     ar = np.array([3.5, 1.75], np.float32)
     constrained = np.array([False, True])
     specs = {k: reward.preset(k) for k in ("li", "li_rp", "qr_li_rp", "rer")}
-    got = {k: np.asarray(v) for k, v in reward.compose_many(specs, li, rp, qr, ar, constrained).items()}
+    got = {k: np.asarray(reward.compose(s, li, rp, qr, ar, constrained)) for k, s in specs.items()}
     np.testing.assert_allclose(got["li"], [1.0, 2.0])
     np.testing.assert_allclose(got["li_rp"], [0.5, 2.0])
     np.testing.assert_allclose(got["qr_li_rp"], [1.0, 2.0])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reference_features as ref
-from rre_jax import features, relevance, reward, score
+from rre_jax import features, relevance, reward, reward_engine, score, text_scoring
 from rre_jax import tokenizer as tok_lib
 from test_relevance import ReferenceRelevance, tiny_dir  # noqa: F401  (tiny random BERT fixture)
 
@@ -49,7 +49,7 @@ def _tables(tok):
 
 
 def make_engine(spec, counterfactual, tok, encoder=None, seed=0):
-    return reward.RewardEngine(spec, counterfactual, _tables(tok), stop_strings=features.DEFAULT_STOPS,
+    return reward_engine.RewardEngine(spec, counterfactual, _tables(tok), stop_strings=features.DEFAULT_STOPS,
                                queries=QUERIES, references=REFERENCES, qtype_P=QTYPES, encoder=encoder, seed=seed)
 
 
@@ -58,7 +58,7 @@ def test_features_from_policy_tokenizer_ids_match_reference_text(policy_tok):
     stop strings cut, Unicode words, an empty response (LI 0, RP 1)."""
     want = [ref.counts(r) for r in RESPONSES]
     for tok in (policy_tok, UTF8):
-        out = reward.score_texts(make_engine(SPECS["li_rp"], {}, tok), tok, np.arange(8), RESPONSES, batch_size=4)
+        out = text_scoring.score_texts(make_engine(SPECS["li_rp"], {}, tok), tok, np.arange(8), RESPONSES, batch_size=4)
         assert out["n_words"].tolist() == [c.n_words for c in want]
         np.testing.assert_array_equal(out["li"], np.float32([c.li for c in want]))
         np.testing.assert_array_equal(out["rp"], np.float32([c.rp for c in want]))
@@ -66,12 +66,17 @@ def test_features_from_policy_tokenizer_ids_match_reference_text(policy_tok):
     assert out["li"][3] == 0.0 and out["rp"][3] == 1.0 and out["li"][7] == 0.0
 
 
-def test_relevance_and_rer_match_reference(encoder, tiny_dir, policy_tok):  # noqa: F811
-    """QR = E(q).E(r) and AR = E(y).E(r) on the uncleaned response (the reference's torch path), and RER
-    composed as the reference's _combine_scores from reference features."""
-    out = reward.score_texts(make_engine(SPECS["rer"], {}, policy_tok, encoder), policy_tok, np.arange(8), RESPONSES)
+@pytest.mark.parametrize("relevance_text", ["raw", "scored"])
+def test_relevance_and_rer_match_reference(encoder, tiny_dir, policy_tok, relevance_text):  # noqa: F811
+    """QR = E(q).E(r) and AR = E(y).E(r) on the response as written (``raw``: the reference's torch path) or cut
+    at its first stop string (``scored``: what rre-eval stores), and RER composed as the reference's
+    _combine_scores from reference features (LI / RP cut the text themselves either way)."""
+    out = text_scoring.score_texts(make_engine(SPECS["rer"], {}, policy_tok, encoder), policy_tok, np.arange(8),
+                                   RESPONSES, relevance_text=relevance_text)
+    seen = RESPONSES if relevance_text == "raw" else [ref.cut(r) for r in RESPONSES]
+    assert relevance_text == "raw" or sum(a != b for a, b in zip(seen, RESPONSES)) == 3  # the cut matters here
     torch_rel = ReferenceRelevance(tiny_dir, batch_size=1)
-    qr, ar = torch_rel.relevance(QUERIES, RESPONSES), torch_rel.relevance(REFERENCES, RESPONSES)
+    qr, ar = torch_rel.relevance(QUERIES, seen), torch_rel.relevance(REFERENCES, seen)
     np.testing.assert_array_less(np.abs(out["qr"] - qr), 1e-4 * np.abs(qr))
     np.testing.assert_array_less(np.abs(out["ar"] - ar), 1e-4 * np.abs(ar))
     c = [ref.counts(r) for r in RESPONSES]
@@ -83,11 +88,11 @@ def test_counterfactual_specs_at_once_equal_each_spec_alone(encoder, policy_tok)
     """One engine scoring rer plus four counterfactual presets pays each exactly what an engine with that
     preset alone pays (same features, relevance, qtype draws)."""
     cf = {n: s for n, s in SPECS.items() if n != "rer"}
-    together = reward.score_texts(make_engine(SPECS["rer"], cf, policy_tok, encoder, seed=7), policy_tok,
+    together = text_scoring.score_texts(make_engine(SPECS["rer"], cf, policy_tok, encoder, seed=7), policy_tok,
                                   np.arange(8), RESPONSES)
     assert set(together) >= {"proxy", *cf, "li", "rp", "qr", "ar"}
     for name, spec in SPECS.items():
-        alone = reward.score_texts(make_engine(spec, {}, policy_tok, encoder if spec.relevance else None, seed=7),
+        alone = text_scoring.score_texts(make_engine(spec, {}, policy_tok, encoder if spec.relevance else None, seed=7),
                                    policy_tok, np.arange(8), RESPONSES)
         np.testing.assert_array_equal(together["proxy" if name == "rer" else name], alone["proxy"], err_msg=name)
     # the variants really differ on this batch (so equality above is not vacuous)
@@ -98,12 +103,12 @@ def test_counterfactual_specs_at_once_equal_each_spec_alone(encoder, policy_tok)
 def test_score_texts_is_independent_of_batching_and_order(policy_tok):
     engine = make_engine(SPECS["li_rp"], {}, policy_tok)
     perm = np.random.default_rng(0).permutation(8)
-    a = reward.score_texts(engine, policy_tok, np.arange(8), RESPONSES, batch_size=3)
-    b = reward.score_texts(engine, policy_tok, perm, [RESPONSES[i] for i in perm], batch_size=16)
+    a = text_scoring.score_texts(engine, policy_tok, np.arange(8), RESPONSES, batch_size=3)
+    b = text_scoring.score_texts(engine, policy_tok, perm, [RESPONSES[i] for i in perm], batch_size=16)
     for k in ("li", "rp", "n_words", "proxy"):
         np.testing.assert_array_equal(a[k][perm], b[k], err_msg=k)
     with pytest.raises(ValueError, match="3 prompt indices for 8 texts"):
-        reward.score_texts(engine, policy_tok, np.arange(3), RESPONSES)
+        text_scoring.score_texts(engine, policy_tok, np.arange(3), RESPONSES)
 
 
 def test_relevance_spec_without_encoder_and_qtype_sources(policy_tok):

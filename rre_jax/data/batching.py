@@ -121,6 +121,28 @@ def pad_left(prompts: TokenizedPrompts, rows: np.ndarray, length: int) -> tuple[
     return ids_BxT, mask_BxT
 
 
+def pad_right(rows: Sequence[Sequence[int]], length: int, n_rows: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows right-padded with ``pad_id`` to ``length`` tokens and ``n_rows`` rows (filler rows all padding):
+    ``(ids_BxT int32, mask_BxT int32)``. Every host-side scorer (gold RM, relevance encoder, text features, query
+    labeller) pads its batches this way to a bucketed shape, so its jitted forward compiles once per bucket."""
+    if len(rows) > n_rows or any(len(r) > length for r in rows):
+        raise ValueError(f"pad_right: {len(rows)} rows of up to {max(map(len, rows), default=0)} tokens do not fit "
+                         f"{n_rows} x {length}")
+    ids_BxT = np.full((n_rows, length), pad_id, np.int32)
+    mask_BxT = np.zeros((n_rows, length), np.int32)
+    for b, r in enumerate(rows):
+        ids_BxT[b, :len(r)] = r
+        mask_BxT[b, :len(r)] = 1
+    return ids_BxT, mask_BxT
+
+
+def pow2_bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
+    """The smallest power of two >= ``n`` and >= ``minimum``, capped at ``maximum``: a padded size drawn from
+    a handful of values, so the jitted program that takes it compiles a handful of times."""
+    size = max(int(minimum), 1 << max(0, int(n) - 1).bit_length())
+    return size if maximum is None else min(size, int(maximum))
+
+
 def _check(prompts: TokenizedPrompts, config: "BatchingConfig", process_index: int, process_count: int) -> None:
     """Fails before any batch is built when hosts cannot share the batch or prompts outgrow the buckets."""
     g = config.global_batch_size

@@ -18,7 +18,8 @@ Sampling the checkpoints and scoring them live elsewhere; everything here takes 
 
     rollouts = evaluate.StepRollouts(
         step=step, instruction=[r.instruction for r in records], response=texts, qtype=[r.qtype for r in records],
-        dataset=[r.dataset for r in records], proxies=reward.compose_many(specs, li, rp, qr, ar, constrained),
+        dataset=[r.dataset for r in records],
+        proxies={name: reward.compose(spec, li, rp, qr, ar, constrained) for name, spec in specs.items()},
         gold=gold_B, features={"li": li, "rp": rp, "qr": qr, "ar": ar}, n_tokens=mask.sum(-1),
         train_proxy=config.reward.preset, gold_rm=config.gold_rm.path, gold_rm_random=not config.gold_rm.path,
         sampling={"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 512, "seed": seed})

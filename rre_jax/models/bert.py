@@ -159,15 +159,16 @@ def _attention_looped(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None)
     return o_NxGxTxK.reshape(B, H, T, K).transpose(0, 2, 1, 3)
 
 
-def attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None, mesh=None, batch_axes=None):
+def attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None, mesh=None, batch_axes=None,
+              looped: bool = False):
     """Bidirectional softmax attention over the keys ``mask_BxT`` keeps; ``[B, T, H, K] -> [B, T, H, K]``.
 
-    On CPU (``jax.default_backend()`` at trace time) it loops over blocks of one row's heads
-    (``_attention_looped``: faster there, docs/benchmark_results.md); elsewhere it is one batched computation.
-    With ``mesh`` the loop runs on each device's rows (``shard_map`` over ``batch_axes``, the mesh axes
-    of the batch dimension), so it never iterates over a sharded dimension.
+    One batched computation, or with ``looped`` (the XLA:CPU layout, chosen by the caller once:
+    ``backend.on_xla_cpu()``) a loop over blocks of one row's heads (``_attention_looped``: faster on CPU,
+    docs/benchmark_results.md). With ``mesh`` the loop runs on each device's rows (``shard_map`` over
+    ``batch_axes``, the mesh axes of the batch dimension), so it never iterates over a sharded dimension.
     """
-    if jax.default_backend() != "cpu":
+    if not looped:
         return _attention_rows(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision)
     looped = functools.partial(_attention_looped, precision=precision)
     if mesh is None or mesh.size == 1:
@@ -218,8 +219,8 @@ class BertEncoder(nn.Module):
     """``(input_ids_BxT, mask_BxT, token_type_ids_BxT) -> last hidden states f[B, T, D]``.
 
     Positions are ``0..T-1`` for every row, as ``BertModel`` uses them: pad on the right. ``mesh`` /
-    ``batch_axes``: the mesh the batch rows are split over, and its axes for the batch dimension
-    (see ``attention``). ``position_ids_BxT`` / ``attend`` replace the positions and the attention
+    ``batch_axes``: the mesh the batch rows are split over, and its axes for the batch dimension;
+    ``looped_attention``: the XLA:CPU attention layout (see ``attention``). ``position_ids_BxT`` / ``attend`` replace the positions and the attention
     pattern (``embed_packed``: several texts per row, each attending to itself).
     """
 
@@ -229,6 +230,7 @@ class BertEncoder(nn.Module):
     precision: Any = None
     mesh: Any = None
     batch_axes: Any = None
+    looped_attention: bool = False
 
     @nn.compact
     def __call__(self, input_ids_BxT, mask_BxT, token_type_ids_BxT=None, *, position_ids_BxT=None, attend=None):
@@ -241,7 +243,7 @@ class BertEncoder(nn.Module):
             position_ids_BxT = jnp.arange(T)[None, :]
         if attend is None:
             attend = functools.partial(attention, mask_BxT=mask_BxT, precision=self.precision, mesh=self.mesh,
-                                       batch_axes=self.batch_axes)
+                                       batch_axes=self.batch_axes, looped=self.looped_attention)
         if token_type_ids_BxT is None:
             token_type_ids_BxT = jnp.zeros_like(input_ids_BxT)
         embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=self.dtype,
@@ -269,17 +271,18 @@ def mean_pool(hidden_BxTxD: jax.Array, mask_BxT: jax.Array) -> jax.Array:
 
 
 def embed(params, cfg: BertConfig, input_ids, attention_mask, token_type_ids=None, *,
-          precision=None, mesh=None, batch_axes=None) -> jax.Array:
+          precision=None, mesh=None, batch_axes=None, looped_attention: bool = False) -> jax.Array:
     """Mean-pooled last hidden states f32[B, D] of int[B, T] inputs. Jittable with ``cfg`` static.
 
     Computes in the params' dtype (bf16 params: bf16 matmuls, float32 softmax / LayerNorm / pooling).
     ``precision`` goes to every matmul: on TPU the default rounds float32 matmul inputs to bf16, pass
     ``jax.lax.Precision.HIGHEST`` for float32 parity there (CPU is full float32 by default).
-    ``mesh`` / ``batch_axes``: the mesh axes the batch rows are sharded over, if any (``attention``).
+    ``mesh`` / ``batch_axes``: the mesh axes the batch rows are sharded over, if any; ``looped_attention``:
+    the XLA:CPU attention layout (``attention``).
     """
     dtype = params["word"]["embedding"].dtype
     model = BertEncoder(cfg, dtype=dtype, param_dtype=dtype, precision=precision, mesh=mesh,
-                        batch_axes=batch_axes)
+                        batch_axes=batch_axes, looped_attention=looped_attention)
     hidden_BxTxD = model.apply({"params": params}, input_ids, attention_mask, token_type_ids)
     return mean_pool(hidden_BxTxD, attention_mask)
 

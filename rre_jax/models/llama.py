@@ -4,10 +4,12 @@ One trunk -- RMSNorm, rotary embeddings (default / linear / llama3 scaling), gro
 SwiGLU MLP, optional q/k/v bias (Qwen2) -- is applied as a pure function of a parameter pytree. The
 layers are an ``nn.scan`` over one decoder layer: parameters are stacked along a leading ``layers``
 axis (fast compiles for 7B/34B; ``hf.StackedWeightSpec`` streams them from the per-layer HF tensors).
-A second *layer layout*, ``per_layer`` (``layers_0 .. layers_{L-1}``, one array per layer and weight), is
-what a decode loop wants: a stacked weight sliced inside a ``while_loop`` is copied every step.
-``load_pretrained(..., layer_layout='per_layer')`` loads it directly (no second copy ever exists) and every
-entry point below takes either layout (``layer_layout(params)`` tells which).
+The stacked layout is the model's own. The second *layer layout*, ``per_layer`` (``layers_0 .. layers_{L-1}``,
+one array per layer and weight), exists for one reason: the decode loop (``rollout.sample``) wants it, because
+a stacked weight sliced inside a ``while_loop`` is copied at every step. It is the same module applied without
+the scan (``Llama(scan=False)``); ``unstack_layers`` is the adapter between the two (once per decode call), and
+``load_pretrained(..., layer_layout='per_layer')`` loads it directly for generation-only use, so no second copy
+of a 7B model's layers ever exists. ``layer_layout(params)`` tells which one a tree holds.
 
 Every parameter carries logical axis names (``rre_jax.mesh.DEFAULT_RULES``) and the main activations
 get sharding constraints when the module is given a mesh. Numerics follow transformers: RMSNorm in
@@ -17,7 +19,8 @@ masked attention logits set to ``finfo(float32).min``, softmax in fp32.
 KV cache: an explicit pytree ``{k, v: L-tuples of (B, K, S, E), mask: (B, S), index: (), pos: (B,)}`` -- slots
 ``[0, index)`` are written, ``mask`` says which of them are real tokens (left padding stays masked),
 ``pos`` is each row's next RoPE position. ``prefill`` fills it from a (left-padded) prompt batch and
-``decode_step`` appends one token; both are usable inside ``lax.while_loop`` (``greedy_generate``).
+``decode_step`` appends one token; both are usable inside ``lax.while_loop`` (``rollout.sample``, the one
+decode loop).
 
 Array-name letters: B batch, T tokens of this call, S cache slots, D hidden size, F MLP size,
 H query heads, K kv heads, G = H / K, E head dim, V vocab, C score classes, L layers.
@@ -38,7 +41,6 @@ import numpy as np
 from jax import lax
 
 from rre_jax import mesh as mesh_lib
-from rre_jax import sampling
 from rre_jax.models import lora as lora_lib
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -585,39 +587,6 @@ def decode_step(cfg: LlamaConfig, params, token_B, cache, *, lora=None, lora_cfg
     out = model.apply({"params": params}, token_B[:, None], cache["pos"][:, None], mask_Bx1, cache=cache,
                       lora=lora)
     return out["logits"][:, -1], _advance(cache, out["kv"], mask_Bx1)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "pad_id", "lora_cfg"))
-def greedy_generate(cfg: LlamaConfig, params, ids_BxT, mask_BxT, max_new_tokens: int, eos_id=None,
-                    pad_id: int = 0, lora=None, lora_cfg=None):
-    """Greedy continuation ``BxN`` of a left-padded batch: jitted prefill + ``lax.while_loop`` decode.
-
-    After a row emits ``eos_id`` it emits ``pad_id`` (as transformers' ``generate``); the loop exits
-    early once every row is done. The full sampler lives in ``rre_jax.rollout``. Stacked ``params`` are
-    split into per-layer arrays once, before the loop (a second copy of the layer weights for the
-    duration of the call); params loaded with ``layer_layout='per_layer'`` are used as they are.
-    """
-    B, T = ids_BxT.shape
-    logits, cache = prefill(cfg, params, ids_BxT, mask_BxT, T + max_new_tokens, lora=lora, lora_cfg=lora_cfg)
-    lora = _lora_like(params, lora)
-    params, lora = unstack_layers(params), unstack_layers(lora)  # once, outside the loop (no-op if per-layer)
-    out_BxN = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
-    done_B = jnp.zeros((B,), bool)
-
-    def cond(state):
-        i, _, _, _, done_B = state
-        return (i < max_new_tokens) & ~jnp.all(done_B)
-
-    def body(state):
-        i, logits_BxV, cache, out_BxN, done_B = state
-        tok_B = jnp.where(done_B, pad_id, sampling.argmax(logits_BxV))
-        out_BxN = lax.dynamic_update_slice(out_BxN, tok_B[:, None], (0, i))
-        if eos_id is not None:
-            done_B = done_B | (tok_B == eos_id)
-        logits_BxV, cache = decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg)
-        return i + 1, logits_BxV, cache, out_BxN, done_B
-
-    return lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), logits, cache, out_BxN, done_B))[3]
 
 
 def pool_last_real(scores_BxTxC, mask_BxT):

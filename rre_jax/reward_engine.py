@@ -1,0 +1,73 @@
+"""The host reward engine: features of rollouts on device, relevance through the encoder, every spec composed.
+
+Shapes: ``B`` responses of a batch, ``N`` response tokens, ``P`` prompts of the engine's prompt set, ``D``
+encoder width. Which text each path gives ``RewardEngine.score`` for relevance (LI and RP always cut the
+response at the stop strings themselves, on device):
+
+* a PPO step's reward: the uncut decoded response, as the reference's training scores relevance (its rollout
+  post-processing was a no-op, so its reward model saw the whole sampled text);
+* dev eval, ``rre-eval`` and ``rre-score``: ``features.scored_text`` of the response, the text that is stored
+  and judged, so that rescoring a stored response reproduces every component.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from rre_jax import features, relevance
+from rre_jax.reward import RewardSpec, compose, qtype_labels
+
+
+@functools.lru_cache(maxsize=None)
+def _features_program(stop_strings: tuple[str, ...]):
+    """The jitted features for one set of stop strings, shared by every engine in the process (so a second
+    engine -- a counterfactual run, a notebook re-run -- reuses the compiled shapes)."""
+    return jax.jit(lambda t, ids, m, max_bytes=None, total_bytes=None: features.text_features(
+        ids, m, t, stop_strings, max_bytes, total_bytes), static_argnames=("max_bytes", "total_bytes"))
+
+
+class RewardEngine:
+    """Scores rollouts of one prompt set under a training spec and counterfactual specs.
+
+    ``features`` is jitted (token ids -> LI, RP, cut index, on device). ``score`` adds relevance (response
+    text re-tokenized on the host for the encoder; query and reference embeddings are computed once per
+    prompt set and cached) and composes every spec. Every component is returned as its own array.
+    """
+
+    def __init__(self, spec: RewardSpec, counterfactual, tables, *, stop_strings, queries, references,
+                 qtype_P, encoder=None, seed: int = 0):
+        self.spec, self.specs = spec, {"proxy": spec, **dict(counterfactual)}
+        self.needs_relevance = any(s.needs_relevance for s in self.specs.values())
+        self.needs_answer = any(s.needs_answer_relevance for s in self.specs.values())
+        if self.needs_relevance and encoder is None:
+            names = sorted(n for n, s in self.specs.items() if s.needs_relevance)
+            raise ValueError(f"reward specs {names} use relevance but no relevance encoder is configured; set "
+                             "--config.relevance.path=<BERT checkpoint dir> (or 'minilm'), or pick 'li'/'li_rp'")
+        self.encoder, self.tables, self.stop_strings = encoder, tables, tuple(stop_strings)
+        self.constrained = {n: qtype_labels(s, qtype_P, seed) for n, s in self.specs.items()}
+        self.features_fn = _features_program(self.stop_strings)
+        self._q_PxD = encoder.embed_texts(list(queries)) if self.needs_relevance else None
+        self._y_PxD = encoder.embed_texts(list(references)) if self.needs_answer else None
+
+    def features(self, tokens_BxN, mask_BxN, max_bytes: int | None = None, total_bytes: int | None = None):
+        """LI, RP, cut index (``features.Features``) on device. ``max_bytes`` (static; default N * L, which never
+        truncates) bounds each response's bytes and ``total_bytes`` (static; default B * (max_bytes + 1)) the
+        packed stream of all of them: the batch's real byte total, bucketed, is the main lever on the cost."""
+        return self.features_fn(self.tables, tokens_BxN, mask_BxN, max_bytes=max_bytes, total_bytes=total_bytes)
+
+    def score(self, index_B, feats, response_texts):
+        """``{component: f32[B]}``: li, rp, n_words, qr, ar (when used), and one entry per spec. Relevance is
+        computed on ``response_texts`` as given (the module docstring says which text each caller passes)."""
+        out = {"li": np.asarray(feats.li_B), "rp": np.asarray(feats.rp_B),
+               "n_words": np.asarray(feats.n_words_B).astype(np.float32)}
+        qr = ar = None
+        if self.needs_relevance:
+            r_BxD = self.encoder.embed_texts(list(response_texts))
+            qr = out["qr"] = relevance.pair_dot(self._q_PxD[index_B], r_BxD)
+            if self.needs_answer:
+                ar = out["ar"] = relevance.pair_dot(self._y_PxD[index_B], r_BxD)
+        for name, s in self.specs.items():
+            out[name] = np.asarray(compose(s, out["li"], out["rp"], qr, ar, self.constrained[name][index_B]))
+        return out
