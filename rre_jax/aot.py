@@ -238,10 +238,10 @@ _TAKES = {"init": ("frozen", "state"), "sampler": ("frozen",), "experience": ("f
 
 def compile_run(config, report: str = "") -> int:
     """Compile every program of ``config`` from shapes; print the table; 0 when every program fits, else 1."""
-    from rre_jax import programs, reward, train
+    from rre_jax import programs, reward, run_spec
     topology = str(config.mesh.get("topology", ""))
     mesh, devices = mesh_for(mesh_lib.MeshConfig.from_config(config.mesh), topology)
-    spec = train.validate(config, num_devices=len(devices), files=False)  # shapes only: no file is read
+    spec = run_spec.validate(config, num_devices=len(devices), files=False)  # shapes only: no file is read
     lay = programs.Layout(mesh, spec.mesh.rules)
     pcfg, gcfg, rcfg = _architectures(config, spec)
     needs_rel = any(reward.preset(n).needs_relevance for n in (config.reward.preset, *config.reward.counterfactual))

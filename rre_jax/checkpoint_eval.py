@@ -100,10 +100,10 @@ def _open(config, workdir: str):
     """``(run spec, mesh, asset paths, policy tokenizer)``: cheap, nothing is loaded onto devices yet."""
     import jax
 
-    from rre_jax import mesh as mesh_lib, tokenizer as tok_lib, train
-    spec = train.validate(config)
+    from rre_jax import mesh as mesh_lib, run_spec, tokenizer as tok_lib, train
+    spec = run_spec.validate(config)
     mesh = mesh_lib.make_mesh(spec.mesh, jax.devices()[:spec.mesh.num_devices or None])
-    paths = train._paths(config, workdir)
+    paths = train.asset_paths(config, workdir)
     return spec, mesh, paths, tok_lib.load_tokenizer(paths["tokenizer"])
 
 
@@ -187,27 +187,27 @@ def sample_step(run, state, step: int, scfg, seed: int, bar=None, kl: bool = Tru
     import jax
     import jax.numpy as jnp
 
-    from rre_jax import sampled_kl, train
+    from rre_jax import host_arrays, sampled_kl, train
     from rre_jax.data import batching
     records, prompts, bcfg = run.dev
     index, texts, n_tokens, comps = [], [], [], {}
     key = jax.random.fold_in(jax.random.key(seed), step)
     for i, b in enumerate(batching.eval_batches(prompts, bcfg, process_index=jax.process_index(),
                                                 process_count=jax.process_count())):
-        ids_BxT, mask_BxT = train._global(run, b.ids_BxT), train._global(run, b.mask_BxT)
+        ids_BxT, mask_BxT = host_arrays.to_global(run.mesh, run.spec.mesh.rules, b.ids_BxT), host_arrays.to_global(run.mesh, run.spec.mesh.rules, b.mask_BxT)
         roll, mask_BxN, c, t, _ = train.sample_and_score(run, state, ids_BxT, mask_BxT, b.index_B,
                                                          jax.random.fold_in(key, i), scfg, relevance_on_cut=True)
         if kl:  # every sampled token (the raw mask): the KL of the sampled responses, before the stop-string cut
             ratio = sampled_kl.jitted_log_ratio(run.policy, b.ids_BxT.shape[1], scfg)(
                 state["trainable"], run.frozen, jnp.concatenate([ids_BxT, roll.tokens_BxN], 1),
                 jnp.concatenate([mask_BxT, roll.mask_BxN], 1))
-            c = {**c, "log_ratio": train._local(run, ratio)}
+            c = {**c, "log_ratio": host_arrays.to_local(run.mesh, run.spec.mesh.rules, ratio)}
         # every host gathers every host's rows (process order, as the global batch lays them out)
-        every = train._gather({**c, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B),
-                               "n_tokens": train._local(run, mask_BxN).sum(1)})
+        every = host_arrays.gather({**c, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B),
+                               "n_tokens": host_arrays.to_local(run.mesh, run.spec.mesh.rules, mask_BxN).sum(1)})
         keep = every["valid"]
         index += list(every["index"][keep])
-        texts += [x for x, k in zip(train._gather_texts(t), keep) if k]
+        texts += [x for x, k in zip(host_arrays.gather_texts(t), keep) if k]
         n_tokens += list(every["n_tokens"][keep])
         for k in c:
             comps.setdefault(k, []).extend(np.asarray(every[k])[keep].tolist())
@@ -345,7 +345,7 @@ def greedy_generate(run, state, texts: Sequence[str], *, max_new_tokens: int, ma
     """Greedy continuations (new text only, special tokens skipped, not cut) of already-templated prompts."""
     import jax
 
-    from rre_jax import policy, sampling, train
+    from rre_jax import host_arrays, policy, sampling
     from rre_jax.data import batching
     tok = run.tokenizer
     scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=max_new_tokens)
@@ -363,9 +363,9 @@ def greedy_generate(run, state, texts: Sequence[str], *, max_new_tokens: int, ma
             ids_BxT[i, T - len(r):], mask_BxT[i, T - len(r):] = r, 1
         share = slice(jax.process_index() * batch_size // jax.process_count(),
                       (jax.process_index() + 1) * batch_size // jax.process_count())  # this host's rows
-        roll = sampler(params, train._global(run, ids_BxT[share]), train._global(run, mask_BxT[share]),
+        roll = sampler(params, host_arrays.to_global(run.mesh, run.spec.mesh.rules, ids_BxT[share]), host_arrays.to_global(run.mesh, run.spec.mesh.rules, mask_BxT[share]),
                        jax.random.key(0), adapters)
-        every = train._gather({"toks": train._local(run, roll.tokens_BxN), "mask": train._local(run, roll.mask_BxN)})
+        every = host_arrays.gather({"toks": host_arrays.to_local(run.mesh, run.spec.mesh.rules, roll.tokens_BxN), "mask": host_arrays.to_local(run.mesh, run.spec.mesh.rules, roll.mask_BxN)})
         toks, mask = every["toks"], every["mask"]
         out += tok.batch_decode([t[m == 1] for t, m in zip(toks[:len(chunk)], mask)], skip_special_tokens=True)
     return out

@@ -23,118 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rre_jax import checkpoint, features, gold_rm as gold_rm_lib, grpo, mesh as mesh_lib, metrics as metrics_lib
-from rre_jax import policy, ppo, preemption, programs as programs_lib, reward, reward_engine as engine_lib
-from rre_jax import rollout, sampling
-from rre_jax.errors import UserError
+from rre_jax import checkpoint, features, gold_rm as gold_rm_lib, host_arrays, mesh as mesh_lib, metrics as metrics_lib
+from rre_jax import policy, ppo, preemption, programs as programs_lib, reward_engine as engine_lib, rollout, sampling
 from rre_jax.data import batching, prompts as prompts_lib, templates, tiny_prompts_path
-from rre_jax.models import llama, lora as lora_lib
+from rre_jax.errors import UserError
+from rre_jax.models import llama
+from rre_jax.run_spec import EVAL_PROXY, RunSpec, uses_tiny, validate
 
 log = logging.getLogger(__name__)
-
-
-# ======================================================================================= configuration
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """Every config section in its validated, frozen form. Built before any model is loaded or compiled."""
-
-    ppo: ppo.PPOConfig
-    reward: reward.RewardSpec
-    counterfactual: dict
-    sampling: sampling.SamplingConfig
-    mesh: mesh_lib.MeshConfig
-    lora: lora_lib.LoraConfig
-    mode: str
-    critic: str
-    remat: str
-    dtype: Any
-    param_dtype: Any
-    algo: str = "ppo"
-    group: grpo.GroupConfig | None = None  # the group method's settings (algo 'grpo' / 'rloo'), else None
-
-
-EVAL_PROXY = "rer"  # scored at every dev eval and checkpoint eval: the reference judges every run with full RER
-
-
-def validate(config, num_devices: int | None = None, *, files: bool = True) -> RunSpec:
-    """Turn the ml-collections config into frozen dataclasses; every error names the field and the fix.
-
-    ``num_devices``: the devices the run is for (default: every device here; a TPU topology's when compiling
-    ahead of time). With ``files`` (the default) the inputs a run reads are checked too, before anything is
-    written: the policy source, every prompt file (read and validated record by record) and the relevance encoder.
-    """
-    def dtype(field):
-        name = config.model[field]
-        if name not in ("float32", "bfloat16"):
-            raise UserError(f"config.model.{field}={name!r}: choose 'float32' or 'bfloat16'")
-        return jnp.dtype(name)
-
-    ppo_cfg = ppo.PPOConfig.from_config(config.ppo)
-    # --- algorithm: PPO (default) or a critic-free group method (config.group, rre_jax.grpo)
-    algo = grpo.check_algo(config.algo)
-    group = (grpo.GroupConfig.from_config(config.group, algo, ppo_cfg, int(config.sampling.max_new_tokens))
-             if algo in grpo.GROUP_ALGOS else None)
-    spec = reward.preset(config.reward.preset)
-    spec = dataclasses.replace(spec, max_new_tokens=int(config.sampling.max_new_tokens))
-    cf = {f"cf/{n}": dataclasses.replace(reward.preset(n), max_new_tokens=spec.max_new_tokens)
-          for n in config.reward.counterfactual}
-    rer = dataclasses.replace(reward.preset(EVAL_PROXY), max_new_tokens=spec.max_new_tokens)
-    if spec != rer:  # the eval columns always hold RER, scored for real
-        cf.setdefault(f"cf/{EVAL_PROXY}", rer)
-    if config.model.train_mode not in policy.MODES:
-        raise UserError(f"config.model.train_mode={config.model.train_mode!r}; choose one of {policy.MODES}")
-    critic = policy.check_critic(config.model.get("critic", "separate"))
-    remat = llama.check_remat(config.model.get("remat", "dots"))
-    mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
-    available = num_devices or jax.device_count()
-    n_dev = mesh_cfg.num_devices or available
-    if n_dev > available:
-        raise UserError(f"config.mesh.num_devices={n_dev} but only {available} devices exist")
-    shape = mesh_cfg.resolved_shape(n_dev)  # raises with the fix when the mesh does not fit the devices
-    rows = shape[0] * shape[1]
-    if ppo_cfg.batch_size % rows:
-        raise UserError(f"config.ppo.batch_size={ppo_cfg.batch_size} must be a multiple of the mesh's "
-                        f"data x fsdp = {rows} devices; change it or --config.mesh.shape")
-    if config.train.save_freq <= 0 or config.train.steps <= 0:
-        raise UserError("config.train.steps and config.train.save_freq must be positive")
-    if files:
-        _check_model_source(config)
-        _check_prompt_source(config)
-        if spec.needs_relevance or any(s.needs_relevance for s in cf.values()):
-            _check_relevance(config)
-    return RunSpec(ppo=ppo_cfg, reward=spec, counterfactual=cf,
-                   sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
-                   lora=lora_lib.LoraConfig.from_config(config.model.lora),
-                   mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
-                   param_dtype=dtype("param_dtype"), algo=algo, group=group)
-
-
-def uses_tiny(config) -> bool:
-    """Whether the run builds the tiny built-in policy: only a config that asks (``model.build_tiny``, as
-    configs/tiny.py does) and leaves ``model.path`` empty."""
-    return not config.model.path and bool(config.model.get("build_tiny", False))
-
-
-def _check_model_source(config) -> None:
-    if not config.model.path and not uses_tiny(config):
-        raise UserError("config.model.path is empty: set --config.model.path=DIR, the policy's Hugging Face "
-                        "checkpoint directory (e.g. the AlpacaFarm SFT10k LLaMA-7B); only configs that set "
-                        "config.model.build_tiny=True (configs/tiny.py) build a tiny model instead")
-    for field in ("model.path", "tokenizer.path", "gold_rm.path"):
-        section, name = field.split(".")
-        path = config[section][name]
-        if path and "://" not in path and not os.path.isdir(path):
-            raise UserError(f"config.{field}={path!r} is not a directory; pass a Hugging Face checkpoint directory")
-
-
-def _check_relevance(config) -> None:
-    from rre_jax import relevance
-    try:
-        relevance.encoder_path(config.relevance.path, "config.relevance.path")
-    except ValueError as e:
-        raise UserError(f"{e} (the reward presets {config.reward.preset!r} + counterfactuals "
-                        f"{tuple(config.reward.counterfactual)} + {EVAL_PROXY!r} at every eval use relevance)") from None
 
 
 # ======================================================================================= set-up
@@ -160,8 +56,8 @@ class Run:
     programs: programs_lib.RunPrograms
 
 
-def _paths(config, workdir) -> dict:
-    """Checkpoint directories; the tiny config builds its own in ``<workdir>/assets`` on first use."""
+def asset_paths(config, workdir) -> dict:
+    """Checkpoint directories (policy, tokenizer, gold RM); the tiny config builds its own in ``<workdir>/assets`` on first use."""
     if not uses_tiny(config):
         gold = config.gold_rm.path
         return {"policy": config.model.path, "tokenizer": config.tokenizer.path or config.model.path,
@@ -175,32 +71,6 @@ def _paths(config, workdir) -> dict:
     gold = config.gold_rm.path or built["gold_rm"]
     return {"policy": built["policy"], "tokenizer": built["tokenizer"], "gold_rm": gold,
             "gold_rm_random": not config.gold_rm.path or gold_rm_lib.marked_random(config.gold_rm.path)}
-
-
-def _check_prompt_source(config) -> None:
-    """json: every prompt file is read and checked record by record (file, line, column, field) before anything
-    is built; tfds: ``<field> = '<builder name>:<split>'`` in ``data.tfds_dir``."""
-    data = config.data
-    if data.source not in ("json", "tfds"):
-        raise UserError(f"config.data.source={data.source!r}; choose 'json' (JSON / JSONL files) or 'tfds'")
-    if data.source == "json" and not data.train_file and not uses_tiny(config):
-        raise UserError("config.data.train_file is empty: set --config.data.train_file=FILE, a JSON / JSONL prompt "
-                        "file (e.g. the AlpacaFarm unlabeled split with qtype); the bundled toy prompts serve only "
-                        "the tiny built-in model (configs/tiny.py)")
-    for field in ("train_file", "dev_file"):
-        path = data[field]
-        if path and data.source == "json":
-            if not os.path.exists(path):
-                raise UserError(f"config.data.{field}={path!r} does not exist")
-            try:
-                prompts_lib.load_prompts(path, missing_qtype=data.missing_qtype)
-            except prompts_lib.PromptFileError as e:
-                raise UserError(f"config.data.{field}: {e}") from None
-        if data.source == "tfds" and (path or field == "train_file") and not (":" in path and data.tfds_dir):
-            raise UserError(f"config.data.source='tfds': set config.data.{field}='<builder>:<split>' (e.g. "
-                            "'alpaca_farm_prompts:alpacafarm_val') and config.data.tfds_dir to the prepared "
-                            f"data_dir (rre_jax.data.tfds_builders.build); got {field}={path!r}, "
-                            f"tfds_dir={data.tfds_dir!r}")
 
 
 def _load_records(config, field: str):
@@ -232,7 +102,7 @@ def build(config, workdir: str, saved: tuple[dict, str] | None = None) -> Run:
     spec = validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(spec.mesh, jax.devices()[:spec.mesh.num_devices or None])
-    paths = _paths(config, workdir)
+    paths = asset_paths(config, workdir)
     from rre_jax import tokenizer as tok_lib
     tokenizer = tok_lib.load_tokenizer(paths["tokenizer"])
     records, train_path = _load_records(config, "train_file")
@@ -333,37 +203,6 @@ def experience_rows(pcfg: ppo.PPOConfig, shards: int = 1) -> int:
 
 # ======================================================================================= one step
 
-def _batch_spec(run: Run, ndim: int):
-    return mesh_lib.logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), run.spec.mesh.rules)
-
-
-def _global(run: Run, x):
-    """A host-local batch share -> a global array sharded over the mesh's batch axes."""
-    spec = _batch_spec(run, np.ndim(x))
-    return jax.make_array_from_process_local_data(jax.sharding.NamedSharding(run.mesh, spec), np.asarray(x))
-
-
-def _local(run: Run, x) -> np.ndarray:
-    """The inverse of ``_global``: this host's rows of a global batch array, as NumPy (all rows on one host)."""
-    return np.asarray(multihost_utils.global_array_to_host_local_array(x, run.mesh, _batch_spec(run, x.ndim)))
-
-
-def _gather(tree):
-    """Host-local batch shares -> the global batch on every host (rows in process order, as ``_global`` lays
-    them out). Metrics, skip decisions and dev-eval records then agree on every host."""
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-
-
-def _gather_texts(texts: list[str]) -> list[str]:
-    """``_gather`` for strings (UTF-8 bytes padded to the longest text on any host)."""
-    data = [t.encode("utf-8") for t in texts]
-    n_L = _gather(np.array([len(b) for b in data], np.int32))
-    buf = np.zeros((len(data), max(int(n_L.max(initial=0)), 1)), np.uint8)
-    for i, b in enumerate(data):
-        buf[i, :len(b)] = np.frombuffer(b, np.uint8)
-    return [bytes(row[:n]).decode("utf-8") for row, n in zip(_gather(buf), n_L)]
-
-
 def sample_and_score(run: Run, state, ids_BxT, mask_BxT, index_B, rng, scfg: sampling.SamplingConfig, *,
                      relevance_on_cut: bool = False):
     """Rollout + reward of one batch: ``(rollout, response mask after the cut, components, texts, timings)``.
@@ -379,10 +218,10 @@ def sample_and_score(run: Run, state, ids_BxT, mask_BxT, index_B, rng, scfg: sam
     mask_BxN = rollout.cut_mask(roll.mask_BxN, feats.cut_token_B) if run.config.reward.cut_at_stop else roll.mask_BxN
     jax.block_until_ready(mask_BxN)
     t1 = time.perf_counter()
-    tokens, raw_mask = _local(run, roll.tokens_BxN), _local(run, roll.mask_BxN)
+    tokens, raw_mask = host_arrays.to_local(run.mesh, run.spec.mesh.rules, roll.tokens_BxN), host_arrays.to_local(run.mesh, run.spec.mesh.rules, roll.mask_BxN)
     raw_texts = run.tokenizer.batch_decode([t[k == 1] for t, k in zip(tokens, raw_mask)], skip_special_tokens=True)
     texts = [features.scored_text(t, run.engine.stop_strings) for t in raw_texts]
-    feats = type(feats)(*(_local(run, f) for f in feats))  # this host's share is scored on this host
+    feats = type(feats)(*(host_arrays.to_local(run.mesh, run.spec.mesh.rules, f) for f in feats))  # this host's share is scored on this host
     comps = run.engine.score(np.asarray(index_B), feats, texts if relevance_on_cut else raw_texts)
     t2 = time.perf_counter()
     return roll, mask_BxN, comps, texts, {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
@@ -395,7 +234,7 @@ def train_step(run: Run, state, batch: batching.Batch):
     gcfg = run.spec.group
     if gcfg is not None:  # a group method: each prompt sampled G times, a group on consecutive rows
         batch = batching.repeat_prompts(batch, gcfg.num_generations)
-    ids_BxT, mask_BxT = _global(run, batch.ids_BxT), _global(run, batch.mask_BxT)
+    ids_BxT, mask_BxT = host_arrays.to_global(run.mesh, run.spec.mesh.rules, batch.ids_BxT), host_arrays.to_global(run.mesh, run.spec.mesh.rules, batch.mask_BxT)
     T = batch.ids_BxT.shape[1]
     roll, mask_BxN, comps, texts, times = sample_and_score(run, state, ids_BxT, mask_BxT, batch.index_B, k_roll,
                                                            run.spec.sampling)
@@ -409,8 +248,8 @@ def train_step(run: Run, state, batch: batching.Batch):
     jax.block_until_ready(exp)
     t1 = time.perf_counter()
     score_B = comps["proxy"] - float(run.config.reward.baseline)  # this host's share
-    n_tok, n_raw = _local(run, mask_BxN).sum(1), _local(run, roll.mask_BxN).sum(1)
-    every = _gather({**comps, "n_tok": n_tok, "n_raw": n_raw})  # the global batch, for metrics
+    n_tok, n_raw = host_arrays.to_local(run.mesh, run.spec.mesh.rules, mask_BxN).sum(1), host_arrays.to_local(run.mesh, run.spec.mesh.rules, roll.mask_BxN).sum(1)
+    every = host_arrays.gather({**comps, "n_tok": n_tok, "n_raw": n_raw})  # the global batch, for metrics
     scalars = {f"reward/{k}": float(np.mean(v)) for k, v in every.items() if k in comps}
     scalars.update({"response/tokens_mean": float(every["n_tok"].mean()),
                     "response/tokens_max": float(every["n_tok"].max()),
@@ -422,7 +261,7 @@ def train_step(run: Run, state, batch: batching.Batch):
         state = {**state, "step": state["step"] + 1}
         return state, {**scalars, **times, "train/skipped_batch": 1.0}
     update = run.programs.update(T, N) if gcfg is None else run.programs.group_update(T, N, gcfg)
-    state, stats = update(state, run.frozen, exp, _global(run, score_B.astype(np.float32)), ids_BxS, attn_BxS,
+    state, stats = update(state, run.frozen, exp, host_arrays.to_global(run.mesh, run.spec.mesh.rules, score_B.astype(np.float32)), ids_BxS, attn_BxS,
                           mask_BxN, k_update)
     stats = jax.device_get(stats)
     t2 = time.perf_counter()
@@ -455,14 +294,14 @@ def dev_eval(run: Run, state, step: int) -> dict:
     for i, b in enumerate(batching.eval_batches(prompts, bcfg, process_index=jax.process_index(),
                                                 process_count=jax.process_count())):
         rng = jax.random.fold_in(jax.random.key(int(run.config.seed) + 7), step * 1000 + i)
-        _, _, comps, texts, _ = sample_and_score(run, state, _global(run, b.ids_BxT), _global(run, b.mask_BxT),
+        _, _, comps, texts, _ = sample_and_score(run, state, host_arrays.to_global(run.mesh, run.spec.mesh.rules, b.ids_BxT), host_arrays.to_global(run.mesh, run.spec.mesh.rules, b.mask_BxT),
                                                  b.index_B + len(run.records), rng, run.spec.sampling,
                                                  relevance_on_cut=True)
         # every host gathers the whole batch, so the gold RM sees the same inputs everywhere
-        every = _gather({**comps, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B)})
+        every = host_arrays.gather({**comps, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B)})
         keep = every["valid"]
         out["index"] += list(every["index"][keep])
-        out["texts"] += [t for t, k in zip(_gather_texts(texts), keep) if k]
+        out["texts"] += [t for t, k in zip(host_arrays.gather_texts(texts), keep) if k]
         for k in comps:
             comps_all.setdefault(k, []).extend(every[k][keep].tolist())
     instr = [records[i].instruction for i in out["index"]]

@@ -10,7 +10,7 @@ import jax
 import pytest
 from jax.sharding import NamedSharding
 
-from rre_jax import aot, mesh as mesh_lib, policy, programs, train
+from rre_jax import aot, mesh as mesh_lib, policy, programs, run_spec
 from rre_jax.configs import tiny as tiny_config
 from rre_jax.models import llama
 
@@ -36,7 +36,7 @@ def compiled(tmp_path_factory):
     cfg.mesh.shape, cfg.mesh.topology = MESH, TOPOLOGY
     mesh, devices = aot.mesh_for(mesh_lib.MeshConfig.from_config(cfg.mesh), TOPOLOGY)
     assert len(devices) == 4 and devices[0].platform == "tpu"
-    spec = train.validate(cfg, num_devices=len(devices))
+    spec = run_spec.validate(cfg, num_devices=len(devices))
     lay = programs.Layout(mesh, spec.mesh.rules)
     pcfg, _, rcfg = aot._architectures(cfg, spec)
     progs, _ = aot._programs(cfg, spec, lay, pcfg, None, rcfg, needs_relevance=False)
@@ -109,7 +109,7 @@ def test_parameter_lora_moment_and_cache_shardings_follow_the_rules(compiled):
 
 
 def _pspec(cfg):
-    spec = train.validate(cfg, num_devices=4)
+    spec = run_spec.validate(cfg, num_devices=4)
     return policy.PolicySpec(aot._architectures(cfg, spec)[0], spec.mode, spec.lora)
 
 

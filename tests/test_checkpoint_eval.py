@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rre_jax import alignment_tax as at, checkpoint_eval, metrics, programs, rollout, text_scoring, train
+from rre_jax import alignment_tax as at, checkpoint_eval, host_arrays, metrics, programs, rollout, text_scoring, train
 from rre_jax.cli import alignment_tax as tax_cmd, eval as eval_cmd
 from rre_jax.data import load_prompts
 
@@ -180,8 +180,8 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
         for k, v in want.items():  # one encoder, one text: packed relevance is bit-identical however batched
             np.testing.assert_array_equal(got[k], v, err_msg=f"rre-score vs {name}: {k}")
     b = next(iter(batching.eval_batches(plan.run.dev[1], plan.run.dev[2])))
-    _, _, comps, texts, _ = train.sample_and_score(plan.run, plan.state, train._global(plan.run, b.ids_BxT),
-                                                   train._global(plan.run, b.mask_BxT), b.index_B,
+    _, _, comps, texts, _ = train.sample_and_score(plan.run, plan.state, host_arrays.to_global(plan.run.mesh, plan.run.spec.mesh.rules, b.ids_BxT),
+                                                   host_arrays.to_global(plan.run.mesh, plan.run.spec.mesh.rules, b.mask_BxT), b.index_B,
                                                    jax.random.key(0), plan.scfg)
     assert texts == [cut] * 8
     rows_B = np.asarray(b.index_B)

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from rre_jax import configs, memory, metrics, reward, train
+from rre_jax import configs, memory, metrics, reward, run_spec, train
 from rre_jax.configs import alpacafarm_rer, loader, tiny as tiny_config
 from rre_jax.data import tiny_prompts_path
 
@@ -36,7 +36,7 @@ def test_config_builds_validates_and_plans(name, arg):
         cfg.mesh.shape = (-1, 1, 1)
     elif -1 not in shape:
         cfg.mesh.num_devices = int(np.prod(shape))  # its first n of the 8 CPU devices
-    spec = train.validate(cfg, files=False)  # the inputs a run reads are checked in test_user_errors.py
+    spec = run_spec.validate(cfg, files=False)  # the inputs a run reads are checked in test_user_errors.py
     assert spec.ppo.batch_size == int(cfg.ppo.batch_size) and spec.reward == dataclasses.replace(
         reward.preset(cfg.reward.preset), max_new_tokens=int(cfg.sampling.max_new_tokens))
     plan = memory.plan(_get(name, arg), num_devices=8)
@@ -50,7 +50,7 @@ def test_paper_config_accepts_a_group_algorithm():
     """--config.algo=grpo on the paper config: 16 responses = 4 prompts x 4, the paper's update layout."""
     cfg = _get("alpacafarm_rer", "rer,cpu")
     cfg.algo = "grpo"
-    spec = train.validate(cfg)
+    spec = run_spec.validate(cfg)
     assert (spec.algo, spec.group.prompts_per_step, spec.group.steps_per_iteration) == ("grpo", 4, 2)
     assert spec.group.max_completion_length == cfg.sampling.max_new_tokens
 
@@ -136,4 +136,4 @@ def test_tfds_source_without_split_is_a_clear_error(assets):
     cfg = _tiny(assets)
     cfg.data.source = "tfds"
     with pytest.raises(ValueError, match=r"config.data.train_file='<builder>:<split>'.*tfds_dir"):
-        train.validate(cfg)
+        run_spec.validate(cfg)

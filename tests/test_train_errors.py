@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from rre_jax import metrics, train
+from rre_jax import metrics, run_spec, train
 from rre_jax.configs import tiny as tiny_config
 
 from test_train import REPO, rows_by_step, tiny_cfg
@@ -28,7 +28,7 @@ def test_validate_names_the_field(override, match):
     section, field = key.split(".")
     cfg[section][field] = value
     with pytest.raises((ValueError, KeyError, FileNotFoundError), match=match):
-        train.validate(cfg)
+        run_spec.validate(cfg)
 
 
 def test_cli_rejects_unknown_config_key(tmp_path):

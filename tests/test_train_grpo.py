@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from rre_jax import programs, train
+from rre_jax import programs, run_spec, train
 from rre_jax.configs import tiny as tiny_config
 from rre_jax.errors import UserError
 
@@ -99,4 +99,4 @@ def test_validate_rejects_bad_group_settings(override, match, monkeypatch):
         cfg[key] = value
     monkeypatch.setattr(train, "_program", lambda *a: pytest.fail("compiled before validating"))
     with pytest.raises(UserError, match=match):
-        train.validate(cfg)
+        run_spec.validate(cfg)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rre_jax import checkpoint, mesh as mesh_lib, reward, train
+from rre_jax import checkpoint, mesh as mesh_lib, reward, run_spec, train
 from rre_jax.configs import alpacafarm_rer, tiny as tiny_config
 from rre_jax.errors import UserError
 
@@ -67,12 +67,12 @@ def test_dev_eval_rer_column_is_rer():
     """Formerly: the dev-eval `rer` column held the training proxy when 'rer' was not a counterfactual."""
     cfg = tiny_config.get_config("li")
     cfg.reward.counterfactual = ("li",)
-    spec = train.validate(cfg)
+    spec = run_spec.validate(cfg)
     want = dataclasses.replace(reward.preset("rer"), max_new_tokens=spec.reward.max_new_tokens)
     assert spec.counterfactual["cf/rer"] == want != spec.reward
     cfg = tiny_config.get_config("rer")
     cfg.reward.counterfactual = ("li",)
-    assert "cf/rer" not in train.validate(cfg).counterfactual  # the training proxy is RER itself
+    assert "cf/rer" not in run_spec.validate(cfg).counterfactual  # the training proxy is RER itself
 
 
 def test_counterfactual_needing_relevance_without_encoder(tmp_path):

@@ -49,9 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compile_only:
             from rre_jax import aot
             return aot.main(config, args.compile_report)
-        from rre_jax import distributed, train  # after parsing: keeps --help fast
+        from rre_jax import distributed, run_spec  # after parsing: keeps --help fast
         distributed.maybe_initialize(config.distributed)
-        train.validate(config)  # every config error surfaces here, before anything is loaded or compiled
+        run_spec.validate(config)  # every config error surfaces here, before anything is loaded or compiled
     except _config_errors() as e:
         return errors.report("rre-train", e.args[0] if isinstance(e, KeyError) and e.args else e)
     try:

@@ -83,7 +83,7 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
 
     import jax
 
-    from rre_jax import checkpoint_eval, sampling, train
+    from rre_jax import checkpoint_eval, run_spec, sampling, train
     from rre_jax.data import batching, prompts as prompts_lib
     ks = oo.check_ks(ks or (oo.powers_of_two(n) if n >= 1 else [1]), n)
     ckpt = None
@@ -100,7 +100,7 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
     records = prompts_lib.load_prompts(eval_set, missing_qtype=config.data.missing_qtype)
     if not records:
         raise UserError(f"eval set {eval_set!r} holds no prompts")
-    spec = train.validate(config)  # RER is always among its proxies
+    spec = run_spec.validate(config)  # RER is always among its proxies
     check_references({config.reward.preset: spec.reward, **{k[3:]: v for k, v in spec.counterfactual.items()}},
                      records)
     step = int(step or 0)

@@ -1,0 +1,148 @@
+"""A run config, validated: ``validate(config) -> RunSpec`` turns the ml-collections config into frozen
+dataclasses, one per section, before anything is loaded, written or compiled.
+
+Every error is a ``UserError`` that names the config field and the fix. With ``files`` the inputs a run reads are
+checked too: the policy source (a checkpoint directory, or the tiny built-in model of configs that ask for it),
+every prompt file (read and validated record by record: file, line, column, field) and the relevance encoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rre_jax import grpo, mesh as mesh_lib, policy, ppo, reward, sampling
+from rre_jax.data import prompts as prompts_lib
+from rre_jax.errors import UserError
+from rre_jax.models import llama, lora as lora_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Every config section in its validated, frozen form. Built before any model is loaded or compiled."""
+
+    ppo: ppo.PPOConfig
+    reward: reward.RewardSpec
+    counterfactual: dict
+    sampling: sampling.SamplingConfig
+    mesh: mesh_lib.MeshConfig
+    lora: lora_lib.LoraConfig
+    mode: str
+    critic: str
+    remat: str
+    dtype: Any
+    param_dtype: Any
+    algo: str = "ppo"
+    group: grpo.GroupConfig | None = None  # the group method's settings (algo 'grpo' / 'rloo'), else None
+
+
+EVAL_PROXY = "rer"  # scored at every dev eval and checkpoint eval: the reference judges every run with full RER
+
+
+def validate(config, num_devices: int | None = None, *, files: bool = True) -> RunSpec:
+    """Turn the ml-collections config into frozen dataclasses; every error names the field and the fix.
+
+    ``num_devices``: the devices the run is for (default: every device here; a TPU topology's when compiling
+    ahead of time). With ``files`` (the default) the inputs a run reads are checked too, before anything is
+    written: the policy source, every prompt file (read and validated record by record) and the relevance encoder.
+    """
+    def dtype(field):
+        name = config.model[field]
+        if name not in ("float32", "bfloat16"):
+            raise UserError(f"config.model.{field}={name!r}: choose 'float32' or 'bfloat16'")
+        return jnp.dtype(name)
+
+    ppo_cfg = ppo.PPOConfig.from_config(config.ppo)
+    # --- algorithm: PPO (default) or a critic-free group method (config.group, rre_jax.grpo)
+    algo = grpo.check_algo(config.algo)
+    group = (grpo.GroupConfig.from_config(config.group, algo, ppo_cfg, int(config.sampling.max_new_tokens))
+             if algo in grpo.GROUP_ALGOS else None)
+    spec = reward.preset(config.reward.preset)
+    spec = dataclasses.replace(spec, max_new_tokens=int(config.sampling.max_new_tokens))
+    cf = {f"cf/{n}": dataclasses.replace(reward.preset(n), max_new_tokens=spec.max_new_tokens)
+          for n in config.reward.counterfactual}
+    rer = dataclasses.replace(reward.preset(EVAL_PROXY), max_new_tokens=spec.max_new_tokens)
+    if spec != rer:  # the eval columns always hold RER, scored for real
+        cf.setdefault(f"cf/{EVAL_PROXY}", rer)
+    if config.model.train_mode not in policy.MODES:
+        raise UserError(f"config.model.train_mode={config.model.train_mode!r}; choose one of {policy.MODES}")
+    critic = policy.check_critic(config.model.get("critic", "separate"))
+    remat = llama.check_remat(config.model.get("remat", "dots"))
+    mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
+    available = num_devices or jax.device_count()
+    n_dev = mesh_cfg.num_devices or available
+    if n_dev > available:
+        raise UserError(f"config.mesh.num_devices={n_dev} but only {available} devices exist")
+    shape = mesh_cfg.resolved_shape(n_dev)  # raises with the fix when the mesh does not fit the devices
+    rows = shape[0] * shape[1]
+    if ppo_cfg.batch_size % rows:
+        raise UserError(f"config.ppo.batch_size={ppo_cfg.batch_size} must be a multiple of the mesh's "
+                        f"data x fsdp = {rows} devices; change it or --config.mesh.shape")
+    if config.train.save_freq <= 0 or config.train.steps <= 0:
+        raise UserError("config.train.steps and config.train.save_freq must be positive")
+    if files:
+        _check_model_source(config)
+        _check_prompt_source(config)
+        if spec.needs_relevance or any(s.needs_relevance for s in cf.values()):
+            _check_relevance(config)
+    return RunSpec(ppo=ppo_cfg, reward=spec, counterfactual=cf,
+                   sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
+                   lora=lora_lib.LoraConfig.from_config(config.model.lora),
+                   mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
+                   param_dtype=dtype("param_dtype"), algo=algo, group=group)
+
+
+def uses_tiny(config) -> bool:
+    """Whether the run builds the tiny built-in policy: only a config that asks (``model.build_tiny``, as
+    configs/tiny.py does) and leaves ``model.path`` empty."""
+    return not config.model.path and bool(config.model.get("build_tiny", False))
+
+
+def _check_model_source(config) -> None:
+    if not config.model.path and not uses_tiny(config):
+        raise UserError("config.model.path is empty: set --config.model.path=DIR, the policy's Hugging Face "
+                        "checkpoint directory (e.g. the AlpacaFarm SFT10k LLaMA-7B); only configs that set "
+                        "config.model.build_tiny=True (configs/tiny.py) build a tiny model instead")
+    for field in ("model.path", "tokenizer.path", "gold_rm.path"):
+        section, name = field.split(".")
+        path = config[section][name]
+        if path and "://" not in path and not os.path.isdir(path):
+            raise UserError(f"config.{field}={path!r} is not a directory; pass a Hugging Face checkpoint directory")
+
+
+def _check_relevance(config) -> None:
+    from rre_jax import relevance
+    try:
+        relevance.encoder_path(config.relevance.path, "config.relevance.path")
+    except ValueError as e:
+        raise UserError(f"{e} (the reward presets {config.reward.preset!r} + counterfactuals "
+                        f"{tuple(config.reward.counterfactual)} + {EVAL_PROXY!r} at every eval use relevance)") from None
+
+
+def _check_prompt_source(config) -> None:
+    """json: every prompt file is read and checked record by record (file, line, column, field) before anything
+    is built; tfds: ``<field> = '<builder name>:<split>'`` in ``data.tfds_dir``."""
+    data = config.data
+    if data.source not in ("json", "tfds"):
+        raise UserError(f"config.data.source={data.source!r}; choose 'json' (JSON / JSONL files) or 'tfds'")
+    if data.source == "json" and not data.train_file and not uses_tiny(config):
+        raise UserError("config.data.train_file is empty: set --config.data.train_file=FILE, a JSON / JSONL prompt "
+                        "file (e.g. the AlpacaFarm unlabeled split with qtype); the bundled toy prompts serve only "
+                        "the tiny built-in model (configs/tiny.py)")
+    for field in ("train_file", "dev_file"):
+        path = data[field]
+        if path and data.source == "json":
+            if not os.path.exists(path):
+                raise UserError(f"config.data.{field}={path!r} does not exist")
+            try:
+                prompts_lib.load_prompts(path, missing_qtype=data.missing_qtype)
+            except prompts_lib.PromptFileError as e:
+                raise UserError(f"config.data.{field}: {e}") from None
+        if data.source == "tfds" and (path or field == "train_file") and not (":" in path and data.tfds_dir):
+            raise UserError(f"config.data.source='tfds': set config.data.{field}='<builder>:<split>' (e.g. "
+                            "'alpaca_farm_prompts:alpacafarm_val') and config.data.tfds_dir to the prepared "
+                            f"data_dir (rre_jax.data.tfds_builders.build); got {field}={path!r}, "
+                            f"tfds_dir={data.tfds_dir!r}")
