@@ -132,8 +132,9 @@ def _rre_train(*args, cwd):
 
 
 def test_compile_only_cli_writes_nothing_but_the_report(tmp_path):
-    """``rre-train --compile_only`` on the tiny config (li: no relevance encoder) for v5e 2x2: exit 0, one table
-    row per program that fits, the roofline phases, and the workdir holds the report alone."""
+    """``rre-train --compile_only`` on the tiny config (li, with RER and the other presets as counterfactuals, so
+    the relevance encoder too) for v5e 2x2: exit 0, one table row per program that fits, the roofline phases, and
+    the workdir holds the report alone."""
     work = tmp_path / "W"
     out = _rre_train("--config", "tiny:li", "--workdir", str(work), "--compile_only", "--config.mesh.shape=1,2,2",
                      "--config.mesh.topology=v5e:2x2", f"--compile_report={work / 'report.json'}", cwd=tmp_path)
@@ -142,7 +143,7 @@ def test_compile_only_cli_writes_nothing_but_the_report(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["W"]
     rep = json.loads((work / "report.json").read_text())
     assert rep["fits"] and rep["devices"] == 4 and rep["chip"]["kind"] == "TPU v5 lite"
-    assert [r["name"] for r in rep["programs"]] == ["init", "sampler", "experience", "update", "gold"]
+    assert [r["name"] for r in rep["programs"]] == ["init", "sampler", "experience", "update", "relevance", "gold"]
     for phase in ("rollout", "experience", "update"):
         assert rep["phases"][phase]["flops"] > 0, phase
         assert re.search(rf"^{phase} .* \d+\.\d+$", out.stdout, re.M), out.stdout
