@@ -194,17 +194,17 @@ def sample_step(run, state, step: int, scfg, seed: int, bar=None, kl: bool = Tru
     key = jax.random.fold_in(jax.random.key(seed), step)
     for i, b in enumerate(batching.eval_batches(prompts, bcfg, process_index=jax.process_index(),
                                                 process_count=jax.process_count())):
-        ids_BxT, mask_BxT = host_arrays.to_global(run.mesh, run.spec.mesh.rules, b.ids_BxT), host_arrays.to_global(run.mesh, run.spec.mesh.rules, b.mask_BxT)
+        ids_BxT, mask_BxT = run.to_global(b.ids_BxT), run.to_global(b.mask_BxT)
         roll, mask_BxN, c, t, _ = train.sample_and_score(run, state, ids_BxT, mask_BxT, b.index_B,
                                                          jax.random.fold_in(key, i), scfg, relevance_on_cut=True)
         if kl:  # every sampled token (the raw mask): the KL of the sampled responses, before the stop-string cut
             ratio = sampled_kl.jitted_log_ratio(run.policy, b.ids_BxT.shape[1], scfg)(
                 state["trainable"], run.frozen, jnp.concatenate([ids_BxT, roll.tokens_BxN], 1),
                 jnp.concatenate([mask_BxT, roll.mask_BxN], 1))
-            c = {**c, "log_ratio": host_arrays.to_local(run.mesh, run.spec.mesh.rules, ratio)}
+            c = {**c, "log_ratio": run.to_local(ratio)}
         # every host gathers every host's rows (process order, as the global batch lays them out)
         every = host_arrays.gather({**c, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B),
-                               "n_tokens": host_arrays.to_local(run.mesh, run.spec.mesh.rules, mask_BxN).sum(1)})
+                               "n_tokens": run.to_local(mask_BxN).sum(1)})
         keep = every["valid"]
         index += list(every["index"][keep])
         texts += [x for x, k in zip(host_arrays.gather_texts(t), keep) if k]
@@ -363,9 +363,9 @@ def greedy_generate(run, state, texts: Sequence[str], *, max_new_tokens: int, ma
             ids_BxT[i, T - len(r):], mask_BxT[i, T - len(r):] = r, 1
         share = slice(jax.process_index() * batch_size // jax.process_count(),
                       (jax.process_index() + 1) * batch_size // jax.process_count())  # this host's rows
-        roll = sampler(params, host_arrays.to_global(run.mesh, run.spec.mesh.rules, ids_BxT[share]), host_arrays.to_global(run.mesh, run.spec.mesh.rules, mask_BxT[share]),
+        roll = sampler(params, run.to_global(ids_BxT[share]), run.to_global(mask_BxT[share]),
                        jax.random.key(0), adapters)
-        every = host_arrays.gather({"toks": host_arrays.to_local(run.mesh, run.spec.mesh.rules, roll.tokens_BxN), "mask": host_arrays.to_local(run.mesh, run.spec.mesh.rules, roll.mask_BxN)})
+        every = host_arrays.gather({"toks": run.to_local(roll.tokens_BxN), "mask": run.to_local(roll.mask_BxN)})
         toks, mask = every["toks"], every["mask"]
         out += tok.batch_decode([t[m == 1] for t, m in zip(toks[:len(chunk)], mask)], skip_special_tokens=True)
     return out

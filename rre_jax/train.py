@@ -55,9 +55,18 @@ class Run:
     paths: dict
     programs: programs_lib.RunPrograms
 
+    def to_global(self, x):
+        """This host's rows of a batch -> the global array sharded over the mesh's batch axes."""
+        return host_arrays.to_global(self.mesh, self.spec.mesh.rules, x)
+
+    def to_local(self, x):
+        """A global batch array -> this host's rows, as NumPy."""
+        return host_arrays.to_local(self.mesh, self.spec.mesh.rules, x)
+
 
 def asset_paths(config, workdir) -> dict:
-    """Checkpoint directories (policy, tokenizer, gold RM); the tiny config builds its own in ``<workdir>/assets`` on first use."""
+    """Checkpoint directories (policy, tokenizer, gold RM); the tiny config builds its own in
+    ``<workdir>/assets`` on first use."""
     if not uses_tiny(config):
         gold = config.gold_rm.path
         return {"policy": config.model.path, "tokenizer": config.tokenizer.path or config.model.path,
@@ -218,10 +227,10 @@ def sample_and_score(run: Run, state, ids_BxT, mask_BxT, index_B, rng, scfg: sam
     mask_BxN = rollout.cut_mask(roll.mask_BxN, feats.cut_token_B) if run.config.reward.cut_at_stop else roll.mask_BxN
     jax.block_until_ready(mask_BxN)
     t1 = time.perf_counter()
-    tokens, raw_mask = host_arrays.to_local(run.mesh, run.spec.mesh.rules, roll.tokens_BxN), host_arrays.to_local(run.mesh, run.spec.mesh.rules, roll.mask_BxN)
+    tokens, raw_mask = run.to_local(roll.tokens_BxN), run.to_local(roll.mask_BxN)
     raw_texts = run.tokenizer.batch_decode([t[k == 1] for t, k in zip(tokens, raw_mask)], skip_special_tokens=True)
     texts = [features.scored_text(t, run.engine.stop_strings) for t in raw_texts]
-    feats = type(feats)(*(host_arrays.to_local(run.mesh, run.spec.mesh.rules, f) for f in feats))  # this host's share is scored on this host
+    feats = type(feats)(*(run.to_local(f) for f in feats))  # this host's share is scored on this host
     comps = run.engine.score(np.asarray(index_B), feats, texts if relevance_on_cut else raw_texts)
     t2 = time.perf_counter()
     return roll, mask_BxN, comps, texts, {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
@@ -234,7 +243,7 @@ def train_step(run: Run, state, batch: batching.Batch):
     gcfg = run.spec.group
     if gcfg is not None:  # a group method: each prompt sampled G times, a group on consecutive rows
         batch = batching.repeat_prompts(batch, gcfg.num_generations)
-    ids_BxT, mask_BxT = host_arrays.to_global(run.mesh, run.spec.mesh.rules, batch.ids_BxT), host_arrays.to_global(run.mesh, run.spec.mesh.rules, batch.mask_BxT)
+    ids_BxT, mask_BxT = run.to_global(batch.ids_BxT), run.to_global(batch.mask_BxT)
     T = batch.ids_BxT.shape[1]
     roll, mask_BxN, comps, texts, times = sample_and_score(run, state, ids_BxT, mask_BxT, batch.index_B, k_roll,
                                                            run.spec.sampling)
@@ -248,7 +257,7 @@ def train_step(run: Run, state, batch: batching.Batch):
     jax.block_until_ready(exp)
     t1 = time.perf_counter()
     score_B = comps["proxy"] - float(run.config.reward.baseline)  # this host's share
-    n_tok, n_raw = host_arrays.to_local(run.mesh, run.spec.mesh.rules, mask_BxN).sum(1), host_arrays.to_local(run.mesh, run.spec.mesh.rules, roll.mask_BxN).sum(1)
+    n_tok, n_raw = run.to_local(mask_BxN).sum(1), run.to_local(roll.mask_BxN).sum(1)
     every = host_arrays.gather({**comps, "n_tok": n_tok, "n_raw": n_raw})  # the global batch, for metrics
     scalars = {f"reward/{k}": float(np.mean(v)) for k, v in every.items() if k in comps}
     scalars.update({"response/tokens_mean": float(every["n_tok"].mean()),
@@ -261,7 +270,7 @@ def train_step(run: Run, state, batch: batching.Batch):
         state = {**state, "step": state["step"] + 1}
         return state, {**scalars, **times, "train/skipped_batch": 1.0}
     update = run.programs.update(T, N) if gcfg is None else run.programs.group_update(T, N, gcfg)
-    state, stats = update(state, run.frozen, exp, host_arrays.to_global(run.mesh, run.spec.mesh.rules, score_B.astype(np.float32)), ids_BxS, attn_BxS,
+    state, stats = update(state, run.frozen, exp, run.to_global(score_B.astype(np.float32)), ids_BxS, attn_BxS,
                           mask_BxN, k_update)
     stats = jax.device_get(stats)
     t2 = time.perf_counter()
@@ -294,7 +303,7 @@ def dev_eval(run: Run, state, step: int) -> dict:
     for i, b in enumerate(batching.eval_batches(prompts, bcfg, process_index=jax.process_index(),
                                                 process_count=jax.process_count())):
         rng = jax.random.fold_in(jax.random.key(int(run.config.seed) + 7), step * 1000 + i)
-        _, _, comps, texts, _ = sample_and_score(run, state, host_arrays.to_global(run.mesh, run.spec.mesh.rules, b.ids_BxT), host_arrays.to_global(run.mesh, run.spec.mesh.rules, b.mask_BxT),
+        _, _, comps, texts, _ = sample_and_score(run, state, run.to_global(b.ids_BxT), run.to_global(b.mask_BxT),
                                                  b.index_B + len(run.records), rng, run.spec.sampling,
                                                  relevance_on_cut=True)
         # every host gathers the whole batch, so the gold RM sees the same inputs everywhere

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rre_jax import alignment_tax as at, checkpoint_eval, host_arrays, metrics, programs, rollout, text_scoring, train
+from rre_jax import alignment_tax as at, checkpoint_eval, metrics, programs, rollout, text_scoring, train
 from rre_jax.cli import alignment_tax as tax_cmd, eval as eval_cmd
 from rre_jax.data import load_prompts
 
@@ -149,7 +149,7 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
     tok = plan.run.tokenizer
     row = tok(ONE_TEXT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
-    def fixed_sampler(cfg, scfg, eos_id, pad_id, lora_cfg=None):
+    def fixed_sampler(scfg):  # stands in for the run's sampler program (programs.RunPrograms.sampler)
         def sample(params, ids_BxT, mask_BxT, rng, lora):
             put = lambda x: jax.device_put(np.asarray(x), ids_BxT.sharding)  # noqa: E731
             B = ids_BxT.shape[0]
@@ -157,7 +157,7 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
                                    put(np.zeros((B, len(row)), np.float32)), jnp.full(B, len(row), jnp.int32),
                                    np.int32(len(row)))
         return sample
-    monkeypatch.setattr(rollout, "jitted_sampler", fixed_sampler)
+    monkeypatch.setattr(plan.run.programs, "sampler", fixed_sampler)
     checkpoint_eval.run_eval(plan, progress=False)
     train.dev_eval(dataclasses.replace(plan.run, workdir=str(tmp_path / "run")), plan.state, 10)
     stored = {"rre-eval": evaluate.load_step(tmp_path / "eval", 10),
@@ -180,8 +180,8 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
         for k, v in want.items():  # one encoder, one text: packed relevance is bit-identical however batched
             np.testing.assert_array_equal(got[k], v, err_msg=f"rre-score vs {name}: {k}")
     b = next(iter(batching.eval_batches(plan.run.dev[1], plan.run.dev[2])))
-    _, _, comps, texts, _ = train.sample_and_score(plan.run, plan.state, host_arrays.to_global(plan.run.mesh, plan.run.spec.mesh.rules, b.ids_BxT),
-                                                   host_arrays.to_global(plan.run.mesh, plan.run.spec.mesh.rules, b.mask_BxT), b.index_B,
+    glob = plan.run.to_global
+    _, _, comps, texts, _ = train.sample_and_score(plan.run, plan.state, glob(b.ids_BxT), glob(b.mask_BxT), b.index_B,
                                                    jax.random.key(0), plan.scfg)
     assert texts == [cut] * 8
     rows_B = np.asarray(b.index_B)
