@@ -146,6 +146,7 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
     from rre_jax.data import batching
     plan = checkpoint_eval.plan_eval(str(workdir), str(EVAL_SET), steps=[10], out=str(tmp_path / "eval"),
                                      batch_size=8, max_new_tokens=16, n_boot=10)
+    state, _ = train.restore(plan.run, plan.ckpt, 10)  # before run_eval, which closes the checkpoints
     tok = plan.run.tokenizer
     row = tok(ONE_TEXT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
@@ -159,7 +160,7 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
         return sample
     monkeypatch.setattr(plan.run.programs, "sampler", fixed_sampler)
     checkpoint_eval.run_eval(plan, progress=False)
-    train.dev_eval(dataclasses.replace(plan.run, workdir=str(tmp_path / "run")), plan.state, 10)
+    train.dev_eval(dataclasses.replace(plan.run, workdir=str(tmp_path / "run")), state, 10)
     stored = {"rre-eval": evaluate.load_step(tmp_path / "eval", 10),
               "dev eval": evaluate.load_step(tmp_path / "run" / "dev_eval", 10)}
     cut = features.scored_text(ONE_TEXT)
@@ -181,7 +182,7 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
             np.testing.assert_array_equal(got[k], v, err_msg=f"rre-score vs {name}: {k}")
     b = next(iter(batching.eval_batches(plan.run.dev[1], plan.run.dev[2])))
     glob = plan.run.to_global
-    _, _, comps, texts, _ = train.sample_and_score(plan.run, plan.state, glob(b.ids_BxT), glob(b.mask_BxT), b.index_B,
+    _, _, comps, texts, _ = train.sample_and_score(plan.run, state, glob(b.ids_BxT), glob(b.mask_BxT), b.index_B,
                                                    jax.random.key(0), plan.scfg)
     assert texts == [cut] * 8
     rows_B = np.asarray(b.index_B)
