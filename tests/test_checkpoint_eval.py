@@ -164,7 +164,9 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
     stored = {"rre-eval": evaluate.load_step(tmp_path / "eval", 10),
               "dev eval": evaluate.load_step(tmp_path / "run" / "dev_eval", 10)}
     cut = features.scored_text(ONE_TEXT)
-    assert cut == "Cats purr and sleep all day long.\n\n" and all(s.response == [cut] * 16 for s in stored.values())
+    assert cut == "Cats purr and sleep all day long.\n\n"
+    for name, s in stored.items():
+        assert list(s.response) == [cut] * 16, (name, len(s.response), s.response[:2])
     outputs = tmp_path / "eval" / "step_10" / "model_outputs.json"
     score_cmd.run(["--eval-set", str(EVAL_SET), "--outputs", str(outputs), "--reward", "rer", "--quiet",
                "--relevance-encoder", "minilm", "--tokenizer", plan.run.paths["tokenizer"],
