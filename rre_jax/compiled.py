@@ -21,6 +21,21 @@ def _signature(x):
     return (type(x), getattr(x, "shape", None), getattr(x, "dtype", None))
 
 
+def _placed(sharding, x):
+    """``x`` (a leaf or a subtree) put on ``sharding``: a no-op where it already is. On a mesh that spans
+    processes only global arrays are moved; a host value (a key or array every host made alike) goes in as is, and
+    the executable places each host's copy on that host's devices, as ``jax.jit`` does."""
+    if sharding is None:
+        return x
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    def one(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and leaf.sharding != sharding:
+            return jax.device_put(leaf, sharding)
+        return leaf
+    return jax.tree.map(one, x)
+
+
 class AheadOfTime:
     """A ``jax.jit``-ed function, compiled once per input signature (tree, shapes, dtypes, shardings) before
     it runs; calls then go straight to the executable. ``_cache_size()`` counts the executables (as
@@ -37,7 +52,8 @@ class AheadOfTime:
 
     def __call__(self, *args):
         if self.in_shardings is not None:
-            args = jax.device_put(args, self.in_shardings)
+            args = jax.tree.map(_placed, self.in_shardings, args,
+                                is_leaf=lambda s: s is None or isinstance(s, jax.sharding.Sharding))
         leaves, tree = jax.tree.flatten(args)
         key = (tree, tuple(map(_signature, leaves)))
         exe = self._executables.get(key)

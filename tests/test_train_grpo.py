@@ -97,6 +97,6 @@ def test_validate_rejects_bad_group_settings(override, match, monkeypatch):
         cfg[key.split(".")[0]][key.split(".")[1]] = value
     else:
         cfg[key] = value
-    monkeypatch.setattr(train, "_program", lambda *a: pytest.fail("compiled before validating"))
+    monkeypatch.setattr(programs.RunPrograms, "_get", lambda *a: pytest.fail("compiled before validating"))
     with pytest.raises(UserError, match=match):
         run_spec.validate(cfg)
