@@ -78,6 +78,15 @@ def bert_params(vocab: int = 30522, hidden: int = 768, layers: int = 12, ffn: in
     return embeddings + layers * layer
 
 
+def relevance_bytes(mesh_shape: dict[str, int], rules) -> int:
+    """One device's share of the relevance encoder (BERT-base, float32: facebook/contriever's shape), sharded
+    by the run's rules as ``rre_jax.programs.build_relevance`` places it."""
+    from rre_jax.models import bert
+    abstract, specs = mesh_lib.abstract_params(bert.init_fn(bert.BertConfig(30522, 768, 12, 12, 3072, 512),
+                                                            np.float32))
+    return mesh_lib.bytes_per_device(abstract, specs, mesh_shape, rules)
+
+
 def kv_cache_bytes(cfg: llama.LlamaConfig, batch: int, length: int, mesh_shape: dict[str, int], rules) -> int:
     """One device's share of the rollout's KV cache (``llama.init_cache`` shapes; rows over the batch axes,
     kv heads over ``tensor``)."""
@@ -134,22 +143,25 @@ def update_activation_bytes(pspec: policy.PolicySpec, rows: int, prompt_len: int
 
 def inference_bytes(cfg: llama.LlamaConfig, rows: int, length: int, tensor: int = 1) -> int:
     """Peak temporaries of a no-grad forward (prefill, gold scoring): one layer's live activations -- the
-    residual stream and its norm, q/k/v, attention scores and probabilities in float32, and the MLP's
-    gate, up and product -- plus float32 logits of the last position. An estimate, stated as such."""
+    residual stream and its norm, q/k/v, one float32 array of attention scores (XLA's TPU compiler takes the
+    softmax in place: one ``[rows, heads, length, length]`` buffer in its memory reports), and the MLP's
+    gate, up and product -- plus float32 logits of the last position. An estimate, stated as such: XLA
+    reuses some of the stream's buffers, so it is an upper bound (see docs/tpu_compile.md)."""
     e = np.dtype(cfg.dtype).itemsize
     heads, kv_heads = -(-cfg.num_attention_heads // tensor), -(-cfg.num_key_value_heads // tensor)
     ffn = -(-cfg.intermediate_size // tensor)
     tokens = rows * length
     stream = tokens * e * (3 * cfg.hidden_size + (heads + 2 * kv_heads) * cfg.head_dim + 3 * ffn)
-    return stream + 2 * 4 * rows * heads * length * length + 4 * rows * cfg.vocab_size
+    return stream + 4 * rows * heads * length * length + 4 * rows * cfg.vocab_size
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """Per-device bytes of a run (``lines``), its two phases, and the verdict against the chip's memory.
 
-    ``train`` = resident + max(rollout, update); ``eval`` = resident + the gold RM (brought in when it lives
-    on the host) + max(rollout, gold scoring). ``fits`` is None when the chip's memory is unknown (CPU).
+    ``train`` = resident + max(rollout, update); ``eval`` = resident + max(rollout, gold scoring), with the
+    gold RM's weights resident when it lives on the device, and on the device only while it scores when it
+    lives on the host (``gold_rm.placement='host'``: brought in for each scoring call, freed after). ``fits`` is None when the chip's memory is unknown (CPU).
     """
 
     name: str
@@ -206,11 +218,14 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     Per device: the policy's parameters (sharded by the run's rules); the trainable tree (LoRA + value
     head, or policy + critic copies in full mode) with its gradient accumulator and one micro-batch's
     gradients (2x trainable), and the optimizer state (``jax.eval_shape`` of the run's optax init: Adam
-    moments in the trainable dtype); the relevance encoder (BERT, float32, on one device); the KV cache of a
-    rollout of ``G`` rows x ``S`` = max_prompt_length + max_new_tokens slots plus the prefill's peak
-    (`inference_bytes`); the update micro-batch's activations (`update_activation_bytes`: ``M`` rows over
-    the batch axes, ``S`` tokens); the gold RM's parameters and scoring peak (``gold_rm.batch_size`` rows of
-    ``gold_rm.max_length`` tokens). Architectures come from ``config.plan`` (a name in ``PRESETS`` or a
+    moments in the trainable dtype); the relevance encoder (BERT-base, float32, sharded by the rules); the KV
+    cache of a rollout of ``G`` rows x ``S`` = max_prompt_length + max_new_tokens slots, the prefill's peak
+    (`inference_bytes`) and the decode loop's weights gathered over the ``fsdp`` axis (XLA's TPU compiler
+    gathers every layer's weights inside the loop and keeps them all live: params / tensor per device); the
+    update micro-batch's activations (`update_activation_bytes`: ``M`` rows split over the batch axes, or all
+    ``M`` rows on every device when ``M`` is smaller than the batch shards; ``S`` tokens); the gold RM's
+    parameters and scoring peak (``gold_rm.batch_size`` rows of ``gold_rm.max_length`` tokens). Each line
+    was checked against XLA's per-device memory analysis of the compiled programs (docs/tpu_compile.md). Architectures come from ``config.plan`` (a name in ``PRESETS`` or a
     checkpoint directory); ``num_devices`` resolves a ``-1`` in the mesh shape (default: local devices).
     """
     from rre_jax import ppo, reward
@@ -240,16 +255,22 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     needs_relevance = any(reward.preset(n).needs_relevance for n in names)
     S = int(config.data.max_prompt_length) + int(config.sampling.max_new_tokens)
     rows = lambda n: -(-int(n) // batch_shards)  # noqa: E731
+    # A micro-batch of fewer rows than the batch shards is not split: XLA keeps every row on every device and
+    # splits the matmuls over the contracted embed axis instead (the update's buffers in its memory report).
+    M = int(config.ppo.mini_batch_size)  # rows of one forward/backward (trl 0.7.4's mini-batch)
+    update_rows = M if M < batch_shards else rows(M)
     lines = {
         "policy params": base["bytes_per_device"],
         {"lora": "trainable (LoRA + value head)", "shared": "trainable (policy + value head)"}.get(
             pspec.mode if pspec.mode == "lora" else pspec.critic, "trainable (policy + critic)"): trainable_pd,
         "optimizer state": int(nbytes(opt) * trainable_pd / max(nbytes(trainable), 1)),
-        "relevance encoder (float32)": 4 * bert_params() if needs_relevance else 0,
+        "relevance encoder (float32)": relevance_bytes(mesh_shape, rules) if needs_relevance else 0,
         "kv cache (rollout)": kv_cache_bytes(pcfg, int(config.ppo.batch_size), S, mesh_shape, rules),
         "prefill peak (rollout)": inference_bytes(pcfg, rows(config.ppo.batch_size), S, tensor),
+        "decode weights (gathered over fsdp)": param_report(pcfg, {**mesh_shape, "data": 1, "fsdp": 1},
+                                                            rules=rules)["bytes_per_device"],
         "gradients (accumulator + micro-batch)": 2 * trainable_pd,
-        "activations (update micro-batch)": update_activation_bytes(pspec, rows(config.ppo.mini_batch_size),
+        "activations (update micro-batch)": update_activation_bytes(pspec, update_rows,
                                                                     int(config.data.max_prompt_length),
                                                                     int(config.sampling.max_new_tokens), tensor),
         "gold RM params": param_report(gcfg, mesh_shape, head="score", rules=rules)["bytes_per_device"],
@@ -257,14 +278,15 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
                                                 tensor),
     }
     resident = sum(lines[k] for k in ("policy params", "optimizer state", "relevance encoder (float32)")) + trainable_pd
-    rollout = lines["kv cache (rollout)"] + lines["prefill peak (rollout)"]
+    rollout = lines["kv cache (rollout)"] + lines["prefill peak (rollout)"] + lines["decode weights (gathered over fsdp)"]
     update = lines["gradients (accumulator + micro-batch)"] + lines["activations (update micro-batch)"]
     on_device = config.gold_rm.placement == "device"
     gold = lines["gold RM params"]
     return MemoryPlan(
         name=str(config.name), mesh_shape=mesh_shape, devices=math.prod(shape), placement=config.gold_rm.placement,
         lines=lines, train=resident + (gold if on_device else 0) + max(rollout, update),
-        eval=resident + gold + max(rollout, lines["gold RM scoring peak"]),
+        eval=resident + (gold if on_device else 0) + max(rollout, (0 if on_device else gold)
+                                                          + lines["gold RM scoring peak"]),
         host_bytes=0 if on_device else param_report(gcfg, dict.fromkeys(mesh_lib.MESH_AXES, 1), head="score")[
             "bytes_total"],
         chip_bytes=int(float(config.plan.chip_memory_gib) * GIB))

@@ -9,13 +9,13 @@ Argument: ``<reward>[,<mesh preset>]``. Rewards (docs/design.md 4.2): ``li``, ``
 branching), ``rer`` (default), ``rer_random_qtype``, ``rer_predicted_qtype``. Mesh presets (``MESH_PRESETS``):
 ``cpu`` (default: all local devices on ``data``), ``v4-8``, ``v5e-8``, ``v4-32``, ``v5e-32``, ``gpu-8``.
 Each preset's memory plan (``rre-params --config configs/alpacafarm_rer.py:rer,<preset>``; checked for every
-preset by tests/test_memory_plan.py) fits the chip: the update micro-batch (1 row of 1024 tokens per device)
-keeps more activations for backward on LLaMA-7B than a 16-32 GiB chip holds beside the weights (even with
-the default ``model.remat = 'dots'``, which recomputes the elementwise ops; the plan prints the bytes), so the
-16-32 GiB TPU presets split heads and MLP over ``tensor`` = 2,
-and where the gold RM does not fit beside the policy with every activation kept (``v5e-8``: 16 GiB chips) it
-is kept in host memory and brought in for evaluation only (``gold_rm.placement = 'host'``), which leaves
-room for ``--config.model.remat=none``.
+preset by tests/test_memory_plan.py, and compiled for its TPU topology by XLA in docs/tpu_compile.md) fits the
+chip: the PPO mini-batch (2 rows of 1024 tokens, on every device: a micro-batch smaller than the batch shards
+is not split) keeps more activations for backward on LLaMA-7B than a 16 GiB chip holds beside the weights
+(even with the default ``model.remat = 'dots'``, which recomputes the elementwise ops; the plan prints the
+bytes), so the 16 GiB TPU presets split heads and MLP over ``tensor`` = 2, and where the gold RM does not fit
+beside the policy (``v5e-8``) it is kept in host memory and brought in for each scoring call only
+(``gold_rm.placement = 'host'``).
 """
 import ml_collections
 
