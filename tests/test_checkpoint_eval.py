@@ -116,7 +116,7 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
     from rre_jax import checkpoint, evaluate
     ckpt = checkpoint.CheckpointManager(str(workdir))
     config = checkpoint_eval.config_from_checkpoint(ckpt, 10)
-    spec, mesh, paths, tokenizer = checkpoint_eval._open(config, str(workdir))
+    spec, mesh, paths, tokenizer = train.open_basics(config, str(workdir))
     assert "cf/rer" in spec.counterfactual or config.reward.preset == "rer"  # validate adds RER
     engine = train.reward_engine(config, spec, mesh, tokenizer, len(tokenizer), load_prompts(EVAL_SET))
     for stored in evaluate.load_steps(workdir / "eval"):
@@ -182,7 +182,7 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
                 "proxy:rer": s.proxies["rer"].astype(np.float32)[open_ended]}
         for k, v in want.items():  # one encoder, one text: packed relevance is bit-identical however batched
             np.testing.assert_array_equal(got[k], v, err_msg=f"rre-score vs {name}: {k}")
-    b = next(iter(batching.eval_batches(plan.run.dev[1], plan.run.dev[2])))
+    b = next(iter(batching.eval_batches(plan.run.dev.prompts, plan.run.dev.batching)))
     glob = plan.run.to_global
     _, _, comps, texts, _ = train.sample_and_score(plan.run, state, glob(b.ids_BxT), glob(b.mask_BxT), b.index_B,
                                                    jax.random.key(0), plan.scfg)
