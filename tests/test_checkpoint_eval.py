@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from rre_jax import alignment_tax as at, checkpoint_eval, metrics, programs, rollout, text_scoring, train
-from rre_jax.cli import alignment_tax as tax_cmd, eval as eval_cmd
+from rre_jax.cli import alignment_tax as tax_cmd, common as cli_common, eval as eval_cmd
 from rre_jax.data import load_prompts
 
 from test_train import tiny_cfg
@@ -301,7 +301,7 @@ def test_alignment_tax_bad_input(workdir, tmp_path, capsys, no_sampling):
 
 def test_config_file_and_overrides_on_the_command_line():
     parser = eval_cmd.build_parser()
-    args, config, overrides = eval_cmd.parse(parser, [
+    args, config, overrides = cli_common.parse(parser, [
         "--workdir", "w", "--eval-set", "e.json", "--config", str(pathlib.Path(__file__).parents[1] / "configs" /
                                                                   "tiny.py") + ":li",
         "--config.mesh.shape=(2, 2, 2)", "--config.gold_rm.path=123", "--config.train.dev_size", "4"])
