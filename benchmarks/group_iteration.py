@@ -27,7 +27,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # this checkout's rre_jax, not whichever one the venv has installed
 import common  # noqa: E402
-from ppo_iteration import RSS_TRACE, _mark, mid_model_state, timed_iteration  # noqa: E402
+from ppo_iteration import RSS_TRACE, mark, mid_model_state, timed_iteration  # noqa: E402
 
 G = 4  # responses per prompt of the group methods
 
@@ -49,11 +49,11 @@ def _programs(algo: str, progs, pcfg, work, group_iterations: int):
 def child(algo: str, mode: str, out: str, group_iterations: int) -> None:
     import jax.numpy as jnp
     from rre_jax import defaults, sampling
-    _mark("imports")
+    mark("imports")
     work = common.Workload()
     cfg, base, pspec, pcfg, progs, state = mid_model_state(work, mode, "shared", defaults.base_config().model.remat)
     experience, update, rows = _programs(algo, progs, pcfg, work, group_iterations)
-    _mark("init")
+    mark("init")
     tok = common.train_tokenizer(cfg.vocab_size, work.seed)
     prompts = common.prompt_ids(work, cfg.vocab_size)[rows]  # group methods: each of 4 prompts 4 times
     ids = jnp.asarray(prompts, jnp.int32)

@@ -53,7 +53,7 @@ def _rss_mb() -> tuple[float, float]:
 RSS_TRACE: list = []
 
 
-def _mark(label: str) -> None:
+def mark(label: str) -> None:
     """Record the RSS (current, peak so far) after ``label``; the child's JSON carries the trace."""
     rss, peak = _rss_mb()
     RSS_TRACE.append({"after": label, "rss_mb": round(rss), "peak_mb": round(peak)})
@@ -75,7 +75,7 @@ def mid_model_state(work, mode: str, critic: str, remat: str):
     from rre_jax.models import llama, lora as lora_lib
     cfg = llama.LlamaConfig(**{k: v for k, v in common.MID_MODEL.items()}, rms_norm_eps=1e-6)
     base = llama.init_params(cfg, jax.random.key(work.seed))
-    _mark("init base params")
+    mark("init base params")
     pspec = policy.PolicySpec(cfg, mode, lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0), critic, remat)
     pcfg = ppo.PPOConfig(batch_size=work.batch, mini_batch_size=work.mini_batch,
                          gradient_accumulation_steps=work.grad_accum, ppo_epochs=work.ppo_epochs)
@@ -83,7 +83,7 @@ def mid_model_state(work, mode: str, critic: str, remat: str):
     progs = programs.RunPrograms(mesh, mesh_lib.DEFAULT_RULES, pspec, pcfg, base, eos_id=-1, pad_id=common.PAD_ID,
                                  experience_rows=train.experience_rows(pcfg))
     state = progs.init_state(base, jax.random.key(1))
-    _mark("init trainable + optimizer")
+    mark("init trainable + optimizer")
     return cfg, base, pspec, pcfg, progs, state
 
 
@@ -99,7 +99,7 @@ def timed_iteration(state, it, pspec, base, sampler, ids, mask, tok, experience,
     roll = sampler(params, ids, mask, jax.random.key(10 + it), adapters)
     roll.tokens_BxN.block_until_ready()
     times["generate_s"] = time.perf_counter() - t
-    _mark(f"generate [{it}]")
+    mark(f"generate [{it}]")
     t = time.perf_counter()
     texts = tok.decode_batch(np.asarray(roll.tokens_BxN).tolist())
     score = np.array([common.li_rp(x) for x in texts], np.float32)
@@ -109,12 +109,12 @@ def timed_iteration(state, it, pspec, base, sampler, ids, mask, tok, experience,
     attn = jnp.concatenate([mask, roll.mask_BxN], 1)
     exp = jax.block_until_ready(experience(state["trainable"], base, full, attn))
     times["experience_s"] = time.perf_counter() - t
-    _mark(f"experience [{it}]")
+    mark(f"experience [{it}]")
     t = time.perf_counter()
     state, stats = update(state, base, exp, jnp.asarray(score), full, attn, roll.mask_BxN, jax.random.key(it))
     jax.block_until_ready(state)
     times["update_s"] = time.perf_counter() - t
-    _mark(f"update [{it}]")
+    mark(f"update [{it}]")
     times["step_s"] = times["experience_s"] + times["update_s"]
     times["iteration_s"] = times["generate_s"] + times["reward_s"] + times["step_s"]
     return state, times, int(np.asarray(roll.mask_BxN).sum())
@@ -125,7 +125,7 @@ def child(mode: str, out: str, critic: str, remat: str) -> None:
     import jax
     import jax.numpy as jnp
     from rre_jax import sampling
-    _mark("imports")
+    mark("imports")
 
     work = common.Workload()
     cfg, base, pspec, pcfg, progs, state = mid_model_state(work, mode, critic, remat)

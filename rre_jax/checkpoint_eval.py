@@ -23,7 +23,7 @@ standard error) in its meta, and the report plots gold and every proxy against d
 overoptimization curve (`rre_jax.evaluate.curves`). Step ``0`` is the initial policy (no checkpoint needed):
 ``--steps 0 --skip-existing`` adds the d = 0 anchor the curves are re-centred on.
 
-The config is, by default, the one the run saved in its checkpoint meta (``train._meta``); ``--config`` loads a
+The config is, by default, the one the run saved in its checkpoint meta; ``--config`` loads a
 config file instead (``configs/x.py[:arg]`` or a ``.json`` dump) and ``--config.a.b=v`` changes single fields (for
 example a different gold RM). Everything a user can get wrong -- a missing step, an empty or unreadable eval set,
 stored steps that hold other prompts, a step already stored (without ``--overwrite``), a gold RM without its
@@ -57,7 +57,7 @@ FEATURES = ("li", "rp", "qr", "ar")
 # ======================================================================================= config
 
 def config_from_checkpoint(ckpt, step: int):
-    """The config the run saved in the meta of checkpoint ``step`` (see ``train._meta``)."""
+    """The config ``rre-train`` saved in the meta of checkpoint ``step``."""
     import ml_collections
     meta = ckpt.restore_meta(step)
     if "config" not in meta:
@@ -96,45 +96,24 @@ def resolve_steps(ckpt, steps: Sequence[int] | None) -> list[int]:
 
 # ======================================================================================= set-up
 
-def _open(config, workdir: str):
-    """``(run spec, mesh, asset paths, policy tokenizer)``: cheap, nothing is loaded onto devices yet."""
+def eval_batching(config, spec, batch_size: int | None):
+    """The `batching.BatchingConfig` of an eval at global batch ``batch_size`` (``--batch-size``; default
+    ``config.ppo.batch_size``), which must split evenly over the mesh's data x fsdp devices."""
     import jax
 
-    from rre_jax import mesh as mesh_lib, run_spec, tokenizer as tok_lib, train
-    spec = run_spec.validate(config)
-    mesh = mesh_lib.make_mesh(spec.mesh, jax.devices()[:spec.mesh.num_devices or None])
-    paths = train.asset_paths(config, workdir)
-    return spec, mesh, paths, tok_lib.load_tokenizer(paths["tokenizer"])
-
-
-def _batching(config, spec, batch_size: int | None):
-    from rre_jax.data import batching
-    rows = spec.mesh.resolved_shape(spec.mesh.num_devices or _device_count())
+    from rre_jax import train
+    rows = spec.mesh.resolved_shape(spec.mesh.num_devices or jax.device_count())
     batch_size = int(batch_size or spec.ppo.batch_size)
     if batch_size <= 0 or batch_size % (rows[0] * rows[1]):
         raise ValueError(f"--batch-size {batch_size} must be a positive multiple of the mesh's data x fsdp = "
                          f"{rows[0] * rows[1]} devices")
-    return batching.BatchingConfig(global_batch_size=batch_size, max_prompt_length=int(config.data.max_prompt_length),
-                                   bucket_multiple=int(config.data.bucket), seed=int(config.data.shuffle_seed))
-
-
-def _device_count() -> int:
-    import jax
-    return jax.device_count()
-
-
-def _make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts, bcfg, *, gold=None, scoring=True):
-    """A `train.Run` whose dev slot holds the eval prompts (no training data, no iterator)."""
-    from rre_jax import train
-    pspec, frozen = train.load_policy(config, spec, mesh, paths)
-    engine = train.reward_engine(config, spec, mesh, tokenizer, pspec.cfg.vocab_size, records) if scoring else None
-    return train.Run(config, spec, workdir, mesh, tokenizer, [], prompts, None, (records, prompts, bcfg), pspec,
-                     frozen, engine, gold, paths, train.run_programs(spec, mesh, pspec, frozen, tokenizer))
+    return train.batching_config(config, batch_size)
 
 
 # ======================================================================================= checks
 
-def _file_sha256(path) -> str:
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file's bytes: the identity of an eval set stored in each step's meta."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -188,12 +167,9 @@ def sample_step(run, state, step: int, scfg, seed: int, bar=None, kl: bool = Tru
     import jax.numpy as jnp
 
     from rre_jax import host_arrays, sampled_kl, train
-    from rre_jax.data import batching
-    records, prompts, bcfg = run.dev
     index, texts, n_tokens, comps = [], [], [], {}
     key = jax.random.fold_in(jax.random.key(seed), step)
-    for i, b in enumerate(batching.eval_batches(prompts, bcfg, process_index=jax.process_index(),
-                                                process_count=jax.process_count())):
+    for i, b in enumerate(run.dev.batches()):
         ids_BxT, mask_BxT = run.to_global(b.ids_BxT), run.to_global(b.mask_BxT)
         roll, mask_BxN, c, t, _ = train.sample_and_score(run, state, ids_BxT, mask_BxT, b.index_B,
                                                          jax.random.fold_in(key, i), scfg, relevance_on_cut=True)
@@ -227,8 +203,7 @@ def proxy_scores(comps: dict, train_proxy: str) -> dict:
 def step_rollouts(run, step: int, sampled: dict, gold, scfg, seed: int, extra: dict):
     """The `evaluate.StepRollouts` of one checkpoint from `sample_step`'s output and the gold scores."""
     from rre_jax import evaluate
-    records = run.dev[0]
-    recs = [records[i] for i in sampled["index"]]
+    recs = [run.dev.records[i] for i in sampled["index"]]
     comps = sampled["comps"]
     if "log_ratio" in comps and not np.all(np.isfinite(comps["log_ratio"])):
         log.warning("step %d: the sampled KL is infinite (top-k / top-p: the reference gives a sampled token zero "
@@ -269,8 +244,8 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
               max_new_tokens: int = 512, batch_size: int | None = None, seed: int | None = None,
               n_boot: int = 1000) -> EvalPlan:
     """Check every input and load the models; raises (naming the file, step or field) before any sampling."""
-    from rre_jax import sampling
-    from rre_jax.data import batching, prompts as prompts_lib
+    from rre_jax import sampling, train
+    from rre_jax.data import prompts as prompts_lib
     ckpt = open_checkpoints(workdir)
     steps = resolve_steps(ckpt, steps)
     latest = steps[-1] or ckpt.all_steps()[-1]  # step 0 (the initial policy) has no checkpoint meta
@@ -279,23 +254,22 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
     records = prompts_lib.load_prompts(eval_set, missing_qtype=config.data.missing_qtype)
     if not records:
         raise ValueError(f"eval set {eval_set!r} holds no prompts")
-    spec, mesh, paths, tokenizer = _open(config, workdir)
-    bcfg = _batching(config, spec, batch_size)
-    prompts = batching.tokenize_prompts(records, tokenizer, max_prompt_length=bcfg.max_prompt_length)
+    basics = train.open_basics(config, workdir)
+    spec, mesh, paths, tokenizer = basics
+    dev = train.prompt_set(records, tokenizer, eval_batching(config, spec, batch_size))
     out_dir = pathlib.Path(out or os.path.join(workdir, "eval"))
-    todo = check_store(out_dir, steps, [records[i].instruction for i in prompts.index], overwrite=overwrite,
+    todo = check_store(out_dir, steps, [records[i].instruction for i in dev.prompts.index], overwrite=overwrite,
                        skip_existing=skip_existing)
     run = None
     if todo:
-        from rre_jax import train
         gold = train.gold_rm(config, spec, paths, mesh)  # checks the gold tokenizer before the policy loads
         if gold is None:
             log.warning("the run has no gold RM (config.gold_rm.path is empty): gold scores are stored as NaN")
-        run = _make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts, bcfg, gold=gold)
+        run = train.build_for_eval(config, basics, workdir, dev, gold=gold)
     seed = int(config.seed if seed is None else seed)
     extra = {"run": config.name, "split": "eval", "eval_set": os.path.abspath(eval_set),
-             "eval_set_sha256": _file_sha256(eval_set), "checkpoints": str(ckpt.directory),
-             "dropped_prompts": [int(i) for i in prompts.dropped],
+             "eval_set_sha256": file_sha256(eval_set), "checkpoints": str(ckpt.directory),
+             "dropped_prompts": [int(i) for i in dev.prompts.dropped],
              "gold_rm_fingerprint": gold_rm_fingerprint(paths["gold_rm"]),
              "reward_specs": {proxy: dataclasses.asdict(s) for proxy, s in
                               proxy_scores({"proxy": spec.reward, **spec.counterfactual}, config.reward.preset).items()},
@@ -311,9 +285,8 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> dict:
     from rre_jax import evaluate, train
     from rre_jax.data import templates
     if plan.steps:
-        records, prompts, bcfg = plan.run.dev
-        n_batches = -(-len(prompts) // bcfg.global_batch_size)
-        bar = tqdm(total=len(plan.steps) * n_batches, desc="rre-eval", unit="batch",
+        records = plan.run.dev.records
+        bar = tqdm(total=len(plan.steps) * plan.run.dev.num_batches(), desc="rre-eval", unit="batch",
                    disable=not progress or jax.process_index() != 0)
         for step in plan.steps:
             bar.set_postfix(step=step)
@@ -398,9 +371,9 @@ def plan_alignment_tax(workdir: str, step: int, tasks_dir: str, *, config=None, 
     out = pathlib.Path(out or os.path.join(workdir, "alignment_tax", f"step_{step}.jsonl"))
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already holds alignment-tax predictions; pass --overwrite to replace them")
-    spec, mesh, paths, tokenizer = _open(config, workdir)
-    bcfg = _batching(config, spec, batch_size)
-    run = _make_run(config, spec, mesh, paths, tokenizer, workdir, [], None, bcfg, scoring=False)
+    basics = train.open_basics(config, workdir)
+    no_prompts = train.PromptSet([], None, eval_batching(config, basics.spec, batch_size))  # batch size only
+    run = train.build_for_eval(config, basics, workdir, no_prompts, scoring=False)
     state, _ = train.restore(run, ckpt, step)
     ckpt.close()
     return TaxPlan(run, state, step, instances, out, max_new_tokens, max_prompt_length)
@@ -411,7 +384,7 @@ def run_alignment_tax(plan: TaxPlan) -> dict:
     import jax
 
     from rre_jax import alignment_tax as at
-    batch = plan.run.dev[2].global_batch_size
+    batch = plan.run.dev.batching.global_batch_size
     generate = lambda prompts: greedy_generate(plan.run, plan.state, prompts,  # noqa: E731
                                                max_new_tokens=plan.max_new_tokens,
                                                max_prompt_length=plan.max_prompt_length, batch_size=batch)

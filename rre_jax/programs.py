@@ -145,22 +145,39 @@ def state_layout(lay: Layout, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, fro
     return StateLayout(abstract, {"trainable": train_sh, "opt_state": opt_sh, **rest})
 
 
+def _weights(lay: Layout, cfg: llama.LlamaConfig, layout: str, head: str = "lm"):
+    """``(abstract weights with their shardings, shardings)`` of a Llama in layer ``layout``."""
+    abstract, specs = llama_params(cfg, head=head, layout=layout)
+    shardings = lay.tree(specs)
+    return _abstract(abstract, shardings), shardings
+
+
+def _adapters(lay: Layout, cfg: llama.LlamaConfig, lora_cfg):
+    """``(abstract LoRA adapters with their shardings, shardings)``; ``(None, None)`` without LoRA."""
+    if lora_cfg is None:
+        return None, None
+    shardings = lay.tree(lora_lib.logical_specs(cfg, lora_cfg))
+    abstract = jax.eval_shape(lambda r: lora_lib.init(cfg, lora_cfg, r, cfg.param_dtype), jax.random.key(0))
+    return _abstract(abstract, shardings), shardings
+
+
+def _ids_and_mask(lay: Layout, B: int, T: int) -> tuple:
+    """Abstract int32 ``(ids_BxT, mask_BxT)``, batch-sharded."""
+    return _abstract(_ints(B, T), lay.batch(2)), _abstract(_ints(B, T), lay.batch(2))
+
+
 def build_prefill(lay: Layout, cfg: llama.LlamaConfig, lora_cfg, B: int, T: int, N: int,
                   layout: str = "stacked") -> Program:
     """``(params, ids_BxT, mask_BxT, lora) -> (logits_BxV, cache)``: the sampler's prefill alone (for costs)."""
-    abstract, specs = llama_params(cfg, layout=layout)
-    params_sh = lay.tree(specs)
-    lora_sh = None if lora_cfg is None else lay.tree(lora_lib.logical_specs(cfg, lora_cfg))
+    params, params_sh = _weights(lay, cfg, layout)
+    lora, lora_sh = _adapters(lay, cfg, lora_cfg)
     in_sh = (params_sh, lay.batch(2), lay.batch(2), lora_sh)
     out_sh = (lay.sharding("batch", "vocab"), lay.tree(cache_specs(cfg)))
 
     def fn(params, ids, mask, lora):
         return llama.prefill(cfg, params, ids, mask, T + N, lora=lora, lora_cfg=lora_cfg, mesh=lay.mesh,
                              rules=lay.rules)
-    lora = None if lora_cfg is None else jax.eval_shape(lambda r: lora_lib.init(cfg, lora_cfg, r, cfg.param_dtype),
-                                                        jax.random.key(0))
-    args = (_abstract(abstract, params_sh), _abstract(_ints(B, T), lay.batch(2)), _abstract(_ints(B, T), lay.batch(2)),
-            None if lora is None else _abstract(lora, lora_sh))
+    args = (params, *_ids_and_mask(lay, B, T), lora)
     return Program("prefill", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
 
 
@@ -186,9 +203,8 @@ def build_sampler(lay: Layout, cfg: llama.LlamaConfig, scfg: sampling.SamplingCo
                   lora_cfg: lora_lib.LoraConfig | None, B: int, T: int, layout: str = "stacked") -> Program:
     """``(params, ids_BxT, mask_BxT, rng, lora, cache) -> (Rollout, cache)``: the cache is donated and returned,
     so XLA decodes in the argument's buffer (the caller drops the returned cache)."""
-    abstract, specs = llama_params(cfg, layout=layout)
-    params_sh = lay.tree(specs)
-    lora_sh = None if lora_cfg is None else lay.tree(lora_lib.logical_specs(cfg, lora_cfg))
+    params, params_sh = _weights(lay, cfg, layout)
+    lora, lora_sh = _adapters(lay, cfg, lora_cfg)
     cache_sh = lay.tree(cache_specs(cfg))
     in_sh = (params_sh, lay.batch(2), lay.batch(2), lay.replicated, lora_sh, cache_sh)
     out_sh = (rollout.Rollout(lay.batch(2), lay.batch(2), lay.batch(2), lay.batch(1), lay.replicated), cache_sh)
@@ -196,31 +212,30 @@ def build_sampler(lay: Layout, cfg: llama.LlamaConfig, scfg: sampling.SamplingCo
     def fn(params, ids_BxT, mask_BxT, rng, lora, cache):
         return rollout.sample(cfg, params, ids_BxT, mask_BxT, rng, scfg, eos_id=eos_id, pad_id=pad_id, lora=lora,
                               lora_cfg=lora_cfg, cache=cache, mesh=lay.mesh, rules=lay.rules, return_cache=True)
-    lora = None if lora_cfg is None else jax.eval_shape(lambda r: lora_lib.init(cfg, lora_cfg, r, cfg.param_dtype),
-                                                        jax.random.key(0))
     cache = jax.eval_shape(lambda: llama.init_cache(cfg, B, T + scfg.max_new_tokens))
-    args = (_abstract(abstract, params_sh), _abstract(_ints(B, T), lay.batch(2)), _abstract(_ints(B, T), lay.batch(2)),
-            _abstract(_key(), lay.replicated), None if lora is None else _abstract(lora, lora_sh),
-            _abstract(cache, cache_sh))
+    args = (params, *_ids_and_mask(lay, B, T), _abstract(_key(), lay.replicated), lora, _abstract(cache, cache_sh))
     jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(5,))
     return Program("sampler", jitted, args, in_sh, out_sh, (5,))
 
 
 # =================================================================================== experience and update
 
+def _experience_program(name: str, fn, out_sh, lay: Layout, pspec: policy.PolicySpec, st: StateLayout, B: int,
+                        T: int, N: int, layout: str) -> Program:
+    """``fn(trainable, frozen, ids_BxS, mask_BxS)``, jitted with the trainable leaves and frozen weights in their
+    shardings, the sequences batch-sharded and the outputs in ``out_sh``."""
+    frozen, frozen_sh = _weights(lay, pspec.cfg, layout)
+    in_sh = (st.shardings["trainable"], frozen_sh, lay.batch(2), lay.batch(2))
+    args = (st.target()["trainable"], frozen, *_ids_and_mask(lay, B, T + N))
+    return Program(name, jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
+
+
 def build_experience(lay: Layout, pspec: policy.PolicySpec, st: StateLayout, B: int, T: int, N: int,
                      rows: int | None, layout: str = "stacked") -> Program:
     """``(trainable, frozen, ids_BxS, mask_BxS) -> (logp_BxN, values_BxN, ref_logp_BxN)`` over groups of ``rows``."""
-    abstract, specs = llama_params(pspec.cfg, layout=layout)
-    frozen_sh = lay.tree(specs)
-    in_sh = (st.shardings["trainable"], frozen_sh, lay.batch(2), lay.batch(2))
-    out_sh = (lay.batch(2),) * 3
-
     def fn(trainable, frozen, ids_BxS, mask_BxS):
         return policy.experience(pspec, trainable, frozen, ids_BxS, mask_BxS, T, rows)
-    args = (st.target()["trainable"], _abstract(abstract, frozen_sh), _abstract(_ints(B, T + N), lay.batch(2)),
-            _abstract(_ints(B, T + N), lay.batch(2)))
-    return Program("experience", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
+    return _experience_program("experience", fn, (lay.batch(2),) * 3, lay, pspec, st, B, T, N, layout)
 
 
 def _update_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, T: int):
@@ -242,23 +257,29 @@ def _update_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, T: int):
     return fn
 
 
-def build_update(lay: Layout, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, st: StateLayout, T: int,
-                 N: int, layout: str = "stacked") -> Program:
-    """``(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng) -> (state, stats)``; donates the state."""
-    B = pcfg.batch_size
-    abstract, specs = llama_params(pspec.cfg, layout=layout)
-    frozen_sh = lay.tree(specs)
+def _update_program(name: str, fn, takes: tuple[bool, ...], lay: Layout, pspec: policy.PolicySpec,
+                    st: StateLayout, B: int, T: int, N: int, layout: str) -> Program:
+    """``fn(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng) -> (state, stats)``, jitted with the
+    state donated and the stats replicated. ``exp`` holds a batch-sharded float32 ``[B, N]`` array where
+    ``takes`` is True and None where it is False (an experience array the method does not compute)."""
+    frozen, frozen_sh = _weights(lay, pspec.cfg, layout)
     b1, b2 = lay.batch(1), lay.batch(2)
-    in_sh = (st.shardings, frozen_sh, (b2, b2, b2), b1, b2, b2, b2, lay.replicated)
-    fn = _update_fn(pspec, pcfg, T)
-    f32 = jax.ShapeDtypeStruct((B, N), jnp.float32)
-    args = (st.target(), _abstract(abstract, frozen_sh), _abstract((f32,) * 3, (b2,) * 3),
-            jax.ShapeDtypeStruct((B,), jnp.float32, sharding=b1), _abstract(_ints(B, T + N), b2),
-            _abstract(_ints(B, T + N), b2), _abstract(_ints(B, N), b2), _abstract(_key(), lay.replicated))
+    exp_sh = tuple(b2 if t else None for t in takes)
+    exp = tuple(jax.ShapeDtypeStruct((B, N), jnp.float32, sharding=b2) if t else None for t in takes)
+    in_sh = (st.shardings, frozen_sh, exp_sh, b1, b2, b2, b2, lay.replicated)
+    args = (st.target(), frozen, exp, jax.ShapeDtypeStruct((B,), jnp.float32, sharding=b1),
+            *_ids_and_mask(lay, B, T + N), _abstract(_ints(B, N), b2), _abstract(_key(), lay.replicated))
     stats = jax.eval_shape(fn, *args)[1]
     out_sh = (st.shardings, jax.tree.map(lambda _: lay.replicated, stats))
     jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,))
-    return Program("update", jitted, args, in_sh, out_sh, (0,))
+    return Program(name, jitted, args, in_sh, out_sh, (0,))
+
+
+def build_update(lay: Layout, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, st: StateLayout, T: int,
+                 N: int, layout: str = "stacked") -> Program:
+    """``(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng) -> (state, stats)``; donates the state."""
+    return _update_program("update", _update_fn(pspec, pcfg, T), (True, True, True), lay, pspec, st,
+                           pcfg.batch_size, T, N, layout)
 
 
 # --- group methods (GRPO, RLOO): the same programs without values, and no reference pass at beta 0
@@ -266,16 +287,10 @@ def build_update(lay: Layout, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, st:
 def build_group_experience(lay: Layout, pspec: policy.PolicySpec, st: StateLayout, B: int, T: int, N: int,
                            rows: int | None, reference: bool, layout: str = "stacked") -> Program:
     """``(trainable, frozen, ids_BxS, mask_BxS) -> (logp_BxN, ref_logp_BxN or None)`` over groups of ``rows``."""
-    abstract, specs = llama_params(pspec.cfg, layout=layout)
-    frozen_sh = lay.tree(specs)
-    in_sh = (st.shardings["trainable"], frozen_sh, lay.batch(2), lay.batch(2))
-    out_sh = (lay.batch(2), lay.batch(2) if reference else None)
-
     def fn(trainable, frozen, ids_BxS, mask_BxS):
         return policy.group_experience(pspec, trainable, frozen, ids_BxS, mask_BxS, T, rows, reference)
-    args = (st.target()["trainable"], _abstract(abstract, frozen_sh), _abstract(_ints(B, T + N), lay.batch(2)),
-            _abstract(_ints(B, T + N), lay.batch(2)))
-    return Program("group_experience", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
+    out_sh = (lay.batch(2), lay.batch(2) if reference else None)
+    return _experience_program("group_experience", fn, out_sh, lay, pspec, st, B, T, N, layout)
 
 
 def _group_update_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, gcfg: grpo.GroupConfig, T: int):
@@ -297,23 +312,10 @@ def _group_update_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, gcfg: grpo.G
 
 def build_group_update(lay: Layout, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, gcfg: grpo.GroupConfig,
                        st: StateLayout, T: int, N: int, layout: str = "stacked") -> Program:
-    """``(state, frozen, (logp, ref_logp), score_B, ids_BxS, attn_BxS, mask_BxN, rng) -> (state, stats)``;
+    """``(state, frozen, (logp, ref_logp or None), score_B, ids_BxS, attn_BxS, mask_BxN, rng) -> (state, stats)``;
     donates the state."""
-    B = pcfg.batch_size
-    abstract, specs = llama_params(pspec.cfg, layout=layout)
-    frozen_sh = lay.tree(specs)
-    b1, b2 = lay.batch(1), lay.batch(2)
-    ref = gcfg.needs_reference
-    in_sh = (st.shardings, frozen_sh, (b2, b2 if ref else None), b1, b2, b2, b2, lay.replicated)
-    fn = _group_update_fn(pspec, pcfg, gcfg, T)
-    f32 = jax.ShapeDtypeStruct((B, N), jnp.float32, sharding=b2)
-    args = (st.target(), _abstract(abstract, frozen_sh), (f32, f32 if ref else None),
-            jax.ShapeDtypeStruct((B,), jnp.float32, sharding=b1), _abstract(_ints(B, T + N), b2),
-            _abstract(_ints(B, T + N), b2), _abstract(_ints(B, N), b2), _abstract(_key(), lay.replicated))
-    stats = jax.eval_shape(fn, *args)[1]
-    out_sh = (st.shardings, jax.tree.map(lambda _: lay.replicated, stats))
-    jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,))
-    return Program("group_update", jitted, args, in_sh, out_sh, (0,))
+    return _update_program("group_update", _group_update_fn(pspec, pcfg, gcfg, T), (True, gcfg.needs_reference),
+                           lay, pspec, st, pcfg.batch_size, T, N, layout)
 
 
 # =================================================================================== reward models
@@ -336,14 +338,13 @@ def build_gold(lay: Layout, cfg: llama.LlamaConfig, pooling: str, G: int, L: int
     """``(params, ids_GxL, mask_GxL) -> f32[G]``: gold-RM scores (``models.sequence_scores``, first label,
     ``pooling``: its ``layout``, 'starling' or 'seq_cls')."""
     from rre_jax.models import sequence_scores
-    abstract, specs = llama_params(cfg, head="score", layout=layout)
-    params_sh = lay.tree(specs)
+    params, params_sh = _weights(lay, cfg, layout, head="score")
     b2 = lay.batch(2)
     in_sh, out_sh = (params_sh, b2, b2), lay.batch(1)
 
     def fn(params, ids, mask):
         return sequence_scores(cfg, params, ids, mask, layout=pooling)[:, 0]
-    args = (_abstract(abstract, params_sh), _abstract(_ints(G, L), b2), _abstract(_ints(G, L), b2))
+    args = (params, *_ids_and_mask(lay, G, L))
     return Program("gold", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
 
 

@@ -175,7 +175,7 @@ def train_tokenizer(texts: Sequence[str], kind: str, vocab_size: int, out_dir: s
 # ----------------------------------------------------------------------------------------------- tables
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (the alphabet of byte-level BPE)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     cs = bs[:]
@@ -224,7 +224,7 @@ def byte_table(tokenizer) -> ByteTable:
     if backend is None:
         raise ValueError(f"byte_table needs a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
     family, strips = _decoder_family(backend)
-    byte_of_char = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_of_char = {c: b for b, c in bytes_to_unicode().items()}
     special = set(tokenizer.all_special_ids)
     special |= {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
     vocab_size = len(tokenizer)

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,25 +35,59 @@ log = logging.getLogger(__name__)
 
 # ======================================================================================= set-up
 
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """Prompts sampled in a fixed order, batch by batch: the dev set during training, the eval set of ``rre-eval``
+    and ``rre-bon``. ``prompts`` are ``records`` tokenized (None when there are no records); ``batching`` lays out
+    their eval batches (``batching.eval_batches``)."""
+
+    records: list
+    prompts: batching.TokenizedPrompts | None
+    batching: batching.BatchingConfig
+
+    def __len__(self) -> int:
+        return 0 if self.prompts is None else len(self.prompts)
+
+    def num_batches(self) -> int:
+        """Global batches in one pass over the prompts."""
+        return -(-len(self) // self.batching.global_batch_size)
+
+    def batches(self):
+        """This host's rows of each global eval batch, in order (``batching.eval_batches``)."""
+        return batching.eval_batches(self.prompts, self.batching, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+
+
+class RunBasics(NamedTuple):
+    """What every command opens before any weights load: the validated run spec, the device mesh, the asset
+    directories (``asset_paths``) and the policy's tokenizer."""
+
+    spec: RunSpec
+    mesh: Any
+    paths: dict
+    tokenizer: Any
+
+
 @dataclasses.dataclass
 class Run:
-    """Everything a run holds after set-up (host objects, device arrays and compiled programs)."""
+    """Everything a run holds after set-up (host objects, device arrays and compiled programs). ``train_set`` and
+    ``iterator`` are the training prompts and this host's position in them; a run built for evaluation
+    (``build_for_eval``) has neither and only samples ``dev``."""
 
     config: Any
     spec: RunSpec
     workdir: str
     mesh: Any
     tokenizer: Any
-    records: list
-    prompts: batching.TokenizedPrompts
-    iterator: batching.PromptIterator
-    dev: tuple
+    dev: PromptSet
     policy: policy.PolicySpec
     frozen: Any
-    engine: engine_lib.RewardEngine
+    engine: engine_lib.RewardEngine | None
     gold: Any
     paths: dict
     programs: programs_lib.RunPrograms
+    train_set: PromptSet | None = None
+    iterator: batching.PromptIterator | None = None
 
     def to_global(self, x):
         """This host's rows of a batch -> the global array sharded over the mesh's batch axes."""
@@ -105,35 +139,68 @@ def _relevance_encoder(config, mesh, needed: bool):
                                                       progress=False)
 
 
+def open_basics(config, workdir: str) -> RunBasics:
+    """Validate ``config``, build the mesh over its devices, find (the tiny config: build) the asset directories
+    and load the policy's tokenizer; nothing is loaded onto devices yet."""
+    from rre_jax import tokenizer as tok_lib
+    spec = validate(config)
+    mesh = mesh_lib.make_mesh(spec.mesh, jax.devices()[:spec.mesh.num_devices or None])
+    paths = asset_paths(config, workdir)
+    return RunBasics(spec, mesh, paths, tok_lib.load_tokenizer(paths["tokenizer"]))
+
+
+def batching_config(config, global_batch_size: int) -> batching.BatchingConfig:
+    """The batching of ``config.data`` (prompt length, bucket multiple, shuffle seed) at ``global_batch_size``."""
+    return batching.BatchingConfig(global_batch_size=int(global_batch_size),
+                                   max_prompt_length=int(config.data.max_prompt_length),
+                                   bucket_multiple=int(config.data.bucket), seed=int(config.data.shuffle_seed))
+
+
+def prompt_set(records, tokenizer, bcfg: batching.BatchingConfig) -> PromptSet:
+    """``records`` tokenized for sampling in order with ``bcfg`` (no records: no prompts)."""
+    prompts = (batching.tokenize_prompts(records, tokenizer, max_prompt_length=bcfg.max_prompt_length)
+               if records else None)
+    return PromptSet(list(records), prompts, bcfg)
+
+
 def build(config, workdir: str, saved: tuple[dict, str] | None = None) -> Run:
     """The run's mesh, data, models and reward engine; ``saved``: ``(meta, where)`` of the checkpoint it resumes,
     whose data position is range-checked against the prompts before any model loads."""
-    spec = validate(config)
+    basics = open_basics(config, workdir)
     os.makedirs(workdir, exist_ok=True)
-    mesh = mesh_lib.make_mesh(spec.mesh, jax.devices()[:spec.mesh.num_devices or None])
-    paths = asset_paths(config, workdir)
-    from rre_jax import tokenizer as tok_lib
-    tokenizer = tok_lib.load_tokenizer(paths["tokenizer"])
+    spec, tokenizer = basics.spec, basics.tokenizer
     records, train_path = _load_records(config, "train_file")
     prompts = batching.tokenize_prompts(records, tokenizer, max_prompt_length=int(config.data.max_prompt_length))
     log.info("%d training prompts from %s (%d dropped as too long)", len(prompts), train_path, len(prompts.dropped))
-    bcfg = batching.BatchingConfig(global_batch_size=spec.ppo.batch_size,
-                                   max_prompt_length=int(config.data.max_prompt_length),
-                                   bucket_multiple=int(config.data.bucket), seed=int(config.data.shuffle_seed))
     per_step = spec.group.prompts_per_step if spec.group else spec.ppo.batch_size  # group: B / G prompts
-    iterator = _prompt_iterator(prompts, dataclasses.replace(bcfg, global_batch_size=per_step), saved)
+    train_set = PromptSet(records, prompts, batching_config(config, per_step))
+    iterator = _prompt_iterator(prompts, train_set.batching, saved)
     dev_records, _ = _load_records(config, "dev_file")
-    dev_records = dev_records[:int(config.train.dev_size)]
-    max_len = int(config.data.max_prompt_length)
-    dev_prompts = (batching.tokenize_prompts(dev_records, tokenizer, max_prompt_length=max_len)
-                   if dev_records else None)  # no dev file: no dev eval
+    dev = prompt_set(dev_records[:int(config.train.dev_size)], tokenizer,
+                     batching_config(config, spec.ppo.batch_size))  # no dev file: no dev eval
+    gold = gold_rm(config, spec, basics.paths, basics.mesh)
+    return _assemble(config, basics, workdir, dev, gold, records + dev.records, train_set=train_set,
+                     iterator=iterator)
 
+
+def build_for_eval(config, basics: RunBasics, workdir: str, dev: PromptSet, *, gold=None,
+                   scoring: bool = True) -> Run:
+    """A run that only samples ``dev`` (``rre-eval``, ``rre-bon``, ``rre-alignment-tax``): the policy, the reward
+    engine over ``dev.records`` (none unless ``scoring``), the gold RM ``gold`` (see `gold_rm`) and the programs;
+    no training prompts and no iterator."""
+    return _assemble(config, basics, workdir, dev, gold, dev.records if scoring else None)
+
+
+def _assemble(config, basics: RunBasics, workdir: str, dev: PromptSet, gold, engine_records, *,
+              train_set: PromptSet | None = None, iterator: batching.PromptIterator | None = None) -> Run:
+    """Load the policy onto the mesh, build the reward engine over ``engine_records`` (None: no engine) and the
+    programs, and hold them with the parts already set up as one `Run`."""
+    spec, mesh, paths, tokenizer = basics
     pspec, frozen = load_policy(config, spec, mesh, paths)
-    engine = reward_engine(config, spec, mesh, tokenizer, pspec.cfg.vocab_size, records + dev_records)
-    gold = gold_rm(config, spec, paths, mesh)
-    return Run(config, spec, workdir, mesh, tokenizer, records, prompts, iterator,
-               (dev_records, dev_prompts, bcfg), pspec, frozen, engine, gold, paths,
-               run_programs(spec, mesh, pspec, frozen, tokenizer))
+    engine = (None if engine_records is None
+              else reward_engine(config, spec, mesh, tokenizer, pspec.cfg.vocab_size, engine_records))
+    return Run(config, spec, workdir, mesh, tokenizer, dev, pspec, frozen, engine, gold, paths,
+               run_programs(spec, mesh, pspec, frozen, tokenizer), train_set=train_set, iterator=iterator)
 
 
 def load_policy(config, spec: RunSpec, mesh, paths: dict):
@@ -295,17 +362,17 @@ def _compiled_programs(run: Run) -> int:
 
 def dev_eval(run: Run, state, step: int) -> dict:
     """Sample the dev prompts with the training sampler; proxy (every component) and gold, logged and stored."""
-    records, prompts, bcfg = run.dev
-    if prompts is None or not len(prompts):
+    records = run.dev.records
+    if not len(run.dev):
         return {}
     out = {k: [] for k in ("index", "texts")}
     comps_all: dict = {}
-    for i, b in enumerate(batching.eval_batches(prompts, bcfg, process_index=jax.process_index(),
-                                                process_count=jax.process_count())):
+    # the engine's prompt table: the training prompts (none in a run built for evaluation), then the dev prompts
+    offset = 0 if run.train_set is None else len(run.train_set.records)
+    for i, b in enumerate(run.dev.batches()):
         rng = jax.random.fold_in(jax.random.key(int(run.config.seed) + 7), step * 1000 + i)
         _, _, comps, texts, _ = sample_and_score(run, state, run.to_global(b.ids_BxT), run.to_global(b.mask_BxT),
-                                                 b.index_B + len(run.records), rng, run.spec.sampling,
-                                                 relevance_on_cut=True)
+                                                 b.index_B + offset, rng, run.spec.sampling, relevance_on_cut=True)
         # every host gathers the whole batch, so the gold RM sees the same inputs everywhere
         every = host_arrays.gather({**comps, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B)})
         keep = every["valid"]

@@ -241,8 +241,8 @@ def _qkv_mask(B, T, H=12, K=8, seed=0):
 def test_cpu_attention_loop_matches_batched_attention(T):
     """The CPU layout (a loop over blocks of one row's heads) computes the batched attention."""
     q, k, v, mask = _qkv_mask(3, T)
-    looped = np.asarray(jax.jit(bert._attention_looped)(q, k, v, mask))
-    batched = np.asarray(jax.jit(bert._attention_rows)(q, k, v, mask))
+    looped = np.asarray(jax.jit(bert.attention_looped)(q, k, v, mask))
+    batched = np.asarray(jax.jit(bert.attention_rows)(q, k, v, mask))
     # Same maths, other summation order: outputs are convex combinations of |v| < ~4 over <= 512 keys, so a
     # pairwise-order difference is bounded by ~log2(512) float32 ulps of 2-4 (~2e-6); measured 6e-7.
     np.testing.assert_allclose(looped, batched, rtol=0, atol=3e-6)

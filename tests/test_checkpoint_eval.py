@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from rre_jax import alignment_tax as at, checkpoint_eval, metrics, programs, rollout, text_scoring, train
-from rre_jax.cli import alignment_tax as tax_cmd, eval as eval_cmd
+from rre_jax.cli import alignment_tax as tax_cmd, common as cli_common, eval as eval_cmd
 from rre_jax.data import load_prompts
 
 from test_train import tiny_cfg
@@ -116,7 +116,7 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
     from rre_jax import checkpoint, evaluate
     ckpt = checkpoint.CheckpointManager(str(workdir))
     config = checkpoint_eval.config_from_checkpoint(ckpt, 10)
-    spec, mesh, paths, tokenizer = checkpoint_eval._open(config, str(workdir))
+    spec, mesh, paths, tokenizer = train.open_basics(config, str(workdir))
     assert "cf/rer" in spec.counterfactual or config.reward.preset == "rer"  # validate adds RER
     engine = train.reward_engine(config, spec, mesh, tokenizer, len(tokenizer), load_prompts(EVAL_SET))
     for stored in evaluate.load_steps(workdir / "eval"):
@@ -182,7 +182,7 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
                 "proxy:rer": s.proxies["rer"].astype(np.float32)[open_ended]}
         for k, v in want.items():  # one encoder, one text: packed relevance is bit-identical however batched
             np.testing.assert_array_equal(got[k], v, err_msg=f"rre-score vs {name}: {k}")
-    b = next(iter(batching.eval_batches(plan.run.dev[1], plan.run.dev[2])))
+    b = next(iter(batching.eval_batches(plan.run.dev.prompts, plan.run.dev.batching)))
     glob = plan.run.to_global
     _, _, comps, texts, _ = train.sample_and_score(plan.run, state, glob(b.ids_BxT), glob(b.mask_BxT), b.index_B,
                                                    jax.random.key(0), plan.scfg)
@@ -301,7 +301,7 @@ def test_alignment_tax_bad_input(workdir, tmp_path, capsys, no_sampling):
 
 def test_config_file_and_overrides_on_the_command_line():
     parser = eval_cmd.build_parser()
-    args, config, overrides = eval_cmd.parse(parser, [
+    args, config, overrides = cli_common.parse(parser, [
         "--workdir", "w", "--eval-set", "e.json", "--config", str(pathlib.Path(__file__).parents[1] / "configs" /
                                                                   "tiny.py") + ":li",
         "--config.mesh.shape=(2, 2, 2)", "--config.gold_rm.path=123", "--config.train.dev_size", "4"])

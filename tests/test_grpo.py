@@ -16,7 +16,7 @@ import trl_grpo_reference as ref
 from rre_jax import grpo, mesh as mesh_lib, ppo
 from rre_jax.errors import UserError
 
-from test_ppo import _mask, _torch_forward, _toy_params, jax_forward
+from test_ppo import random_mask, torch_forward, toy_params, jax_forward
 
 torch.set_num_threads(1)
 # float32 JAX against float64 references: every quantity is O(1)-O(10) and comes from a handful of float32 ops
@@ -55,7 +55,7 @@ def test_grpo_advantages_match_trl(scale):
 @pytest.mark.parametrize("beta,normalize", [(0.0, False), (0.05, False), (0.3, True)])
 def test_rloo_advantages_fold_kl_into_the_reward_as_trl(beta, normalize):
     rng = np.random.default_rng(1)
-    r, mask = _rewards(1), _mask(rng, B, N).astype(np.float64)
+    r, mask = _rewards(1), random_mask(rng, B, N).astype(np.float64)
     old, ref_logp = -rng.gamma(2.0, 1.0, (2, B, N))
     want, want_r = ref.rloo_advantages(r, G, old, ref_logp, mask, beta, normalize)
     kl = grpo.sequence_kl(old.astype(np.float32), ref_logp.astype(np.float32), mask.astype(np.float32))
@@ -71,7 +71,7 @@ def test_rloo_advantages_fold_kl_into_the_reward_as_trl(beta, normalize):
 
 def _loss_inputs(seed):
     rng = np.random.default_rng(seed)
-    mask = _mask(rng, B, N)
+    mask = random_mask(rng, B, N)
     old = -rng.gamma(2.0, 1.0, (B, N)).astype(np.float32)
     new = (old + rng.normal(0, 0.3, (B, N))).astype(np.float32)  # ratios well outside [0.8, 1.28]: clips act
     ref_logp = (old + rng.normal(0, 0.3, (B, N))).astype(np.float32)
@@ -126,21 +126,21 @@ def _batch(seed, params, cfg):
     a = rng.integers(0, 6, (cfg.batch_size, N)).astype(np.int32)
     logp = np.asarray(jax.jit(jax_forward)(params, {"x": x, "a": a}, None)[0])
     ref_logp = (logp + rng.normal(0, 0.2, logp.shape)).astype(np.float32)
-    mask = _mask(rng, cfg.batch_size, N)
+    mask = random_mask(rng, cfg.batch_size, N)
     batch, stats = jax.jit(grpo.prepare_batch, static_argnums=4)(logp, ref_logp, _rewards(seed).astype(np.float32),
                                                                 mask, cfg)
     return dict(jax.tree.map(np.array, batch), x=x, a=a), stats
 
 
 def _run_both(cfg, max_grad_norm=0.5, seed=0):
-    params = _toy_params(seed)
+    params = toy_params(seed)
     batch, _ = _batch(seed + 1, params, cfg)
     rng = jax.random.key(seed)
     update, opt = _update_fn(cfg, max_grad_norm)
     got, _, stats = update(params, opt.init(params), batch, rng)
     perm = np.asarray(grpo.update_indices(jax.random.split(rng)[0], cfg)).reshape(-1)[:cfg.batch_size]
     tparams = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    forward = _torch_forward(batch["x"], batch["a"])
+    forward = torch_forward(batch["x"], batch["a"])
     ref.update(lambda p, rows: forward(p, rows)[0], tparams, {k: batch[k] for k in batch if k not in "xa"},
                perm, cfg, 0.05, max_grad_norm)
     return params, got, {k: v.detach().numpy() for k, v in tparams.items()}, stats
@@ -189,7 +189,7 @@ def test_group_statistics_span_devices():
 
 def test_update_runs_sharded_like_one_device():
     cfg = _cfg(loss_type="dapo", beta=0.04, num_iterations=2)
-    params = _toy_params(0)
+    params = toy_params(0)
     batch, _ = _batch(1, params, cfg)
     update, opt = _update_fn(cfg, 0.5)
     p_ref, _, s_ref = update(params, opt.init(params), batch, jax.random.key(0))

@@ -20,7 +20,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 B, T, D, V = 8, 7, 5, 6
 
 
-def _mask(rng, B, T):
+def random_mask(rng, B, T):
     mask = np.zeros((B, T), np.float32)
     for b in range(B):
         start = int(rng.integers(0, 2))
@@ -32,7 +32,7 @@ def _mask(rng, B, T):
 
 def _loss_inputs(seed, shift=0.0):
     rng = np.random.default_rng(seed)
-    mask = _mask(rng, 6, 9)
+    mask = random_mask(rng, 6, 9)
     old_logp = -rng.gamma(2.0, 1.0, (6, 9)).astype(np.float32)
     new_logp = (old_logp + rng.normal(0, 0.3, (6, 9)) + shift).astype(np.float32)
     old_v, adv_, ret = rng.normal(size=(3, 6, 9)).astype(np.float32)
@@ -83,7 +83,7 @@ def test_ratio_threshold_zeroes_loss_and_gradient():
 
 # ------------------------------------------------------------------------------- toy policy + batch
 
-def _toy_params(seed):
+def toy_params(seed):
     rng = np.random.default_rng(seed)
     return {"W": rng.normal(0, 0.5, (D, V)).astype(np.float32), "b": rng.normal(0, 0.1, V).astype(np.float32),
             "wv": rng.normal(0, 0.5, D).astype(np.float32), "bv": np.float32(0.1)}
@@ -102,7 +102,7 @@ def jax_forward(params, mb, rng):
     return logp, mb["x"] @ params["wv"] + params["bv"], entropy
 
 
-def _torch_forward(x, a):
+def torch_forward(x, a):
     x, a = torch.as_tensor(x), torch.as_tensor(a).long()
 
     def forward(params, rows):
@@ -121,7 +121,7 @@ def _rollout(seed, params, cfg, kl_coef=0.05):
     logp, values = np.asarray(logp), np.asarray(values)
     ref_logp = (logp + rng.normal(0, 0.2, logp.shape)).astype(np.float32)
     score = rng.normal(1.0, 2.0, cfg.batch_size).astype(np.float32)
-    mask = _mask(rng, cfg.batch_size, T)
+    mask = random_mask(rng, cfg.batch_size, T)
     batch, moments, stats = jax.jit(ppo.prepare_batch, static_argnums=7)(
         logp, ref_logp, values, score, mask, adv.init_moments(), adv.init_kl(kl_coef), cfg)
     batch = dict(jax.tree.map(np.array, batch), x=x, a=a)  # writable copies
@@ -130,7 +130,7 @@ def _rollout(seed, params, cfg, kl_coef=0.05):
 
 def test_prepare_batch_matches_trl_step_preamble():
     cfg = ppo.PPOConfig(batch_size=B, mini_batch_size=2, gradient_accumulation_steps=2, score_clip=1.5)
-    batch, raw, stats = _rollout(0, _toy_params(0), cfg)
+    batch, raw, stats = _rollout(0, toy_params(0), cfg)
     running = ref.RunningMoments()
     scores = ref.scale_scores(running, raw["score"], True, True, 1.5)
     rewards, non_score = ref.compute_rewards(scores, raw["logp"], raw["ref_logp"], raw["mask"], 0.05)
@@ -166,14 +166,14 @@ CFG_SGD = ppo.PPOConfig(batch_size=B, mini_batch_size=2, gradient_accumulation_s
 
 
 def _run_both(cfg, seed=0, recompute_old=False):
-    params = _toy_params(seed)
+    params = toy_params(seed)
     batch, _, _ = _rollout(seed + 1, params, cfg)
     rng = jax.random.key(seed)
     update, opt = _update_fn(cfg)
     new_params, _, stats = update(params, opt.init(params), batch, rng)
     perms = np.asarray(ppo.minibatch_indices(jax.random.split(rng)[0], cfg)).reshape(cfg.ppo_epochs, -1)
     tparams = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    all_stats = ref.step_update(_torch_forward(batch["x"], batch["a"]), tparams, batch, perms, cfg, recompute_old)
+    all_stats = ref.step_update(torch_forward(batch["x"], batch["a"]), tparams, batch, perms, cfg, recompute_old)
     want_params = {k: v.detach().numpy() for k, v in tparams.items()}
     return params, new_params, stats, want_params, ref.mean_stats(all_stats)
 
@@ -210,7 +210,7 @@ def test_old_logprobs_and_values_stay_frozen_across_epochs():
 
 def test_nonfinite_minibatch_is_skipped_and_counted():
     cfg = CFG_SGD
-    params = _toy_params(0)
+    params = toy_params(0)
     batch, _, _ = _rollout(1, params, cfg)
     batch["advantages"][3, :] = np.nan  # poisons the one minibatch holding row 3, in each epoch
     update, opt = _update_fn(cfg)
@@ -231,7 +231,7 @@ def test_nonfinite_minibatch_is_skipped_and_counted():
 def test_update_compiles_once_and_runs_sharded():
     cfg = CFG_SGD
     update, opt = _update_fn(cfg)
-    params = _toy_params(0)
+    params = toy_params(0)
     batch, _, _ = _rollout(1, params, cfg)
     p_ref, _, s_ref = update(params, opt.init(params), batch, jax.random.key(0))
     n = len(TRACES)
@@ -249,7 +249,7 @@ def test_update_compiles_once_and_runs_sharded():
 def test_update_rejects_bad_batch():
     cfg = ppo.PPOConfig(batch_size=B, mini_batch_size=2, gradient_accumulation_steps=2)
     update = ppo.make_update_step(jax_forward, ppo.make_optimizer(cfg), cfg)
-    params = _toy_params(0)
+    params = toy_params(0)
     batch, _, _ = _rollout(1, params, cfg)
     with pytest.raises(KeyError, match="old_values"):
         update(params, None, {k: v for k, v in batch.items() if k != "old_values"}, jax.random.key(0))

@@ -92,7 +92,7 @@ def test_sentencepiece_byte_fallback_tokens(trained):
 def test_bytelevel_covers_every_byte(trained):
     tok = trained["bytelevel"]
     table = tk.byte_table(tok)
-    for b, ch in tk._bytes_to_unicode().items():
+    for b, ch in tk.bytes_to_unicode().items():
         assert table.token_bytes([tok.convert_tokens_to_ids(ch)]) == bytes([b])
 
 
@@ -100,7 +100,7 @@ def test_invalid_utf8_decoding_conventions(trained):
     """Byte-level decode = Python errors='replace' (maximal subparts); ByteFallback differs (per byte)."""
     bl, sp = trained["bytelevel"], trained["sentencepiece"]
     bl_table, sp_table = tk.byte_table(bl), tk.byte_table(sp)
-    u2c = tk._bytes_to_unicode()
+    u2c = tk.bytes_to_unicode()
     rng = np.random.default_rng(0)
     for _ in range(300):
         data = bytes(rng.choice([0x41, 0x20, 0x80, 0xBF, 0xC2, 0xE2, 0x82, 0xAC, 0xED, 0xA0, 0xF0, 0x9F, 0xF4,

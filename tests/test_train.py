@@ -88,7 +88,7 @@ def test_sharded_run_matches_single_device_and_compiles_once(assets, tmp_path):
                               "update": buckets}, f"step {step}: {counts}"
 
 
-def _cli(workdir, assets, steps, save_freq):
+def train_command(workdir, assets, steps, save_freq):
     cfg = tiny_cfg(assets)
     args = [sys.executable, "-m", "rre_jax.cli.train", f"--workdir={workdir}", f"--config={REPO / 'configs' / 'tiny.py'}",
             f"--config.model.path={cfg.model.path}", f"--config.tokenizer.path={cfg.tokenizer.path}",
@@ -129,4 +129,4 @@ def check_resume_after_sigkill(tmp_path, cli):
 
 def test_resume_after_sigkill_matches_uninterrupted(assets, tmp_path):
     """Killed (SIGKILL) right after its step-2 checkpoint and resumed: steps 3-4 equal an uninterrupted run."""
-    check_resume_after_sigkill(tmp_path, lambda workdir: _cli(workdir, assets, 4, 2))
+    check_resume_after_sigkill(tmp_path, lambda workdir: train_command(workdir, assets, 4, 2))

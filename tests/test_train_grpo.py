@@ -11,7 +11,7 @@ from rre_jax import programs, run_spec, train
 from rre_jax.configs import tiny as tiny_config
 from rre_jax.errors import UserError
 
-from test_train import REPO, _cli, check_resume_after_sigkill, rows_by_step, tiny_cfg
+from test_train import REPO, train_command, check_resume_after_sigkill, rows_by_step, tiny_cfg
 
 GOLDEN = {algo: REPO / "tests" / "golden" / f"tiny_{algo}_step1.json" for algo in ("grpo", "rloo")}
 KEYS = ("reward/proxy", "reward/li", "reward/rp", "reward/qr", "reward/ar", "response/tokens_mean", "{a}/reward",
@@ -59,7 +59,7 @@ def test_sharded_run_matches_single_device(assets, tmp_path):
 def test_resume_after_sigkill_matches_uninterrupted(assets, tmp_path):
     """RLOO killed (SIGKILL) right after its step-2 checkpoint and resumed: steps 3-4 equal an uninterrupted run."""
     def cli(workdir):
-        args, env = _cli(workdir, assets, 4, 2)
+        args, env = train_command(workdir, assets, 4, 2)
         return args + ["--config.algo=rloo", "--config.group.beta=0.05", "--config.ppo.mini_batch_size=4"], env
     ref = check_resume_after_sigkill(tmp_path, cli)
     assert "rloo/loss" in ref[3]

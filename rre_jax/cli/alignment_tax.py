@@ -8,13 +8,12 @@ import argparse
 import sys
 from typing import Sequence
 
-from rre_jax import errors
-from rre_jax.cli import eval as eval_cmd
+from rre_jax.cli import common
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rre-alignment-tax", description=__doc__.split("\n\n")[0])
-    eval_cmd.common_args(parser)
+    common.common_args(parser)
     parser.add_argument("--step", type=int, required=True, help="checkpoint step")
     parser.add_argument("--tasks-dir", required=True, help="natural-instructions root (splits/ and tasks/)")
     parser.add_argument("--max-instances", type=int, default=100, help="first instances of each test task")
@@ -28,17 +27,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rre-alignment-tax`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
     from rre_jax import checkpoint_eval
     try:
-        args, config, overrides = eval_cmd.parse(build_parser(), argv)
-        eval_cmd.quiet_libraries()
-        eval_cmd.start_distributed(config, overrides)
+        args, config, overrides = common.parse(build_parser(), argv)
+        common.quiet_libraries()
+        common.start_distributed(config, overrides)
         plan = checkpoint_eval.plan_alignment_tax(
             args.workdir, args.step, args.tasks_dir, config=config, overrides=overrides,
             max_instances=args.max_instances, max_new_tokens=args.max_new_tokens,
             max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, out=args.out,
             overwrite=args.overwrite)
-    except eval_cmd.USER_ERRORS as e:
-        return errors.report("rre-alignment-tax", e.args[0] if isinstance(e, KeyError) and e.args else e)
-    eval_cmd.log_to_workdir(args.workdir, "rre_alignment_tax.log")
+    except common.USER_ERRORS as e:
+        return common.report_user_error("rre-alignment-tax", e)
+    common.log_to_workdir(args.workdir, "rre_alignment_tax.log")
     result = checkpoint_eval.run_alignment_tax(plan)
     print(f"rre-alignment-tax: step {result['step']}: ROUGE-L {result['rougeL']:.2f} over "
           f"{result['n_instances']} instances of {result['n_tasks']} tasks", file=sys.stderr)

@@ -15,30 +15,17 @@ import math
 import sys
 from typing import Sequence
 
-from rre_jax import errors
-from rre_jax.cli import eval as eval_cmd
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+from rre_jax.cli import common
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rre-bon", description=__doc__.split("\n\n")[0])
-    eval_cmd.common_args(p)
-    p.add_argument("--eval-set", required=True, help="AlpacaEval/AlpacaFarm prompt file (.json or .jsonl)")
+    common.sampled_eval_args(p, out_help="output directory (default: WORKDIR/bon/step_<N>)",
+                             n_boot_help="prompt-bootstrap resamples of the fits' intervals")
     p.add_argument("--n", type=int, required=True, help="samples per prompt")
-    p.add_argument("--k", type=_ints, default=None, help="best-of-k values, each <= n (default: 1, 2, 4, ..., n)")
+    p.add_argument("--k", type=common.comma_ints("1,2,4,8"), default=None,
+                   help="best-of-k values, each <= n (default: 1, 2, 4, ..., n)")
     p.add_argument("--step", type=int, default=None, help="checkpoint to sample (default: the initial policy)")
-    p.add_argument("--out", default=None, help="output directory (default: WORKDIR/bon/step_<N>)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.seed)")
-    p.add_argument("--n-boot", type=int, default=1000, help="prompt-bootstrap resamples of the fits' intervals")
     return p
 
 
@@ -46,14 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rre-bon`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
     from rre_jax.evaluate import best_of_n
     try:
-        args, config, overrides = eval_cmd.parse(build_parser(), argv)
-        eval_cmd.quiet_libraries()
+        args, config, overrides = common.parse(build_parser(), argv)
+        common.quiet_libraries()
         plan = best_of_n.plan_best_of_n(
             args.workdir, args.eval_set, n=args.n, ks=args.k, step=args.step, config=config, overrides=overrides,
             out=args.out, overwrite=args.overwrite, temperature=args.temperature, top_p=args.top_p,
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, n_boot=args.n_boot)
-    except eval_cmd.USER_ERRORS as e:
-        return errors.report("rre-bon", e.args[0] if isinstance(e, KeyError) and e.args else e)
+    except common.USER_ERRORS as e:
+        return common.report_user_error("rre-bon", e)
     curves = best_of_n.run_best_of_n(plan)
     for name, v in curves.get("variants", {}).items():
         fit = v["gold"]["fit"]

@@ -9,83 +9,19 @@ proxy, RER, every feature and the gold RM, store them and rebuild the proxy-vs-g
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Sequence
 
-from rre_jax import errors
-from rre_jax.configs import loader
-
-# What a user can get wrong before anything is sampled: files, steps, fields (the library raises these with the
-# file, step or field named).
-USER_ERRORS = (errors.UserError, OSError, ValueError, KeyError)
-
-
-def steps_arg(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps {text!r}: expected comma-separated integers, e.g. 500,1000")
-
-
-def common_args(parser: argparse.ArgumentParser) -> None:
-    """The arguments of every command that reads a run's checkpoints."""
-    parser.add_argument("--workdir", required=True, help="run directory (holds checkpoints/)")
-    parser.add_argument("--config", default=None,
-                        help="config file path.py[:arg] or .json (default: the config saved in the checkpoint); "
-                             "--config.a.b=VALUE changes one field of either")
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: config.ppo.batch_size)")
-    parser.add_argument("--overwrite", action="store_true", help="replace outputs already written")
-
-
-def quiet_libraries() -> None:
-    """The compilation cache on; only warnings and errors on the console."""
-    from rre_jax import compile_cache
-    compile_cache.enable()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def log_to_workdir(workdir: str, name: str) -> None:
-    """Once the input is checked: INFO lines (rre_jax, absl, orbax, jax) to ``workdir/name``, warnings and
-    errors still on the console."""
-    from rre_jax import console
-    console.log_to_file(console.log_path(workdir, name))
-
-
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
-    """``(args, config or None, overrides)`` from ``argv``: the config named by ``--config`` (None: the one the
-    checkpoint saved) and the ``--config.a.b=v`` overrides to apply to whichever config is used."""
-    overrides, rest = loader.split_argv(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(rest)
-    return args, (loader.load(args.config) if args.config else None), overrides
-
-
-def start_distributed(config, overrides) -> None:
-    """``jax.distributed`` for a multi-host eval, before anything touches a device: the ``distributed`` section of
-    ``--config`` (or of the defaults) with the ``--config.distributed.*`` overrides. The checkpoint's saved section
-    is not used: it names the training job's coordinator. On a TPU pod: ``--config.distributed.initialize=True``
-    on every host (JAX finds the rest)."""
-    from rre_jax import defaults, distributed
-    cfg = config if config is not None else defaults.base_config()
-    for key, raw in overrides:
-        if key.startswith("distributed."):
-            loader.override(cfg, key, raw)
-    distributed.maybe_initialize(cfg.distributed)
+from rre_jax.cli import common
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rre-eval", description=__doc__.split("\n\n")[0])
-    common_args(parser)
-    parser.add_argument("--eval-set", required=True, help="AlpacaEval/AlpacaFarm prompt file (.json or .jsonl)")
-    parser.add_argument("--steps", type=steps_arg, default=None,
+    common.sampled_eval_args(parser, out_help="rollout store and report directory (default: WORKDIR/eval)",
+                             n_boot_help="bootstrap resamples of the report's intervals")
+    parser.add_argument("--steps", type=common.comma_ints("500,1000"), default=None,
                         help="e.g. 0,500,1000; 0 is the initial policy (default: every checkpoint)")
-    parser.add_argument("--out", default=None, help="rollout store and report directory (default: WORKDIR/eval)")
     parser.add_argument("--skip-existing", action="store_true", help="keep steps already stored, sample the rest")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.seed)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the report's intervals")
     return parser
 
 
@@ -93,17 +29,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rre-eval`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
     from rre_jax import checkpoint_eval
     try:
-        args, config, overrides = parse(build_parser(), argv)
-        quiet_libraries()
-        start_distributed(config, overrides)
+        args, config, overrides = common.parse(build_parser(), argv)
+        common.quiet_libraries()
+        common.start_distributed(config, overrides)
         plan = checkpoint_eval.plan_eval(
             args.workdir, args.eval_set, steps=args.steps, config=config, overrides=overrides, out=args.out,
             overwrite=args.overwrite, skip_existing=args.skip_existing, temperature=args.temperature,
             top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
             n_boot=args.n_boot)
-    except USER_ERRORS as e:
-        return errors.report("rre-eval", e.args[0] if isinstance(e, KeyError) and e.args else e)
-    log_to_workdir(args.workdir, "rre_eval.log")
+    except common.USER_ERRORS as e:
+        return common.report_user_error("rre-eval", e)
+    common.log_to_workdir(args.workdir, "rre_eval.log")
     summary = checkpoint_eval.run_eval(plan)
     print(f"rre-eval: report {plan.out_dir / 'report.md'} (checkpoints {summary.get('steps')})", file=sys.stderr)
     return 0

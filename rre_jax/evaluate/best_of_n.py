@@ -30,7 +30,7 @@ import numpy as np
 
 from rre_jax.errors import UserError
 from rre_jax.evaluate import curves, overoptimization as oo, store
-from rre_jax.evaluate.report import _json_safe as json_safe
+from rre_jax.evaluate.report import json_safe
 
 SAMPLES_DIR = "samples"
 CURVES_FILE = "curves.json"
@@ -74,17 +74,25 @@ def check_outputs(out_dir: pathlib.Path, step: int, overwrite: bool) -> None:
         raise UserError(f"{held[0]} already exists; pass --overwrite to replace it, or choose another --out")
 
 
+def repeat_prompts(dev, n: int):
+    """``dev`` (a `train.PromptSet`) with each tokenized prompt repeated ``n`` times in a row, prompt-major (row
+    ``p * n + j`` is sample ``j`` of prompt ``p``); records and batching unchanged."""
+    prompts = dev.prompts
+    repeat = lambda x: np.repeat(np.asarray(x), n, axis=0)  # noqa: E731
+    return dataclasses.replace(dev, prompts=dataclasses.replace(
+        prompts, ids=tuple(a for a in prompts.ids for _ in range(n)), lengths=repeat(prompts.lengths),
+        index=repeat(prompts.index), qtype=repeat(prompts.qtype)))
+
+
 def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | None = None, step: int | None = None,
                    config=None, overrides=(), out=None, overwrite: bool = False, temperature: float = 0.7,
                    top_p: float = 1.0, max_new_tokens: int = 512, batch_size: int | None = None,
                    seed: int | None = None, n_boot: int = 1000) -> BonPlan:
     """Check every input, then load the models; raises (naming the flag, file or item) before any sampling."""
-    import dataclasses as dc
-
     import jax
 
     from rre_jax import checkpoint_eval, run_spec, sampling, train
-    from rre_jax.data import batching, prompts as prompts_lib
+    from rre_jax.data import prompts as prompts_lib
     ks = oo.check_ks(ks or (oo.powers_of_two(n) if n >= 1 else [1]), n)
     ckpt = None
     if step is not None:
@@ -106,23 +114,20 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
     step = int(step or 0)
     out_dir = pathlib.Path(out or os.path.join(workdir, "bon", f"step_{step}"))
     check_outputs(out_dir, step, overwrite)
-    bcfg = checkpoint_eval._batching(config, spec, batch_size)
-    _, mesh, paths, tokenizer = checkpoint_eval._open(config, workdir)  # the tiny config builds its assets here
-    prompts = batching.tokenize_prompts(records, tokenizer, max_prompt_length=bcfg.max_prompt_length)
-    repeat = lambda x: np.repeat(np.asarray(x), n, axis=0)  # noqa: E731  prompt-major: p * n + j
-    prompts_n = dc.replace(prompts, ids=tuple(a for a in prompts.ids for _ in range(n)),
-                           lengths=repeat(prompts.lengths), index=repeat(prompts.index), qtype=repeat(prompts.qtype))
-    gold = train.gold_rm(config, spec, paths, mesh)
-    run = checkpoint_eval._make_run(config, spec, mesh, paths, tokenizer, workdir, records, prompts_n, bcfg, gold=gold)
+    bcfg = checkpoint_eval.eval_batching(config, spec, batch_size)
+    basics = train.open_basics(config, workdir)  # the tiny config builds its assets here
+    dev = train.prompt_set(records, basics.tokenizer, bcfg)
+    gold = train.gold_rm(config, spec, basics.paths, basics.mesh)
+    run = train.build_for_eval(config, basics, workdir, repeat_prompts(dev, n), gold=gold)
     if step:
         state = train.restore(run, ckpt, step)[0]
         ckpt.close()
     else:
         state = train.init_state(run, jax.random.key(int(config.seed)))
     extra = {"run": config.name, "split": "best_of_n", "eval_set": os.path.abspath(eval_set),
-             "eval_set_sha256": checkpoint_eval._file_sha256(eval_set), "best_of_n": {"n": n, "ks": ks},
-             "dropped_prompts": [int(i) for i in prompts.dropped],
-             "gold_rm_fingerprint": checkpoint_eval.gold_rm_fingerprint(paths["gold_rm"])}
+             "eval_set_sha256": checkpoint_eval.file_sha256(eval_set), "best_of_n": {"n": n, "ks": ks},
+             "dropped_prompts": [int(i) for i in dev.prompts.dropped],
+             "gold_rm_fingerprint": checkpoint_eval.gold_rm_fingerprint(basics.paths["gold_rm"])}
     return BonPlan(run, state, step, n, ks, extra, out_dir, overwrite, scfg, int(config.seed if seed is None else seed),
                    n_boot)
 
@@ -134,8 +139,8 @@ def run_best_of_n(plan: BonPlan, progress: bool = True) -> dict:
 
     from rre_jax import checkpoint_eval
     from rre_jax.data import templates
-    records, prompts_n, bcfg = plan.run.dev
-    bar = tqdm(total=-(-len(prompts_n) // bcfg.global_batch_size), desc="rre-bon", unit="batch",
+    records = plan.run.dev.records
+    bar = tqdm(total=plan.run.dev.num_batches(), desc="rre-bon", unit="batch",
                disable=not progress or jax.process_index() != 0)
     sampled = checkpoint_eval.sample_step(plan.run, plan.state, plan.step, plan.scfg, plan.seed, bar, kl=False)
     bar.close()

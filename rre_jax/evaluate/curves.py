@@ -133,7 +133,7 @@ def curves_markdown(curves: Mapping, png: str, *, gold_random: bool) -> list[str
     if rl and curves.get("missing_initial"):
         return out + ["No eval of the initial policy is stored, so there is no d = 0 anchor to re-centre on: add it "
                       "with `rre-eval --steps 0 --skip-existing` (step 0 = the initial policy).", ""]
-    out += [f"Gold and proxy against d = sqrt(KL) (nats), re-centred so the initial policy scores 0; fitted "
+    out += ["Gold and proxy against d = sqrt(KL) (nats), re-centred so the initial policy scores 0; fitted "
             + ("R_RL(d) = d (alpha - beta log d)" if rl else "R_bon(d) = d (alpha - beta d)")
             + f"; intervals: prompt bootstrap ({curves['n_prompts']} prompts).", "", f"![overoptimization]({png})", ""]
     if rl:
@@ -203,4 +203,4 @@ def plot_curves(curves: Mapping, path, *, gold_random: bool):
     if gold_random:
         fig.suptitle(plots.RANDOM_GOLD_BANNER, color="white", fontsize=12, fontweight="bold",
                      bbox={"facecolor": "red", "edgecolor": "red"})
-    return plots._save(fig, path)
+    return plots.save_png(fig, path)

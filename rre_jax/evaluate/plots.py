@@ -23,7 +23,7 @@ GROUP_STYLE = {"all": ("black", "-", "all"), "OPENENDED": ("tab:blue", "--", "op
 RANDOM_GOLD_BANNER = "GOLD RM IS RANDOM - gold scores are meaningless"
 
 
-def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
+def save_png(fig: Figure, path: pathlib.Path) -> pathlib.Path:
     """Saves ``fig`` as PNG through a temporary file renamed over ``path``."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -78,7 +78,7 @@ def plot_proxy_gold(summary: Mapping, path: str | os.PathLike) -> pathlib.Path:
     ax_n.set_title("all proxies vs gold (Spearman in legend)")
     ax_n.legend(loc="best", fontsize=8)
     _banner(fig, summary)
-    return _save(fig, pathlib.Path(path))
+    return save_png(fig, pathlib.Path(path))
 
 
 def plot_series(summary: Mapping, path: str | os.PathLike) -> pathlib.Path:
@@ -100,7 +100,7 @@ def plot_series(summary: Mapping, path: str | os.PathLike) -> pathlib.Path:
         ax.set_visible(False)
     axes[0].legend(fontsize=7, loc="best")
     _banner(fig, summary)
-    return _save(fig, pathlib.Path(path))
+    return save_png(fig, pathlib.Path(path))
 
 
 def plot_length_histograms(steps: Sequence[int], words_per_step: Sequence[Sequence[int]],
@@ -126,4 +126,4 @@ def plot_length_histograms(steps: Sequence[int], words_per_step: Sequence[Sequen
     fig.supxlabel(f"response length in words (last bin: >= {top:.0f}; black = mean, red dashed = median)",
                   fontsize=9)
     fig.supylabel("prompts", fontsize=9)
-    return _save(fig, pathlib.Path(path))
+    return save_png(fig, pathlib.Path(path))

@@ -120,13 +120,14 @@ def render_markdown(summary: Mapping, plot_files: Mapping[str, str]) -> str:
     return "\n".join(out)
 
 
-def _json_safe(obj):
+def json_safe(obj):
+    """``obj`` (nested dicts, lists, tuples) with every non-finite float as None, for strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -151,13 +152,13 @@ def refresh_report(root: str | os.PathLike, *, k: int = 3, n_boot: int = 1000, s
              "every series vs step": plots.plot_series(summary, root / PLOTS_DIR / "series.png"),
              "response-length histograms": plots.plot_length_histograms(
                  summary["steps"], [word_counts(s.response) for s in steps], root / PLOTS_DIR / "length_hist.png")}
-    store.write_atomic(root / SUMMARY_FILE, json.dumps(_json_safe(summary), indent=1, allow_nan=False))
+    store.write_atomic(root / SUMMARY_FILE, json.dumps(json_safe(summary), indent=1, allow_nan=False))
     text = render_markdown(summary, {t: p.relative_to(root).as_posix() for t, p in files.items()})
     rl = curves.rl_curves(steps, n_boot=n_boot, seed=seed, level=level)
     if rl is not None:  # steps that recorded their sampled KL: the RL overoptimization curves
         if "d" in rl:
             curves.plot_curves(rl, root / PLOTS_DIR / "rl_curves.png", gold_random=summary["gold_rm"]["random"])
-        store.write_atomic(root / RL_CURVES_FILE, json.dumps(_json_safe(rl), indent=1, allow_nan=False))
+        store.write_atomic(root / RL_CURVES_FILE, json.dumps(json_safe(rl), indent=1, allow_nan=False))
         text += "\n" + "\n".join(curves.curves_markdown(rl, f"{PLOTS_DIR}/rl_curves.png",
                                                          gold_random=summary["gold_rm"]["random"]))
     store.write_atomic(root / REPORT_FILE, text)

@@ -127,7 +127,7 @@ def _probabilities(s_XxTxT, keep_XxT, head_dim: int, dtype):
     return jax.nn.softmax(s_XxTxT, axis=-1).astype(dtype)
 
 
-def _attention_rows(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None):
+def attention_rows(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None):
     """Softmax attention, ``[B, T, H, K] -> [B, T, H, K]``, as one batched computation (TPU / GPU)."""
     s_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK, precision=precision,
                            preferred_element_type=jnp.float32)
@@ -135,7 +135,7 @@ def _attention_rows(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None):
     return jnp.einsum("bhqs,bshk->bqhk", p_BxHxTxT, v_BxTxHxK, precision=precision)
 
 
-def _attention_looped(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None):
+def attention_looped(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None):
     """The same attention as a loop over (row, group of G heads) blocks: the CPU layout.
 
     Batched over all rows, XLA:CPU writes the whole ``[B, H, T, T]`` score tensor to memory between the
@@ -164,13 +164,13 @@ def attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision=None, mesh=No
     """Bidirectional softmax attention over the keys ``mask_BxT`` keeps; ``[B, T, H, K] -> [B, T, H, K]``.
 
     One batched computation, or with ``looped`` (the XLA:CPU layout, chosen by the caller once:
-    ``backend.on_xla_cpu()``) a loop over blocks of one row's heads (``_attention_looped``: faster on CPU,
+    ``backend.on_xla_cpu()``) a loop over blocks of one row's heads (``attention_looped``: faster on CPU,
     docs/benchmark_results.md). With ``mesh`` the loop runs on each device's rows (``shard_map`` over
     ``batch_axes``, the mesh axes of the batch dimension), so it never iterates over a sharded dimension.
     """
     if not looped:
-        return _attention_rows(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision)
-    looped = functools.partial(_attention_looped, precision=precision)
+        return attention_rows(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT, precision)
+    looped = functools.partial(attention_looped, precision=precision)
     if mesh is None or mesh.size == 1:
         return looped(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxT)
     rows = P(batch_axes)
@@ -305,7 +305,7 @@ def packed_attention(q_NxHxK, k_NxHxK, v_NxHxK, offsets_S, lengths_S, bounds, wi
         def text(s, out_NxHxK, W=W):
             window = lambda x: jax.lax.dynamic_slice_in_dim(x, offsets_S[s], W, axis=0)  # noqa: E731
             m_W = (jnp.arange(W) < lengths_S[s]).astype(jnp.int32)
-            o_WxHxK = _attention_looped(window(q_NxHxK)[None], window(k_NxHxK)[None], window(v_NxHxK)[None],
+            o_WxHxK = attention_looped(window(q_NxHxK)[None], window(k_NxHxK)[None], window(v_NxHxK)[None],
                                         m_W[None], precision)[0]
             keep_WxHxK = jnp.where(m_W[:, None, None] > 0, o_WxHxK, window(out_NxHxK))  # neighbours untouched
             return jax.lax.dynamic_update_slice_in_dim(out_NxHxK, keep_WxHxK, offsets_S[s], axis=0)

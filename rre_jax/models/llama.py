@@ -367,70 +367,83 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, ids_BxT, positions_BxT, mask_BxT, cache=None, lora=None, last_only=False):
         cfg, dt = self.config, self.config.dtype
-        con = functools.partial(_constrain, mesh=self.mesh, rules=self.rules)
         embed = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                            (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
-        x = con(jnp.take(embed, ids_BxT, axis=0).astype(dt), ("batch", "length", "embed"))
-        freqs = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cos, sin = jnp.cos(emb).astype(dt), jnp.sin(emb).astype(dt)
+        x = self._con(jnp.take(embed, ids_BxT, axis=0).astype(dt), ("batch", "length", "embed"))
+        cos, sin = _rope_tables(cfg, positions_BxT)
+        index, allowed = _visible(mask_BxT, cache)
+        x, kv = self._layers(x, (cos, sin, allowed, index), cache, lora)
+        h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="norm")(x)
+        if last_only:
+            h = h[:, -1:]
+        return {"hidden": h, "kv": kv, **self._heads(h, embed)}
 
-        layer = _layer_class(self.remat)
-        L, T = cfg.num_hidden_layers, ids_BxT.shape[1]
-        causal_TxT = jnp.tril(jnp.ones((T, T), bool))
-        if cache is None:
-            index, allowed = 0, causal_TxT[None] & mask_BxT[:, None, :].astype(bool)
-        else:  # slot s is visible to new token t if it is real and s <= index + t
-            index = cache["index"]
-            S = cache["mask"].shape[1]
-            real_BxS = lax.dynamic_update_slice(cache["mask"], mask_BxT.astype(cache["mask"].dtype), (0, index))
-            causal_TxS = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]
-            allowed = causal_TxS[None] & real_BxS[:, None, :].astype(bool)
+    def _con(self, x, names):
+        return _constrain(x, names, self.mesh, self.rules)
+
+    def _layers(self, x, args, cache, lora):
+        """The decoder layers (scanned ``layers``, or ``layers_{i}`` one by one): ``(x, kv)``, kv per layer."""
+        cfg, layer, L = self.config, _layer_class(self.remat), self.config.num_hidden_layers
         if self.scan:
             stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                             length=L, metadata_params={nn.PARTITION_NAME: "layers"})
             xs = {"cache": None if cache is None else {"k": jnp.stack(cache["k"]), "v": jnp.stack(cache["v"])},
                   "lora": None if lora is None else lora["layers"]}
-            x, kv = stack(cfg, self.lora, self.deterministic, self.mesh, self.rules, name="layers")(
-                x, xs, cos, sin, allowed, index)
-            kv = {n: tuple(kv[n][i] for i in range(L)) for n in ("k", "v")}
-        else:  # per-layer params ``layers_{i}`` (see ``unstack_layers``): no per-step weight slicing
-            ks, vs = [], []
-            for i in range(L):
-                xs = {"cache": None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]},
-                      "lora": None if lora is None else lora[f"layers_{i}"]}
-                x, kv_i = layer(cfg, self.lora, self.deterministic, self.mesh, self.rules, name=f"layers_{i}")(
-                    x, xs, cos, sin, allowed, index)
-                ks.append(kv_i["k"])
-                vs.append(kv_i["v"])
-            kv = {"k": tuple(ks), "v": tuple(vs)}
-        h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="norm")(x)
-        if last_only:
-            h = h[:, -1:]
-        out = {"hidden": h, "kv": kv}
+            x, kv = stack(cfg, self.lora, self.deterministic, self.mesh, self.rules, name="layers")(x, xs, *args)
+            return x, {n: tuple(kv[n][i] for i in range(L)) for n in ("k", "v")}
+        ks, vs = [], []  # per-layer params ``layers_{i}`` (see ``unstack_layers``): no per-step weight slicing
+        for i in range(L):
+            xs = {"cache": None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]},
+                  "lora": None if lora is None else lora[f"layers_{i}"]}
+            x, kv_i = layer(cfg, self.lora, self.deterministic, self.mesh, self.rules, name=f"layers_{i}")(x, xs, *args)
+            ks.append(kv_i["k"])
+            vs.append(kv_i["v"])
+        return x, {"k": tuple(ks), "v": tuple(vs)}
+
+    def _heads(self, h, embed) -> dict:
+        """``logits`` (head 'lm') or ``scores`` (head 'score'), and ``values`` with a value head, from ``h``."""
+        cfg, dt = self.config, self.config.dtype
+        dense = lambda name, axes, shape, init=nn.initializers.normal(0.02): self.param(  # noqa: E731
+            name, nn.with_logical_partitioning(init, axes), shape, cfg.param_dtype)
+        out = {}
         if self.head == "lm":
-            if cfg.tie_word_embeddings:
-                w = embed.T
-            else:
-                w = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
-                               (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
-            out["logits"] = con(jnp.einsum("btd,dv->btv", h, w.astype(dt), preferred_element_type=jnp.float32),
-                                ("batch", "length", "vocab"))
+            w = embed.T if cfg.tie_word_embeddings else dense("lm_head", ("embed", "vocab"),
+                                                              (cfg.hidden_size, cfg.vocab_size))
+            out["logits"] = self._con(jnp.einsum("btd,dv->btv", h, w.astype(dt), preferred_element_type=jnp.float32),
+                                      ("batch", "length", "vocab"))
         elif self.head == "score":
-            w = self.param("score", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "classes")),
-                           (cfg.hidden_size, cfg.num_labels), cfg.param_dtype)
+            w = dense("score", ("embed", "classes"), (cfg.hidden_size, cfg.num_labels))
             out["scores"] = jnp.einsum("btd,dc->btc", h, w.astype(dt), preferred_element_type=jnp.float32)
         else:
             raise ValueError(f"Llama.head must be 'lm' or 'score', got {self.head!r}")
         if self.value_head:
-            vw = self.param("value_head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "classes")),
-                            (cfg.hidden_size, 1), cfg.param_dtype)
-            vb = self.param("value_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
-                            (1,), cfg.param_dtype)
+            vw = dense("value_head", ("embed", "classes"), (cfg.hidden_size, 1))
+            vb = dense("value_bias", ("classes",), (1,), nn.initializers.zeros)
             out["values"] = (jnp.einsum("btd,dc->btc", h, vw.astype(dt), preferred_element_type=jnp.float32)
                              + vb.astype(jnp.float32))[..., 0]
         return out
+
+
+def _rope_tables(cfg: LlamaConfig, positions_BxT):
+    """RoPE ``(cos, sin)`` of each position, ``[B, T, E]`` in the compute dtype."""
+    freqs = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(cfg.dtype), jnp.sin(emb).astype(cfg.dtype)
+
+
+def _visible(mask_BxT, cache):
+    """``(index, allowed_BxTxS)``: the cache slot of the first new token (0 without a cache) and which keys each
+    new token attends to: causal over the real tokens; with a cache, slot s is visible to new token t if it is
+    real and s <= index + t."""
+    T = mask_BxT.shape[1]
+    if cache is None:
+        return 0, jnp.tril(jnp.ones((T, T), bool))[None] & mask_BxT[:, None, :].astype(bool)
+    index = cache["index"]
+    S = cache["mask"].shape[1]
+    real_BxS = lax.dynamic_update_slice(cache["mask"], mask_BxT.astype(cache["mask"].dtype), (0, index))
+    causal_TxS = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]
+    return index, causal_TxS[None] & real_BxS[:, None, :].astype(bool)
 
 
 # ------------------------------------------------------------------------------------- pure functions
