@@ -143,16 +143,17 @@ def update_activation_bytes(pspec: policy.PolicySpec, rows: int, prompt_len: int
 
 def inference_bytes(cfg: llama.LlamaConfig, rows: int, length: int, tensor: int = 1) -> int:
     """Peak temporaries of a no-grad forward (prefill, gold scoring): one layer's live activations -- the
-    residual stream and its norm, q/k/v, one float32 array of attention scores (XLA's TPU compiler takes the
-    softmax in place: one ``[rows, heads, length, length]`` buffer in its memory reports), and the MLP's
-    gate, up and product -- plus float32 logits of the last position. An estimate, stated as such: XLA
-    reuses some of the stream's buffers, so it is an upper bound (see docs/tpu_compile.md)."""
+    residual stream and its norm, q/k/v, attention scores and probabilities in float32, and the MLP's gate, up
+    and product -- plus float32 logits of the last position. An estimate, stated as such: XLA's TPU compiler
+    sometimes takes the softmax in place (one score buffer: v5e-8's gold program) and sometimes keeps two and
+    more of the stream (v4-32's), so the per-program totals agree within 10% on every TPU preset while this line
+    alone does not (docs/tpu_compile.md)."""
     e = np.dtype(cfg.dtype).itemsize
     heads, kv_heads = -(-cfg.num_attention_heads // tensor), -(-cfg.num_key_value_heads // tensor)
     ffn = -(-cfg.intermediate_size // tensor)
     tokens = rows * length
     stream = tokens * e * (3 * cfg.hidden_size + (heads + 2 * kv_heads) * cfg.head_dim + 3 * ffn)
-    return stream + 4 * rows * heads * length * length + 4 * rows * cfg.vocab_size
+    return stream + 2 * 4 * rows * heads * length * length + 4 * rows * cfg.vocab_size
 
 
 @dataclasses.dataclass(frozen=True)

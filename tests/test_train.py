@@ -46,6 +46,17 @@ def rows_by_step(workdir):
     return out
 
 
+def atol(key: str, want: dict) -> float:
+    """Absolute tolerance of a golden metric: 1e-6, except for the mean return, a small difference of rewards and
+    values (here 0.011 from a proxy of 0.22 and values of -0.08): float32 rounding that differs between CPUs
+    (XLA:CPU's AVX2 and AVX-512 kernels sum in different orders) is relative to those terms, not to their
+    difference, so its tolerance is 1e-4 of the larger term (seen: 3.8e-6 between an AMD EPYC and an Intel Xeon,
+    3.4e-4 of the mean itself)."""
+    if key == "ppo/returns/mean":
+        return 1e-4 * max(abs(want["reward/proxy"]), abs(want["ppo/val/vpred"]))
+    return 1e-6
+
+
 def test_golden_step(assets, tmp_path):
     """One PPO step on the tiny config reproduces the recorded metrics."""
     train.run(tiny_cfg(assets, **{"train.steps": 1, "train.save_freq": 100}), str(tmp_path))
@@ -54,7 +65,7 @@ def test_golden_step(assets, tmp_path):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
     want = json.loads(GOLDEN.read_text())
-    bad = {k: (got[k], want[k]) for k in GOLDEN_KEYS if not np.isclose(got[k], want[k], rtol=1e-4, atol=1e-6)}
+    bad = {k: (got[k], want[k]) for k in GOLDEN_KEYS if not np.isclose(got[k], want[k], rtol=1e-4, atol=atol(k, want))}
     assert not bad, (f"tiny step-1 metrics changed: {bad}. If the change is intended, re-record with "
                      f"RRE_UPDATE_GOLDEN=1 python -m pytest tests/test_train.py::test_golden_step and commit "
                      f"{GOLDEN.relative_to(REPO)} with a note saying why.")

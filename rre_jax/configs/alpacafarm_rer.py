@@ -14,7 +14,8 @@ chip: the PPO mini-batch (2 rows of 1024 tokens, on every device: a micro-batch 
 is not split) keeps more activations for backward on LLaMA-7B than a 16 GiB chip holds beside the weights
 (even with the default ``model.remat = 'dots'``, which recomputes the elementwise ops; the plan prints the
 bytes), so the 16 GiB TPU presets split heads and MLP over ``tensor`` = 2, and where the gold RM does not fit
-beside the policy (``v5e-8``) it is kept in host memory and brought in for each scoring call only
+beside the policy with room to spare (``v4-8``: XLA's sampler holds 26.1 GiB per device with it, the plan 28.9 of
+a 28.8 GiB budget; ``v5e-8``) it is kept in host memory and brought in for each scoring call only
 (``gold_rm.placement = 'host'``).
 """
 import ml_collections
@@ -25,7 +26,7 @@ from rre_jax import defaults, reward
 # --compile_only (rre_jax.aot: '<generation>:<chips per axis>'; v4 chips are one megacore device each))
 MESH_PRESETS = {
     "cpu": ((-1, 1, 1), "device", 0, ""),
-    "v4-8": ((1, 2, 2), "device", 32, "v4:2x2x1"),
+    "v4-8": ((1, 2, 2), "host", 32, "v4:2x2x1"),
     "v5e-8": ((1, 4, 2), "host", 16, "v5e:2x4"),
     "v4-32": ((1, 16, 1), "device", 32, "v4:2x2x4"),
     "v5e-32": ((1, 16, 2), "device", 16, "v5e:4x8"),
