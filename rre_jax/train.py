@@ -460,8 +460,8 @@ def run(config, workdir: str) -> dict:
             step = int(state["step"])
             writer.write(step, last)
             bar.update(1)
-            bar.set_postfix(proxy=f"{last.get('reward/proxy', math.nan):.3f}",
-                            kl=f"{last.get('objective/kl', math.nan):.3f}")
+            shown = {"proxy": last.get("reward/proxy"), "kl": last.get("objective/kl")}  # no KL when beta = 0
+            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None and math.isfinite(v)})
             preempted = watch.reached(step)  # every host, every step: True on all hosts at the same step
             if step % int(config.train.save_freq) == 0 or step == total:
                 # Dev eval first: a run killed after the save must not resume without this step's eval.
