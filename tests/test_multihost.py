@@ -230,6 +230,27 @@ def test_pair_eval_matches_single_process(runs):
                  json.loads((root / "eval_single" / "summary.json").read_text()), "summary")
 
 
+def test_pair_best_of_n_matches_single_process(runs):
+    """rre-bon on two hosts samples every prompt x n rows once and process 0 writes the same samples and curves as
+    one 8-device process."""
+    from rre_jax.cli import bon
+    root = runs["root"]
+    common = ["--workdir", str(root / "pair"), "--step", str(STEPS), "--eval-set", str(EVAL_SET), "--n", "4",
+              "--k", "1,2,4", "--max-new-tokens", "16", "--n-boot", "20"]
+    argv = lambda i, port: [sys.executable, "-m", "rre_jax.cli.bon", *common, "--out", str(root / "bon_pair"),  # noqa: E731
+                            *_distributed(i, port)]
+    _wait_pair(root, "bon", _spawn_pair(root, "bon", argv))
+    assert bon.main([*common, "--out", str(root / "bon_single")]) == 0
+    pair, single = root / "bon_pair", root / "bon_single"
+    samples = f"samples/step_{STEPS}"
+    outputs = json.loads((single / samples / "model_outputs.json").read_text())
+    assert len(outputs) == 4 * len(json.loads(EVAL_SET.read_text()))  # every prompt x n, not one host's share
+    assert json.loads((pair / samples / "model_outputs.json").read_text()) == outputs
+    _assert_same(_jsonl(pair / samples / "rollouts.jsonl"), _jsonl(single / samples / "rollouts.jsonl"), "rollouts")
+    _assert_same(json.loads((pair / "curves.json").read_text()), json.loads((single / "curves.json").read_text()),
+                 "curves")
+
+
 def test_pair_alignment_tax_matches_single_process(runs):
     from rre_jax.cli import alignment_tax
     root = runs["root"]

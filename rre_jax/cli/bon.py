@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, config, overrides = common.parse(build_parser(), argv)
         common.quiet_libraries()
+        common.start_distributed(config, overrides)
         plan = best_of_n.plan_best_of_n(
             args.workdir, args.eval_set, n=args.n, ks=args.k, step=args.step, config=config, overrides=overrides,
             out=args.out, overwrite=args.overwrite, temperature=args.temperature, top_p=args.top_p,
