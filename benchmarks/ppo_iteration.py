@@ -168,8 +168,8 @@ def _run_child(mode: str, out: str, threads: int, critic: str, remat: str) -> di
 
 
 def _row(name, ours, ref, fmt="{:.2f}", higher_is_better=False):
-    ratio = (ours / ref if higher_is_better else ref / ours) if ours and ref else float("nan")
-    return f"  {name:<26} {fmt.format(ours):>12} {fmt.format(ref) if ref is not None else '-':>12} {ratio:>8.2f}x"
+    ratio = f"{(ours / ref if higher_is_better else ref / ours):>8.2f}x" if ours and ref else f"{'-':>9}"
+    return f"  {name:<26} {fmt.format(ours):>12} {fmt.format(ref) if ref is not None else '-':>12} {ratio}"
 
 
 def main():

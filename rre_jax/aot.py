@@ -204,7 +204,8 @@ def _programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool, layout
     st = programs.state_layout(lay, pspec, spec.ppo, frozen, layout)
     shards = lay.mesh.shape["data"] * lay.mesh.shape["fsdp"]
     lora_cfg = spec.lora if spec.mode == "lora" else None
-    out = {"sampler": programs.build_sampler(lay, pcfg, spec.sampling, 2, 0, lora_cfg, B, T, layout),
+    group = spec.group.num_generations if spec.group else 1  # as train_step samples a group method's batches
+    out = {"sampler": programs.build_sampler(lay, pcfg, spec.sampling, 2, 0, lora_cfg, B, T, layout, group),
            "experience": programs.build_experience(lay, pspec, st, B, T, N, train.experience_rows(spec.ppo, shards),
                                                    layout),
            "update": programs.build_update(lay, pspec, spec.ppo, st, T, N, layout)}

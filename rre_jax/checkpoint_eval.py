@@ -159,10 +159,11 @@ def check_store(out_dir, steps: Sequence[int], instructions: Sequence[str], *, o
 
 # ======================================================================================= sampling
 
-def sample_step(run, state, step: int, scfg, seed: int, bar=None, kl: bool = True) -> dict:
+def sample_step(run, state, step: int, scfg, seed: int, bar=None, kl: bool = True, group: int = 1) -> dict:
     """Sample and score every eval prompt once: ``{"index": i64[N], "texts": [N], "n_tokens": i64[N],
     "comps": {component: f32[N]}}`` over the kept prompts, in order; with ``kl`` also ``"log_ratio": f64[N]``,
-    each response's summed log pi - log pi_ref under the sampling settings (`rre_jax.sampled_kl`)."""
+    each response's summed log pi - log pi_ref under the sampling settings (`rre_jax.sampled_kl`). ``group``: the
+    rows of every batch come in groups of that many copies of one prompt (``rre-bon``), each prefilled once."""
     import jax
     import jax.numpy as jnp
 
@@ -172,7 +173,8 @@ def sample_step(run, state, step: int, scfg, seed: int, bar=None, kl: bool = Tru
     for i, b in enumerate(run.dev.batches()):
         ids_BxT, mask_BxT = run.to_global(b.ids_BxT), run.to_global(b.mask_BxT)
         roll, mask_BxN, c, t, _ = train.sample_and_score(run, state, ids_BxT, mask_BxT, b.index_B,
-                                                         jax.random.fold_in(key, i), scfg, relevance_on_cut=True)
+                                                         jax.random.fold_in(key, i), scfg, relevance_on_cut=True,
+                                                         group=group)
         if kl:  # every sampled token (the raw mask): the KL of the sampled responses, before the stop-string cut
             ratio = sampled_kl.jitted_log_ratio(run.policy, b.ids_BxT.shape[1], scfg)(
                 state["trainable"], run.frozen, jnp.concatenate([ids_BxT, roll.tokens_BxN], 1),

@@ -200,9 +200,11 @@ def build_cache(lay: Layout, cfg: llama.LlamaConfig, B: int, length: int) -> Pro
 
 
 def build_sampler(lay: Layout, cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id: int, pad_id: int,
-                  lora_cfg: lora_lib.LoraConfig | None, B: int, T: int, layout: str = "stacked") -> Program:
+                  lora_cfg: lora_lib.LoraConfig | None, B: int, T: int, layout: str = "stacked",
+                  group: int = 1) -> Program:
     """``(params, ids_BxT, mask_BxT, rng, lora, cache) -> (Rollout, cache)``: the cache is donated and returned,
-    so XLA decodes in the argument's buffer (the caller drops the returned cache)."""
+    so XLA decodes in the argument's buffer (the caller drops the returned cache). ``group``: rows come in groups
+    of that many copies of one prompt, prefilled once (`rollout.sample`)."""
     params, params_sh = _weights(lay, cfg, layout)
     lora, lora_sh = _adapters(lay, cfg, lora_cfg)
     cache_sh = lay.tree(cache_specs(cfg))
@@ -211,7 +213,8 @@ def build_sampler(lay: Layout, cfg: llama.LlamaConfig, scfg: sampling.SamplingCo
 
     def fn(params, ids_BxT, mask_BxT, rng, lora, cache):
         return rollout.sample(cfg, params, ids_BxT, mask_BxT, rng, scfg, eos_id=eos_id, pad_id=pad_id, lora=lora,
-                              lora_cfg=lora_cfg, cache=cache, mesh=lay.mesh, rules=lay.rules, return_cache=True)
+                              lora_cfg=lora_cfg, cache=cache, mesh=lay.mesh, rules=lay.rules, return_cache=True,
+                              group=group)
     cache = jax.eval_shape(lambda: llama.init_cache(cfg, B, T + scfg.max_new_tokens))
     args = (params, *_ids_and_mask(lay, B, T), _abstract(_key(), lay.replicated), lora, _abstract(cache, cache_sh))
     jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(5,))
@@ -377,16 +380,17 @@ class RunPrograms:
         return self._get(("init",), lambda: build_init(self.layout, self.pspec, self.pcfg,
                                                        self.frozen_abstract))(frozen, rng)
 
-    def sampler(self, scfg: sampling.SamplingConfig) -> Callable:
-        """``(params, ids_BxT, mask_BxT, rng, lora) -> Rollout`` with a fresh sharded KV cache per call."""
+    def sampler(self, scfg: sampling.SamplingConfig, group: int = 1) -> Callable:
+        """``(params, ids_BxT, mask_BxT, rng, lora) -> Rollout`` with a fresh sharded KV cache per call; ``group``:
+        rows come in groups of that many copies of one prompt (prefilled once)."""
         lora_cfg = self.pspec.lora_cfg if self.pspec.mode == "lora" else None
 
         def call(params, ids_BxT, mask_BxT, rng, lora):
             B, T = ids_BxT.shape
             cache = self._get(("cache", B, T + scfg.max_new_tokens), lambda: build_cache(
                 self.layout, self.pspec.cfg, B, T + scfg.max_new_tokens))()
-            exe = self._get(("sampler", scfg), lambda: build_sampler(self.layout, self.pspec.cfg, scfg, self.eos_id,
-                                                                     self.pad_id, lora_cfg, B, T))
+            exe = self._get(("sampler", scfg, group), lambda: build_sampler(
+                self.layout, self.pspec.cfg, scfg, self.eos_id, self.pad_id, lora_cfg, B, T, group=group))
             return exe(params, ids_BxT, mask_BxT, rng, lora, cache)[0]
         return call
 

@@ -10,6 +10,13 @@ unfiltered policy (``log_softmax(logits)`` at the chosen token), i.e. what the P
 when ``temperature == 1``; they are reported, not trained on. Greedy decoding (``greedy``, rre-eval's alignment
 tax, the decode benchmark) is this sampler with ``SamplingConfig(greedy=True)``: argmax at every step.
 
+Groups: best-of-n (``rre-bon``) and the group methods (GRPO, RLOO) sample each prompt several times, on
+consecutive rows. ``group = G`` says so: rows ``p * G`` .. ``p * G + G - 1`` hold one prompt, which is prefilled
+once, and its KV cache and last logits are repeated onto the G rows before the decode loop. The samples are
+those of the ungrouped call (same rows, same random draws); the prefill costs 1 / G (it is most of a best-of-n
+call's FLOPs when prompts are longer than responses). transformers' ``generate(num_return_sequences=G)``
+expands the prompts before its prefill and pays it G times.
+
 Weights: a stacked weight sliced inside the ``while_loop`` would be copied at every step, so the loop runs on
 per-layer weights: ``llama.unstack_layers`` once per call (a second copy of the layer weights for the call), or
 none at all for params loaded with ``layer_layout='per_layer'`` (generation-only use: no second copy ever).
@@ -36,18 +43,23 @@ class Rollout(NamedTuple):
 
 def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: sampling.SamplingConfig, *,
            eos_id: int | None, pad_id: int, lora=None, lora_cfg=None, cache=None, mesh=None, rules=None,
-           return_cache: bool = False) -> Rollout:
+           return_cache: bool = False, group: int = 1) -> Rollout:
     """Sample up to ``scfg.max_new_tokens`` tokens per row of a left-padded prompt batch (``eos_id=None``: rows
     never end early). ``params`` / ``lora`` may be stacked or per-layer (``llama.layer_layout``).
 
     ``cache``: an empty KV cache of ``T + N`` slots to decode into (``llama.init_cache``; default: a fresh one);
     ``return_cache`` returns ``(rollout, final cache)``, so that a donated ``cache`` is decoded in place;
-    ``mesh`` / ``rules``: activation sharding constraints (``rre_jax.programs`` passes the run's)."""
+    ``mesh`` / ``rules``: activation sharding constraints (``rre_jax.programs`` passes the run's);
+    ``group``: rows come in groups of ``group`` copies of one prompt (see the module docstring)."""
     B, T = ids_BxT.shape
     N = scfg.max_new_tokens
     con = {} if mesh is None else {"mesh": mesh, "rules": rules}
-    logits_BxV, cache = llama.prefill(cfg, params, ids_BxT, mask_BxT, T + N, lora=lora, lora_cfg=lora_cfg,
-                                      cache=cache, **con)
+    if group > 1:
+        logits_BxV, cache = prefill_groups(cfg, params, ids_BxT, mask_BxT, T + N, group, lora=lora,
+                                           lora_cfg=lora_cfg, cache=cache, **con)
+    else:
+        logits_BxV, cache = llama.prefill(cfg, params, ids_BxT, mask_BxT, T + N, lora=lora, lora_cfg=lora_cfg,
+                                          cache=cache, **con)
     params, lora = llama.unstack_layers(params), llama.unstack_layers(lora)  # once: no per-step weight slices
 
     def cond(state):
@@ -73,6 +85,21 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
     return (out, cache) if return_cache else out
 
 
+def prefill_groups(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, cache_len: int, group: int, *, cache=None,
+                   **kw):
+    """`llama.prefill` of the first row of each group of ``group`` rows, its logits and KV cache repeated onto the
+    group's rows; written into ``cache`` (the caller's empty ``B``-row cache, e.g. donated) when given."""
+    B = ids_BxT.shape[0]
+    if B % group:
+        raise ValueError(f"{B} rows do not split into groups of {group} copies of a prompt")
+    logits_PxV, cache_P = llama.prefill(cfg, params, ids_BxT[::group], mask_BxT[::group], cache_len, **kw)
+    rep = lambda x: x if x.ndim == 0 else jnp.repeat(x, group, axis=0)  # noqa: E731
+    full = jax.tree.map(rep, cache_P)
+    if cache is not None:  # the caller's buffers (same shapes and dtypes), so a donated cache is reused
+        full = jax.tree.map(lambda c, x: x.astype(c.dtype), cache, full)
+    return rep(logits_PxV), full
+
+
 def response_mask(tokens_BxN, steps, eos_id: int | None):
     """1 on tokens up to and including each row's first EOS, and only on the ``steps`` decoded."""
     N = tokens_BxN.shape[1]
@@ -95,13 +122,14 @@ def samplers() -> list:
 
 
 def jitted_sampler(cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id: int | None, pad_id: int,
-                   lora_cfg=None):
-    """The jitted ``(params, ids, mask, rng, lora) -> Rollout`` for one model and sampling setting (cached)."""
-    key = (cfg, scfg, eos_id, pad_id, lora_cfg)
+                   lora_cfg=None, group: int = 1):
+    """The jitted ``(params, ids, mask, rng, lora) -> Rollout`` for one model and sampling setting (cached);
+    ``group``: rows come in groups of that many copies of one prompt (prefilled once)."""
+    key = (cfg, scfg, eos_id, pad_id, lora_cfg, group)
     if key not in _SAMPLERS:
         def fn(params, ids_BxT, mask_BxT, rng, lora):
             return sample(cfg, params, ids_BxT, mask_BxT, rng, scfg, eos_id=eos_id, pad_id=pad_id, lora=lora,
-                          lora_cfg=lora_cfg)
+                          lora_cfg=lora_cfg, group=group)
         _SAMPLERS[key] = compiled.AheadOfTime(jax.jit(fn))
     return _SAMPLERS[key]
 

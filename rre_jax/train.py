@@ -280,16 +280,17 @@ def experience_rows(pcfg: ppo.PPOConfig, shards: int = 1) -> int:
 # ======================================================================================= one step
 
 def sample_and_score(run: Run, state, ids_BxT, mask_BxT, index_B, rng, scfg: sampling.SamplingConfig, *,
-                     relevance_on_cut: bool = False):
+                     relevance_on_cut: bool = False, group: int = 1):
     """Rollout + reward of one batch: ``(rollout, response mask after the cut, components, texts, timings)``.
 
     ``texts`` are ``features.scored_text`` of the decoded responses: what evals store and judge. Relevance sees
     the uncut decoded text during training, as the reference's reward does; ``relevance_on_cut`` (dev eval,
     ``rre-eval``) scores ``texts``, so that rescoring stored responses (``rre-score``) reproduces every component.
+    ``group``: rows come in groups of that many copies of one prompt, prefilled once (`rollout.sample`).
     """
     t0 = time.perf_counter()
     params, adapters = policy.sampling_params(run.policy, state["trainable"], run.frozen)
-    roll = run.programs.sampler(scfg)(params, ids_BxT, mask_BxT, rng, adapters)
+    roll = run.programs.sampler(scfg, group)(params, ids_BxT, mask_BxT, rng, adapters)
     feats = run.engine.features(roll.tokens_BxN, roll.mask_BxN)
     mask_BxN = rollout.cut_mask(roll.mask_BxN, feats.cut_token_B) if run.config.reward.cut_at_stop else roll.mask_BxN
     jax.block_until_ready(mask_BxN)
@@ -312,8 +313,9 @@ def train_step(run: Run, state, batch: batching.Batch):
         batch = batching.repeat_prompts(batch, gcfg.num_generations)
     ids_BxT, mask_BxT = run.to_global(batch.ids_BxT), run.to_global(batch.mask_BxT)
     T = batch.ids_BxT.shape[1]
+    group = gcfg.num_generations if gcfg is not None else 1  # a group's prompt is prefilled once
     roll, mask_BxN, comps, texts, times = sample_and_score(run, state, ids_BxT, mask_BxT, batch.index_B, k_roll,
-                                                           run.spec.sampling)
+                                                           run.spec.sampling, group=group)
     t0 = time.perf_counter()
     ids_BxS = jnp.concatenate([ids_BxT, roll.tokens_BxN], axis=1)
     attn_BxS = jnp.concatenate([mask_BxT, mask_BxN], axis=1)

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rre_jax import mesh as mesh_lib, rollout, sampling
 from rre_jax.models import llama, lora as lora_lib
@@ -76,3 +77,25 @@ def test_sampling_is_seeded_and_sharded_equals_single_device():
     batch = jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec(("data", "fsdp")))
     s = fn(params, jax.device_put(ids, batch), jax.device_put(mask, batch), jax.random.key(3), adapters)
     np.testing.assert_array_equal(np.asarray(s.tokens_BxN), np.asarray(a.tokens_BxN))
+
+
+def test_grouped_prefill_samples_what_the_ungrouped_sampler_samples():
+    """``group = G``: each prompt prefilled once for its G rows. Same tokens and log-probs as prefilling every
+    row, on one device and on a (2, 2, 2) mesh, and rows that do not split into groups are refused."""
+    params = llama.init_params(CFG, jax.random.key(0))
+    lcfg = lora_lib.LoraConfig(rank=4)
+    adapters = lora_lib.init(CFG, lcfg, jax.random.key(5))
+    ids, mask = (np.repeat(x[:2], 4, axis=0) for x in _prompts())  # 2 prompts x 4 rows, prompt-major
+    scfg = sampling.SamplingConfig(temperature=0.9, top_p=0.9, max_new_tokens=8)
+    want = rollout.jitted_sampler(CFG, scfg, -1, 0, lcfg)(params, ids, mask, jax.random.key(3), adapters)
+    grouped = rollout.jitted_sampler(CFG, scfg, -1, 0, lcfg, group=4)
+    m = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(2, 2, 2)))
+    batch = jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec(("data", "fsdp")))
+    for got in (grouped(params, ids, mask, jax.random.key(3), adapters),
+                grouped(params, jax.device_put(ids, batch), jax.device_put(mask, batch), jax.random.key(3), adapters)):
+        np.testing.assert_array_equal(np.asarray(got.tokens_BxN), np.asarray(want.tokens_BxN))
+        np.testing.assert_array_equal(np.asarray(got.mask_BxN), np.asarray(want.mask_BxN))
+        np.testing.assert_allclose(np.asarray(got.logp_BxN), np.asarray(want.logp_BxN), atol=1e-5)
+    assert len({tuple(r) for r in np.asarray(want.tokens_BxN)[:4]}) > 1, "a group's rows draw different samples"
+    with pytest.raises(ValueError, match="8 rows do not split into groups of 3"):
+        rollout.jitted_sampler(CFG, scfg, -1, 0, lcfg, group=3)(params, ids, mask, jax.random.key(3), adapters)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 from typing import Any, Sequence
@@ -142,7 +143,10 @@ def run_best_of_n(plan: BonPlan, progress: bool = True) -> dict:
     records = plan.run.dev.records
     bar = tqdm(total=plan.run.dev.num_batches(), desc="rre-bon", unit="batch",
                disable=not progress or jax.process_index() != 0)
-    sampled = checkpoint_eval.sample_step(plan.run, plan.state, plan.step, plan.scfg, plan.seed, bar, kl=False)
+    # every batch holds whole runs of one prompt's samples, gcd(batch, n) long: each run's prompt is prefilled once
+    group = math.gcd(plan.run.dev.batching.global_batch_size, plan.n)
+    sampled = checkpoint_eval.sample_step(plan.run, plan.state, plan.step, plan.scfg, plan.seed, bar, kl=False,
+                                          group=group)
     bar.close()
     gold = None
     if plan.run.gold is not None:
