@@ -59,7 +59,7 @@ def child(algo: str, mode: str, out: str, group_iterations: int) -> None:
     ids = jnp.asarray(prompts, jnp.int32)
     mask = jnp.ones_like(ids)
     scfg = sampling.SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=work.new_tokens)
-    sampler = progs.sampler(scfg)
+    sampler = progs.sampler(scfg, 1 if algo == "ppo" else G)  # as train_step: a group's prompt prefilled once
 
     def iteration(state, it):
         state, times, _ = timed_iteration(state, it, pspec, base, sampler, ids, mask, tok, experience, update)

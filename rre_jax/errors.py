@@ -17,6 +17,13 @@ class UserError(ValueError):
     """A mistake the user can fix (config field, data file, path); the message says where and how."""
 
 
+def one_of(field: str, value, choices, meaning: str = ""):
+    """``value`` when it is among ``choices``, else a `UserError` naming ``field``, the choices and ``meaning``."""
+    if value not in choices:
+        raise UserError(f"{field}={value!r}; choose one of {tuple(choices)}" + (f" ({meaning})" if meaning else ""))
+    return value
+
+
 def report(command: str, error: BaseException) -> int:
     """Print ``error`` as one line on stderr for ``command`` and return the exit status for user errors."""
     print(f"{command}: error: {error}", file=sys.stderr)

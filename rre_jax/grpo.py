@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rre_jax import ppo
+from rre_jax import errors, ppo
 from rre_jax.errors import UserError
 
 ALGOS = ("ppo", "grpo", "rloo")
@@ -76,10 +76,8 @@ STD_EPS = 1e-4  # trl's ``std + 1e-4``
 
 def check_algo(algo: str) -> str:
     """``algo`` if it names an algorithm, else an error naming ``config.algo`` and the choices."""
-    if algo not in ALGOS:
-        raise UserError(f"config.algo={algo!r}; choose one of {ALGOS} ('ppo': the paper's PPO with a critic; "
-                        "'grpo' / 'rloo': critic-free group methods, settings in config.group)")
-    return algo
+    return errors.one_of("config.algo", algo, ALGOS, "'ppo': the paper's PPO with a critic; 'grpo' / 'rloo': "
+                         "critic-free group methods, settings in config.group")
 
 
 @dataclasses.dataclass(frozen=True)

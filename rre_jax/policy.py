@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rre_jax import errors
 from rre_jax.models import llama, lora as lora_lib
 
 MODES = ("lora", "full")
@@ -34,10 +35,8 @@ CRITICS = ("separate", "shared")
 
 def check_critic(critic: str) -> str:
     """``critic`` if it names a critic layout, else an error naming ``config.model.critic`` and the choices."""
-    if critic not in CRITICS:
-        raise ValueError(f"config.model.critic={critic!r}; choose one of {CRITICS} ('separate': the critic has "
-                         "its own trunk copy; 'shared': the value head sits on the policy trunk, as in trl 0.7.4)")
-    return critic
+    return errors.one_of("config.model.critic", critic, CRITICS, "'separate': the critic has its own trunk copy; "
+                         "'shared': the value head sits on the policy trunk, as in trl 0.7.4")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,9 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rre-alignment-tax`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
     from rre_jax import checkpoint_eval
     try:
-        args, config, overrides = common.parse(build_parser(), argv)
-        common.quiet_libraries()
-        common.start_distributed(config, overrides)
+        args, config, overrides = common.start(build_parser(), argv)
         plan = checkpoint_eval.plan_alignment_tax(
             args.workdir, args.step, args.tasks_dir, config=config, overrides=overrides,
             max_instances=args.max_instances, max_new_tokens=args.max_new_tokens,

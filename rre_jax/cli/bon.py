@@ -33,9 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rre-bon`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
     from rre_jax.evaluate import best_of_n
     try:
-        args, config, overrides = common.parse(build_parser(), argv)
-        common.quiet_libraries()
-        common.start_distributed(config, overrides)
+        args, config, overrides = common.start(build_parser(), argv)
         plan = best_of_n.plan_best_of_n(
             args.workdir, args.eval_set, n=args.n, ks=args.k, step=args.step, config=config, overrides=overrides,
             out=args.out, overwrite=args.overwrite, temperature=args.temperature, top_p=args.top_p,

@@ -57,6 +57,15 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
     return args, (loader.load(args.config) if args.config else None), overrides
 
 
+def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """What every checkpoint command does first: `parse` ``argv``, `quiet_libraries`, `start_distributed`;
+    returns ``(args, config or None, overrides)``."""
+    args, config, overrides = parse(parser, argv)
+    quiet_libraries()
+    start_distributed(config, overrides)
+    return args, config, overrides
+
+
 def quiet_libraries() -> None:
     """The compilation cache on; only warnings and errors on the console."""
     from rre_jax import compile_cache

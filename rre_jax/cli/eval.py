@@ -29,9 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rre-eval`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
     from rre_jax import checkpoint_eval
     try:
-        args, config, overrides = common.parse(build_parser(), argv)
-        common.quiet_libraries()
-        common.start_distributed(config, overrides)
+        args, config, overrides = common.start(build_parser(), argv)
         plan = checkpoint_eval.plan_eval(
             args.workdir, args.eval_set, steps=args.steps, config=config, overrides=overrides, out=args.out,
             overwrite=args.overwrite, skip_existing=args.skip_existing, temperature=args.temperature,
