@@ -213,28 +213,71 @@ def _llama_config(name_or_dir: str, dtype: str, field: str) -> llama.LlamaConfig
         return llama.LlamaConfig.from_hf(json.load(f), path, dtype=dtype, param_dtype=dtype)
 
 
+def _resolved_mesh(config, num_devices: int | None) -> tuple[dict, int]:
+    """``({axis: size}, devices)`` of ``config.mesh``; ``num_devices`` (default: local devices) fills a ``-1``."""
+    mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
+    fixed = -1 not in mesh_cfg.shape
+    shape = mesh_cfg.resolved_shape(math.prod(mesh_cfg.shape) if fixed else num_devices or jax.device_count())
+    return dict(zip(mesh_lib.MESH_AXES, shape)), math.prod(shape)
+
+
+def _trainable_bytes(config, pspec: policy.PolicySpec, base: dict) -> tuple[str, int, int]:
+    """``(plan line name, trainable bytes, optimizer-state bytes)`` per device: LoRA + value head, policy + value
+    head (shared critic) or policy + critic copies, and Adam's moments in proportion (``jax.eval_shape`` of the
+    run's optax init)."""
+    from rre_jax import ppo
+    frozen, _ = abstract_llama(pspec.cfg)
+    trainable = jax.eval_shape(lambda b, r: policy.init_trainable(pspec, b, r), frozen, jax.random.key(0))
+    opt = jax.eval_shape(ppo.make_optimizer(ppo.PPOConfig.from_config(config.ppo)).init, trainable)
+    nbytes = lambda t: sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(t))  # noqa: E731
+    if pspec.mode == "lora":
+        name, per_device = "trainable (LoRA + value head)", base["lora_bytes_per_device"] + nbytes(trainable["value"])
+    elif pspec.critic == "shared":  # policy copy + value head (one trunk)
+        name, per_device = "trainable (policy + value head)", base["bytes_per_device"] + nbytes(trainable["value"])
+    else:  # policy copy + critic copy (own trunk + value head)
+        name = "trainable (policy + critic)"
+        per_device = 2 * base["bytes_per_device"] + nbytes(trainable["critic"]) - nbytes(frozen)
+    return name, per_device, int(nbytes(opt) * per_device / max(nbytes(trainable), 1))
+
+
+def _phases(config, lines: dict, trainable: int, mesh_shape: dict, devices: int, gcfg) -> MemoryPlan:
+    """The plan's two phases from its lines: train = resident + max(rollout, update); eval = resident +
+    max(rollout, gold scoring), the gold RM resident in both when it is placed on the device."""
+    resident = sum(lines[k] for k in ("policy params", "optimizer state", "relevance encoder (float32)")) + trainable
+    rollout = lines["kv cache (rollout)"] + lines["prefill peak (rollout)"] + lines["decode weights (gathered over fsdp)"]
+    update = lines["gradients (accumulator + micro-batch)"] + lines["activations (update micro-batch)"]
+    on_device = config.gold_rm.placement == "device"
+    gold = lines["gold RM params"]
+    return MemoryPlan(
+        name=str(config.name), mesh_shape=mesh_shape, devices=devices, placement=config.gold_rm.placement,
+        lines=lines, train=resident + (gold if on_device else 0) + max(rollout, update),
+        eval=resident + (gold if on_device else 0) + max(rollout, (0 if on_device else gold)
+                                                          + lines["gold RM scoring peak"]),
+        host_bytes=0 if on_device else param_report(gcfg, dict.fromkeys(mesh_lib.MESH_AXES, 1), head="score")[
+            "bytes_total"],
+        chip_bytes=int(float(config.plan.chip_memory_gib) * GIB))
+
+
 def plan(config, num_devices: int | None = None) -> MemoryPlan:
     """The memory plan of a run config (``configs/*.py``), from shapes alone.
 
     Per device: the policy's parameters (sharded by the run's rules); the trainable tree (LoRA + value
     head, or policy + critic copies in full mode) with its gradient accumulator and one micro-batch's
-    gradients (2x trainable), and the optimizer state (``jax.eval_shape`` of the run's optax init: Adam
-    moments in the trainable dtype); the relevance encoder (BERT-base, float32, sharded by the rules); the KV
-    cache of a rollout of ``G`` rows x ``S`` = max_prompt_length + max_new_tokens slots, the prefill's peak
-    (`inference_bytes`) and the decode loop's weights gathered over the ``fsdp`` axis (XLA's TPU compiler
-    gathers every layer's weights inside the loop and keeps them all live: params / tensor per device); the
+    gradients (2x trainable), and the optimizer state (Adam moments in the trainable dtype); the relevance
+    encoder (BERT-base, float32, sharded by the rules); the KV cache of a rollout of ``G`` rows x ``S`` =
+    max_prompt_length + max_new_tokens slots, the prefill's peak (`inference_bytes`) and the decode loop's
+    weights gathered over the ``fsdp`` axis (params / tensor per device: what XLA's TPU compiler keeps live on the
+    v5e meshes; on others it keeps the weights stationary and needs less, so the line is an upper bound); the
     update micro-batch's activations (`update_activation_bytes`: ``M`` rows split over the batch axes, or all
     ``M`` rows on every device when ``M`` is smaller than the batch shards; ``S`` tokens); the gold RM's
-    parameters and scoring peak (``gold_rm.batch_size`` rows of ``gold_rm.max_length`` tokens). Each line
-    was checked against XLA's per-device memory analysis of the compiled programs (docs/tpu_compile.md). Architectures come from ``config.plan`` (a name in ``PRESETS`` or a
-    checkpoint directory); ``num_devices`` resolves a ``-1`` in the mesh shape (default: local devices).
+    parameters and scoring peak (``gold_rm.batch_size`` rows of ``gold_rm.max_length`` tokens). Each line was
+    checked against XLA's per-device memory analysis of the compiled programs (docs/tpu_compile.md).
+    Architectures come from ``config.plan`` (a name in ``PRESETS`` or a checkpoint directory); ``num_devices``
+    resolves a ``-1`` in the mesh shape (default: local devices).
     """
-    from rre_jax import ppo, reward
+    from rre_jax import reward
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    mesh_cfg = mesh_lib.MeshConfig.from_config(config.mesh)
-    fixed = -1 not in mesh_cfg.shape
-    shape = mesh_cfg.resolved_shape(math.prod(mesh_cfg.shape) if fixed else num_devices or jax.device_count())
-    mesh_shape = dict(zip(mesh_lib.MESH_AXES, shape))
+    mesh_shape, devices = _resolved_mesh(config, num_devices)
     batch_shards, tensor = mesh_shape["data"] * mesh_shape["fsdp"], mesh_shape["tensor"]
     pcfg = _llama_config(config.plan.policy or config.model.path, config.model.param_dtype, "config.plan.policy")
     gcfg = _llama_config(config.plan.gold_rm or config.gold_rm.path, config.model.param_dtype, "config.plan.gold_rm")
@@ -242,52 +285,29 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
                               critic=str(config.model.get("critic", "separate")),
                               remat=str(config.model.get("remat", "dots")))
     base = param_report(pcfg, mesh_shape, rules=rules, lora_cfg=pspec.lora_cfg)
-    frozen, _ = abstract_llama(pcfg)
-    trainable = jax.eval_shape(lambda b, r: policy.init_trainable(pspec, b, r), frozen, jax.random.key(0))
-    opt = jax.eval_shape(ppo.make_optimizer(ppo.PPOConfig.from_config(config.ppo)).init, trainable)
-    nbytes = lambda t: sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(t))  # noqa: E731
-    if pspec.mode == "lora":
-        trainable_pd = base["lora_bytes_per_device"] + nbytes(trainable["value"])
-    elif pspec.critic == "shared":  # policy copy + value head (one trunk)
-        trainable_pd = base["bytes_per_device"] + nbytes(trainable["value"])
-    else:  # policy copy + critic copy (own trunk + value head)
-        trainable_pd = 2 * base["bytes_per_device"] + nbytes(trainable["critic"]) - nbytes(frozen)
-    names = (config.reward.preset, *config.reward.counterfactual)
-    needs_relevance = any(reward.preset(n).needs_relevance for n in names)
+    trainable_name, trainable_pd, opt_pd = _trainable_bytes(config, pspec, base)
+    needs_relevance = any(reward.preset(n).needs_relevance for n in (config.reward.preset,
+                                                                      *config.reward.counterfactual))
     S = int(config.data.max_prompt_length) + int(config.sampling.max_new_tokens)
     rows = lambda n: -(-int(n) // batch_shards)  # noqa: E731
     # A micro-batch of fewer rows than the batch shards is not split: XLA keeps every row on every device and
     # splits the matmuls over the contracted embed axis instead (the update's buffers in its memory report).
     M = int(config.ppo.mini_batch_size)  # rows of one forward/backward (trl 0.7.4's mini-batch)
-    update_rows = M if M < batch_shards else rows(M)
     lines = {
         "policy params": base["bytes_per_device"],
-        {"lora": "trainable (LoRA + value head)", "shared": "trainable (policy + value head)"}.get(
-            pspec.mode if pspec.mode == "lora" else pspec.critic, "trainable (policy + critic)"): trainable_pd,
-        "optimizer state": int(nbytes(opt) * trainable_pd / max(nbytes(trainable), 1)),
+        trainable_name: trainable_pd,
+        "optimizer state": opt_pd,
         "relevance encoder (float32)": relevance_bytes(mesh_shape, rules) if needs_relevance else 0,
         "kv cache (rollout)": kv_cache_bytes(pcfg, int(config.ppo.batch_size), S, mesh_shape, rules),
         "prefill peak (rollout)": inference_bytes(pcfg, rows(config.ppo.batch_size), S, tensor),
         "decode weights (gathered over fsdp)": param_report(pcfg, {**mesh_shape, "data": 1, "fsdp": 1},
                                                             rules=rules)["bytes_per_device"],
         "gradients (accumulator + micro-batch)": 2 * trainable_pd,
-        "activations (update micro-batch)": update_activation_bytes(pspec, update_rows,
-                                                                    int(config.data.max_prompt_length),
-                                                                    int(config.sampling.max_new_tokens), tensor),
+        "activations (update micro-batch)": update_activation_bytes(
+            pspec, M if M < batch_shards else rows(M), int(config.data.max_prompt_length),
+            int(config.sampling.max_new_tokens), tensor),
         "gold RM params": param_report(gcfg, mesh_shape, head="score", rules=rules)["bytes_per_device"],
         "gold RM scoring peak": inference_bytes(gcfg, rows(config.gold_rm.batch_size), int(config.gold_rm.max_length),
                                                 tensor),
     }
-    resident = sum(lines[k] for k in ("policy params", "optimizer state", "relevance encoder (float32)")) + trainable_pd
-    rollout = lines["kv cache (rollout)"] + lines["prefill peak (rollout)"] + lines["decode weights (gathered over fsdp)"]
-    update = lines["gradients (accumulator + micro-batch)"] + lines["activations (update micro-batch)"]
-    on_device = config.gold_rm.placement == "device"
-    gold = lines["gold RM params"]
-    return MemoryPlan(
-        name=str(config.name), mesh_shape=mesh_shape, devices=math.prod(shape), placement=config.gold_rm.placement,
-        lines=lines, train=resident + (gold if on_device else 0) + max(rollout, update),
-        eval=resident + (gold if on_device else 0) + max(rollout, (0 if on_device else gold)
-                                                          + lines["gold RM scoring peak"]),
-        host_bytes=0 if on_device else param_report(gcfg, dict.fromkeys(mesh_lib.MESH_AXES, 1), head="score")[
-            "bytes_total"],
-        chip_bytes=int(float(config.plan.chip_memory_gib) * GIB))
+    return _phases(config, lines, trainable_pd, mesh_shape, devices, gcfg)
