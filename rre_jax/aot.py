@@ -183,9 +183,9 @@ def _architectures(config, spec):
     from rre_jax import memory, relevance
     from rre_jax.models import bert
     dt = lambda c: dataclasses.replace(c, dtype=spec.dtype, param_dtype=spec.param_dtype)  # noqa: E731
-    pcfg = dt(memory._llama_config(config.model.path or config.plan.policy, "float32", "config.plan.policy"))
+    pcfg = dt(memory.llama_config(config.model.path or config.plan.policy, "float32", "config.plan.policy"))
     gold = config.gold_rm.path or config.plan.gold_rm
-    gcfg = dt(memory._llama_config(gold, "float32", "config.plan.gold_rm")) if gold else None
+    gcfg = dt(memory.llama_config(gold, "float32", "config.plan.gold_rm")) if gold else None
     rcfg = bert.BertConfig(30522, 768, 12, 12, 3072, 512)  # BERT-base: facebook/contriever's shape
     if config.relevance.path:
         path = os.path.join(relevance.encoder_path(config.relevance.path, "config.relevance.path"), "config.json")

@@ -202,7 +202,9 @@ class MemoryPlan:
         return "\n".join(out)
 
 
-def _llama_config(name_or_dir: str, dtype: str, field: str) -> llama.LlamaConfig:
+def llama_config(name_or_dir: str, dtype: str, field: str) -> llama.LlamaConfig:
+    """A Llama architecture from a built-in name (``PRESETS``) or a checkpoint directory's ``config.json``; an
+    error naming ``field`` otherwise. Shapes only: nothing but the JSON is read."""
     if name_or_dir in PRESETS:
         return llama.LlamaConfig(**PRESETS[name_or_dir], dtype=dtype, param_dtype=dtype)
     path = os.path.join(name_or_dir, "config.json")
@@ -279,8 +281,8 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     rules = tuple(tuple(r) for r in config.mesh.rules)
     mesh_shape, devices = _resolved_mesh(config, num_devices)
     batch_shards, tensor = mesh_shape["data"] * mesh_shape["fsdp"], mesh_shape["tensor"]
-    pcfg = _llama_config(config.plan.policy or config.model.path, config.model.param_dtype, "config.plan.policy")
-    gcfg = _llama_config(config.plan.gold_rm or config.gold_rm.path, config.model.param_dtype, "config.plan.gold_rm")
+    pcfg = llama_config(config.plan.policy or config.model.path, config.model.param_dtype, "config.plan.policy")
+    gcfg = llama_config(config.plan.gold_rm or config.gold_rm.path, config.model.param_dtype, "config.plan.gold_rm")
     pspec = policy.PolicySpec(pcfg, config.model.train_mode, lora_lib.LoraConfig.from_config(config.model.lora),
                               critic=str(config.model.get("critic", "separate")),
                               remat=str(config.model.get("remat", "dots")))
