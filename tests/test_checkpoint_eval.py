@@ -150,7 +150,7 @@ def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path,
     tok = plan.run.tokenizer
     row = tok(ONE_TEXT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
-    def fixed_sampler(scfg):  # stands in for the run's sampler program (programs.RunPrograms.sampler)
+    def fixed_sampler(scfg, group=1):  # stands in for the run's sampler program (programs.RunPrograms.sampler)
         def sample(params, ids_BxT, mask_BxT, rng, lora):
             put = lambda x: jax.device_put(np.asarray(x), ids_BxT.sharding)  # noqa: E731
             B = ids_BxT.shape[0]
