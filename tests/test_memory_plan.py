@@ -1,6 +1,7 @@
 """Memory plans (``rre_jax.memory.plan``, ``rre-params --config``): every shipped preset fits its chip, and the
 figures agree with closed forms computed here by hand from the architectures' published shapes."""
 import math
+import os
 import subprocess
 import sys
 
@@ -102,12 +103,16 @@ def test_unknown_architecture_is_a_clear_error():
 
 
 def test_cli_prints_the_plan():
-    out = subprocess.run([sys.executable, "-m", "rre_jax.cli.params", "--config",
-                          "configs/alpacafarm_rer.py:rer,v5e-8"], capture_output=True, text=True, check=True,
-                         cwd=memory.__file__.rsplit("/rre_jax/", 1)[0]).stdout
+    """``rre-params --config`` of a TPU preset prints the plan, and nothing else: no accelerator is probed (with
+    the test extra's libtpu installed, a probe on this CPU host prints libtpu's start-up warnings)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user's shell has it
+    done = subprocess.run([sys.executable, "-m", "rre_jax.cli.params", "--config",
+                           "configs/alpacafarm_rer.py:rer,v5e-8"], capture_output=True, text=True, check=True,
+                          cwd=memory.__file__.rsplit("/rre_jax/", 1)[0], env=env)
     for line in ("policy params", "optimizer state", "kv cache (rollout)", "activations (update micro-batch)",
                  "host memory: gold RM", "fits"):
-        assert line in out, out
+        assert line in done.stdout, done.stdout
+    assert done.stderr == "", done.stderr
 
 
 def test_full_mode_shared_critic_holds_one_trunk_copy_less():

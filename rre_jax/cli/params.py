@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -66,6 +67,9 @@ def _model_config(args):
 def _print_plan(args, overrides) -> None:
     from rre_jax import memory
     config = loader.load_with_overrides(args.config, overrides)
+    if "JAX_PLATFORMS" not in os.environ and (args.devices or -1 not in tuple(config.mesh.shape)):
+        import jax  # a plan from shapes alone needs no accelerator: none is probed (libtpu warns on a CPU host)
+        jax.config.update("jax_platforms", "cpu")
     try:
         mplan = memory.plan(config, num_devices=args.devices or None)
     except (ValueError, KeyError, OSError) as e:
