@@ -7,8 +7,8 @@
     python benchmarks/tpu_compile_table.py /tmp/tpu/*.json     # markdown for docs/tpu_compile.md
 
 Plan figure per program: resident (policy, trainable, optimizer state, relevance encoder, gold RM when kept on
-the device) plus the program's own phase lines -- sampler: KV cache + prefill peak + the decode loop's gathered
-weights; update: gradients + activations; gold: gold RM (when it lives on the host) + scoring peak; relevance /
+the device) plus the program's own phase lines -- sampler: KV cache + prefill peak + the decode loop's per-layer
+weight copy; update: gradients + activations; gold: gold RM (when it lives on the host) + scoring peak; relevance /
 init / experience: resident only (the plan has no line for them). "plan vs XLA" is (plan - XLA) / XLA; beyond
 15% it is marked for an explanation in docs/tpu_compile.md.
 """
@@ -33,7 +33,7 @@ def plan_bytes(p: memory.MemoryPlan, program: str) -> int:
                 + next(v for k, v in ln.items() if k.startswith("trainable"))
                 + (ln["gold RM params"] if on_device else 0))
     own = {"sampler": ln["kv cache (rollout)"] + ln["prefill peak (rollout)"]
-                      + ln["decode weights (gathered over fsdp)"],
+                      + ln["decode weights (per-layer copy)"],
            "update": ln["gradients (accumulator + micro-batch)"] + ln["activations (update micro-batch)"],
            "gold": (0 if on_device else ln["gold RM params"]) + ln["gold RM scoring peak"]}
     return resident + own.get(program, 0)

@@ -246,7 +246,7 @@ def _phases(config, lines: dict, trainable: int, mesh_shape: dict, devices: int,
     """The plan's two phases from its lines: train = resident + max(rollout, update); eval = resident +
     max(rollout, gold scoring), the gold RM resident in both when it is placed on the device."""
     resident = sum(lines[k] for k in ("policy params", "optimizer state", "relevance encoder (float32)")) + trainable
-    rollout = lines["kv cache (rollout)"] + lines["prefill peak (rollout)"] + lines["decode weights (gathered over fsdp)"]
+    rollout = lines["kv cache (rollout)"] + lines["prefill peak (rollout)"] + lines["decode weights (per-layer copy)"]
     update = lines["gradients (accumulator + micro-batch)"] + lines["activations (update micro-batch)"]
     on_device = config.gold_rm.placement == "device"
     gold = lines["gold RM params"]
@@ -268,8 +268,8 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     gradients (2x trainable), and the optimizer state (Adam moments in the trainable dtype); the relevance
     encoder (BERT-base, float32, sharded by the rules); the KV cache of a rollout of ``G`` rows x ``S`` =
     max_prompt_length + max_new_tokens slots, the prefill's peak (`inference_bytes`) and the decode loop's
-    weights gathered over the ``fsdp`` axis (params / tensor per device: what XLA's TPU compiler keeps live on the
-    v5e meshes; on others it keeps the weights stationary and needs less, so the line is an upper bound); the
+    per-layer copy of this device's weight shards (the stacked layers split once per call; the decode is weight-
+    stationary, `mesh.decode_rules`: no weight is gathered); the
     update micro-batch's activations (`update_activation_bytes`: ``M`` rows split over the batch axes, or all
     ``M`` rows on every device when ``M`` is smaller than the batch shards; ``S`` tokens); the gold RM's
     parameters and scoring peak (``gold_rm.batch_size`` rows of ``gold_rm.max_length`` tokens). Each line was
@@ -302,8 +302,7 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
         "relevance encoder (float32)": relevance_bytes(mesh_shape, rules) if needs_relevance else 0,
         "kv cache (rollout)": kv_cache_bytes(pcfg, int(config.ppo.batch_size), S, mesh_shape, rules),
         "prefill peak (rollout)": inference_bytes(pcfg, rows(config.ppo.batch_size), S, tensor),
-        "decode weights (gathered over fsdp)": param_report(pcfg, {**mesh_shape, "data": 1, "fsdp": 1},
-                                                            rules=rules)["bytes_per_device"],
+        "decode weights (per-layer copy)": base["bytes_per_device"],
         "gradients (accumulator + micro-batch)": 2 * trainable_pd,
         "activations (update micro-batch)": update_activation_bytes(
             pspec, M if M < batch_shards else rows(M), int(config.data.max_prompt_length),

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rre_jax import compiled, sampling
+from rre_jax import compiled, mesh as mesh_lib, sampling
 from rre_jax.models import llama
 
 
@@ -61,6 +61,8 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
         logits_BxV, cache = llama.prefill(cfg, params, ids_BxT, mask_BxT, T + N, lora=lora, lora_cfg=lora_cfg,
                                           cache=cache, **con)
     params, lora = llama.unstack_layers(params), llama.unstack_layers(lora)  # once: no per-step weight slices
+    # weight-stationary decode: one token per row moves activations over fsdp, never the weights
+    dcon = con if mesh is None else {"mesh": mesh, "rules": mesh_lib.decode_rules(rules)}
 
     def cond(state):
         i, _, _, _, _, done_B = state
@@ -74,7 +76,7 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
         toks_BxN = lax.dynamic_update_slice(toks_BxN, tok_B[:, None], (0, i))
         logp_BxN = lax.dynamic_update_slice(logp_BxN, jnp.where(done_B, 0.0, lp_B)[:, None], (0, i))
         done_B = done_B if eos_id is None else done_B | (tok_B == eos_id)
-        logits_BxV, cache = llama.decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg, **con)
+        logits_BxV, cache = llama.decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg, **dcon)
         return i + 1, logits_BxV, cache, toks_BxN, logp_BxN, done_B
 
     init = (jnp.zeros((), jnp.int32), logits_BxV, cache, jnp.full((B, N), pad_id, jnp.int32),
