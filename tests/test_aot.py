@@ -155,3 +155,16 @@ def test_compile_only_names_a_bad_topology(tmp_path):
     assert out.returncode == 2
     assert "config.mesh.topology='v5x:2x2'" in out.stderr and "v5e:2x4" in out.stderr, out.stderr
     assert not (tmp_path / "W").exists()
+
+
+def test_decode_loop_gathers_no_weights(compiled):
+    """The decode step is weight-stationary (``mesh.decode_rules``): every all-gather XLA placed in it moves one
+    token's activations, none a weight (here each gathered weight would be at least 512 x 256 values: the
+    smallest matrix, 512 x 512, split over tensor = 2). Gathering weights at every step is what XLA does when the
+    activations' batch is sharded over fsdp too."""
+    exe = compiled[3]["sampler"]
+    shape = re.compile(r"= (?:bf16|f32|s32|u32)\[([0-9,]*)\]")
+    sizes = [math.prod(int(d) for d in shape.search(line).group(1).split(",") if d)
+             for line in exe.as_text().splitlines() if " all-gather(" in line and "decode_step" in line]
+    assert sizes, "the decode step moves activations over fsdp: some all-gather is expected"
+    assert max(sizes) < 512 * 256, sorted(sizes)[-5:]
