@@ -54,12 +54,8 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
     B, T = ids_BxT.shape
     N = scfg.max_new_tokens
     con = {} if mesh is None else {"mesh": mesh, "rules": rules}
-    if group > 1:
-        logits_BxV, cache = prefill_groups(cfg, params, ids_BxT, mask_BxT, T + N, group, lora=lora,
-                                           lora_cfg=lora_cfg, cache=cache, **con)
-    else:
-        logits_BxV, cache = llama.prefill(cfg, params, ids_BxT, mask_BxT, T + N, lora=lora, lora_cfg=lora_cfg,
-                                          cache=cache, **con)
+    logits_BxV, cache = prefill_groups(cfg, params, ids_BxT, mask_BxT, T + N, group, lora=lora, lora_cfg=lora_cfg,
+                                       cache=cache, **con)
     params, lora = llama.unstack_layers(params), llama.unstack_layers(lora)  # once: no per-step weight slices
     # weight-stationary decode: one token per row moves activations over fsdp, never the weights
     dcon = con if mesh is None else {"mesh": mesh, "rules": mesh_lib.decode_rules(rules)}
@@ -90,7 +86,10 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
 def prefill_groups(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, cache_len: int, group: int, *, cache=None,
                    **kw):
     """`llama.prefill` of the first row of each group of ``group`` rows, its logits and KV cache repeated onto the
-    group's rows; written into ``cache`` (the caller's empty ``B``-row cache, e.g. donated) when given."""
+    group's rows; written into ``cache`` (the caller's empty ``B``-row cache, e.g. donated) when given.
+    ``group = 1`` is `llama.prefill` itself."""
+    if group == 1:
+        return llama.prefill(cfg, params, ids_BxT, mask_BxT, cache_len, cache=cache, **kw)
     B = ids_BxT.shape[0]
     if B % group:
         raise ValueError(f"{B} rows do not split into groups of {group} copies of a prompt")
