@@ -5,16 +5,17 @@
              [--temperature 0.7 --top-p 1 --max-new-tokens 512] [--batch-size N] [--seed S] [--n-boot 1000]
 
 For every checkpoint step (default: all saved): restore the policy, sample each eval prompt once with the
-training sampler at the eval settings (temperature 0.7, top_p 1, up to 512 new tokens), cut the response at the
-stop strings as training does, and score the cut text -- the one stored and judged -- with the training proxy,
-every counterfactual proxy of the config plus RER (always: the reference scores every checkpoint with it), every
-feature (li, rp, qr, ar) and the gold RM. Each step goes to the rollout store (`rre_jax.evaluate.store`:
+training sampler at the eval settings (temperature 0.7, top_p 1, up to 512 new tokens), and score the response as
+sampled -- the text stored and judged -- as a training step's reward does (``reward_engine``: LI and RP on the
+response cleaned at its stop strings, relevance on the response itself, as the paper's ``eval_monotonicity.py``)
+with the training proxy, every counterfactual proxy of the config plus RER (always: the reference scores every
+checkpoint with it), every feature (li, rp, qr, ar) and the gold RM. Each step goes to the rollout store (`rre_jax.evaluate.store`:
 AlpacaEval ``model_outputs.json``, ``rollouts.jsonl``, ``meta.json``) under ``<workdir>/eval/step_<N>``, with the
 gold RM's path, a fingerprint of its files and whether it is a random stand-in, the sampling settings, the eval
 set and every reward spec. A new proxy is scored later without sampling again, from the stored texts:
 ``rre-score --eval-set EVAL.json --outputs <workdir>/eval/step_<N>/model_outputs.json ...`` or
 ``text_scoring.score_texts`` (which reproduce the stored li/rp exactly and relevance to float round-off, because
-every score here is computed on the stored text, ``features.scored_text`` of the response). Then ``report.md``,
+every score here is computed on the stored text; the step's meta records ``relevance_text``). Then ``report.md``,
 ``summary.json`` and the plots are rebuilt from every stored step.
 
 Each step also records the sampled KL(pi || pi_ref) of its responses (`rre_jax.sampled_kl`: the mean over
@@ -173,8 +174,7 @@ def sample_step(run, state, step: int, scfg, seed: int, bar=None, kl: bool = Tru
     for i, b in enumerate(run.dev.batches()):
         ids_BxT, mask_BxT = run.to_global(b.ids_BxT), run.to_global(b.mask_BxT)
         roll, mask_BxN, c, t, _ = train.sample_and_score(run, state, ids_BxT, mask_BxT, b.index_B,
-                                                         jax.random.fold_in(key, i), scfg, relevance_on_cut=True,
-                                                         group=group)
+                                                         jax.random.fold_in(key, i), scfg, group=group)
         if kl:  # every sampled token (the raw mask): the KL of the sampled responses, before the stop-string cut
             ratio = sampled_kl.jitted_log_ratio(run.policy, b.ids_BxT.shape[1], scfg)(
                 state["trainable"], run.frozen, jnp.concatenate([ids_BxT, roll.tokens_BxN], 1),
@@ -221,7 +221,7 @@ def step_rollouts(run, step: int, sampled: dict, gold, scfg, seed: int, extra: d
         features={k: comps[k] for k in FEATURES if k in comps}, n_tokens=sampled["n_tokens"],
         train_proxy=run.config.reward.preset, gold_rm=run.paths["gold_rm"] or "",
         gold_rm_random=bool(run.paths["gold_rm_random"]), generator=f"{run.config.name}-step_{step}",
-        sampling={**dataclasses.asdict(scfg), "seed": seed}, extra=extra)
+        sampling={**dataclasses.asdict(scfg), "seed": seed}, relevance_text=run.engine.relevance_text, extra=extra)
 
 
 # ======================================================================================= rre-eval

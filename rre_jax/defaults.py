@@ -88,6 +88,8 @@ def _reward() -> ml_collections.ConfigDict:
     s.counterfactual = ("li", "li_rp", "qr_li_rp", "rer")
     s.stop_strings = ("### Instruction:", "### Response:", "\n\n\n\n", "\n\n--", "\n\n____")
     s.cut_at_stop = True  # False reproduces the reference's no-op post-processing
+    # what QR / AR embed: 'response' (the response as sampled, the paper's) or 'cut' (cut at its first stop string)
+    s.relevance_text = "response"
     s.baseline = 0.0
     return s
 

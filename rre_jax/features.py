@@ -52,12 +52,11 @@ _STRIP = (0x0A, 0x20)  # "\n", " "
 
 
 def scored_text(text: str, stop_strings: Sequence[str] = DEFAULT_STOPS) -> str:
-    """The text a feature scores: ``text`` up to the first stop string found inside ``text.strip("\\n ")``, else
-    ``text`` itself (no strip). This is clean(r) before its strip, the cut ``text_features`` makes on device
-    (``cut_token_B``), as a string: LI and RP of ``scored_text(r)`` equal those of ``r``. Dev eval and ``rre-eval``
-    store it and score relevance on it, and ``rre-score`` scores relevance on it, so a stored response rescored
-    gives every component back. (A PPO step's reward scores relevance on the uncut text: see ``reward_engine``.)
-    Idempotent: the cut text holds no stop string inside its strip."""
+    """``text`` up to the first stop string found inside ``text.strip("\\n ")``, else ``text`` itself (no strip).
+    This is clean(r) before its strips, the cut ``text_features`` makes on device (``cut_token_B``), as a string:
+    LI and RP of ``scored_text(r)`` equal those of ``r``. Relevance embeds ``r`` itself, as the paper does, unless
+    a run asks for ``relevance_text='cut'`` (``reward_engine``). Idempotent: the cut text holds no stop string
+    inside its strip."""
     lo = len(text) - len(text.lstrip("\n "))
     hi = len(text.rstrip("\n "))
     found = [i for i in (text.find(s, lo, hi) for s in stop_strings) if i >= 0]

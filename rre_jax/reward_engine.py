@@ -1,13 +1,21 @@
 """The host reward engine: features of rollouts on device, relevance through the encoder, every spec composed.
 
 Shapes: ``B`` responses of a batch, ``N`` response tokens, ``P`` prompts of the engine's prompt set, ``D``
-encoder width. Which text each path gives ``RewardEngine.score`` for relevance (LI and RP always cut the
-response at the stop strings themselves, on device):
+encoder width.
 
-* a PPO step's reward: the uncut decoded response, as the reference's training scores relevance (its rollout
-  post-processing was a no-op, so its reward model saw the whole sampled text);
-* dev eval, ``rre-eval`` and ``rre-score``: ``features.scored_text`` of the response, the text that is stored
-  and judged, so that rescoring a stored response reproduces every component.
+One definition of a response's scores, the paper's (docs/design.md 4.2), for every path -- a PPO step's reward,
+the dev eval, ``rre-eval``, ``rre-bon`` and ``rre-score``: every caller hands ``RewardEngine.score`` the response
+as sampled (decoded) or as given, and
+
+* LI and RP are computed on ``clean(r)``: the on-device features strip the response and cut it at its first
+  stop string themselves (``features.text_features``);
+* QR and AR embed ``r`` itself. The paper's ``ReversedEngineeredRewardForInference`` cleans the response for
+  its length and repetition terms only; its relevance encoder (``ContrieverModelForInference.get_reward``) gets
+  ``batch["response"]``, the text as generated, in training and in ``eval_monotonicity.py`` alike.
+
+``relevance_text='cut'`` (``config.reward.relevance_text``, ``rre-score --relevance-text cut``) is the one
+variant, off by default: relevance embeds ``features.scored_text(r)``, the response cut at its first stop string.
+Stores and reports record which one scored them.
 """
 from __future__ import annotations
 
@@ -18,6 +26,17 @@ import numpy as np
 
 from rre_jax import features, relevance
 from rre_jax.reward import RewardSpec, compose, qtype_labels
+
+# What the relevance encoder embeds: the response as sampled or given (the paper's), or cut at its first stop string.
+RELEVANCE_TEXTS = ("response", "cut")
+
+
+def check_relevance_text(value: str, field: str = "relevance_text") -> str:
+    """``value`` when it is one of ``RELEVANCE_TEXTS``, else a ValueError naming ``field`` and the choices."""
+    if value not in RELEVANCE_TEXTS:
+        raise ValueError(f"{field}={value!r}: choose 'response' (relevance on the response as sampled or given, the "
+                         "paper's) or 'cut' (on the response cut at its first stop string)")
+    return value
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,7 +56,8 @@ class RewardEngine:
     """
 
     def __init__(self, spec: RewardSpec, counterfactual, tables, *, stop_strings, queries, references,
-                 qtype_P, encoder=None, seed: int = 0):
+                 qtype_P, encoder=None, seed: int = 0, relevance_text: str = "response"):
+        self.relevance_text = check_relevance_text(relevance_text)
         self.spec, self.specs = spec, {"proxy": spec, **dict(counterfactual)}
         self.needs_relevance = any(s.needs_relevance for s in self.specs.values())
         self.needs_answer = any(s.needs_answer_relevance for s in self.specs.values())
@@ -57,14 +77,20 @@ class RewardEngine:
         packed stream of all of them: the batch's real byte total, bucketed, is the main lever on the cost."""
         return self.features_fn(self.tables, tokens_BxN, mask_BxN, max_bytes=max_bytes, total_bytes=total_bytes)
 
+    def relevance_inputs(self, response_texts) -> list[str]:
+        """The texts the relevance encoder embeds for ``response_texts``: themselves, or their cut."""
+        if self.relevance_text == "cut":
+            return [features.scored_text(t, self.stop_strings) for t in response_texts]
+        return list(response_texts)
+
     def score(self, index_B, feats, response_texts):
-        """``{component: f32[B]}``: li, rp, n_words, qr, ar (when used), and one entry per spec. Relevance is
-        computed on ``response_texts`` as given (the module docstring says which text each caller passes)."""
+        """``{component: f32[B]}``: li, rp, n_words, qr, ar (when used), and one entry per spec.
+        ``response_texts``: the responses as sampled or given (never cut by the caller); ``feats`` their features."""
         out = {"li": np.asarray(feats.li_B), "rp": np.asarray(feats.rp_B),
                "n_words": np.asarray(feats.n_words_B).astype(np.float32)}
         qr = ar = None
         if self.needs_relevance:
-            r_BxD = self.encoder.embed_texts(list(response_texts))
+            r_BxD = self.encoder.embed_texts(self.relevance_inputs(response_texts))
             qr = out["qr"] = relevance.pair_dot(self._q_PxD[index_B], r_BxD)
             if self.needs_answer:
                 ar = out["ar"] = relevance.pair_dot(self._y_PxD[index_B], r_BxD)

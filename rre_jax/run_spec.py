@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rre_jax import grpo, mesh as mesh_lib, policy, ppo, reward, sampling
+from rre_jax import grpo, mesh as mesh_lib, policy, ppo, reward, reward_engine, sampling
 from rre_jax.data import prompts as prompts_lib
 from rre_jax.errors import UserError
 from rre_jax.models import llama, lora as lora_lib
@@ -37,6 +37,7 @@ class RunSpec:
     param_dtype: Any
     algo: str = "ppo"
     group: grpo.GroupConfig | None = None  # the group method's settings (algo 'grpo' / 'rloo'), else None
+    relevance_text: str = "response"  # what QR / AR embed (reward_engine.RELEVANCE_TEXTS)
 
 
 EVAL_PROXY = "rer"  # scored at every dev eval and checkpoint eval: the reference judges every run with full RER
@@ -67,6 +68,11 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
     rer = dataclasses.replace(reward.preset(EVAL_PROXY), max_new_tokens=spec.max_new_tokens)
     if spec != rer:  # the eval columns always hold RER, scored for real
         cf.setdefault(f"cf/{EVAL_PROXY}", rer)
+    try:
+        relevance_text = reward_engine.check_relevance_text(config.reward.get("relevance_text", "response"),
+                                                            "config.reward.relevance_text")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if config.model.train_mode not in policy.MODES:
         raise UserError(f"config.model.train_mode={config.model.train_mode!r}; choose one of {policy.MODES}")
     critic = policy.check_critic(config.model.get("critic", "separate"))
@@ -92,7 +98,7 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
                    lora=lora_lib.LoraConfig.from_config(config.model.lora),
                    mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
-                   param_dtype=dtype("param_dtype"), algo=algo, group=group)
+                   param_dtype=dtype("param_dtype"), algo=algo, group=group, relevance_text=relevance_text)
 
 
 def uses_tiny(config) -> bool:

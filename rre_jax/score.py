@@ -15,9 +15,9 @@ What is scored, item by item, as the paper's ``eval_monotonicity.py`` scores a c
   response (an identity byte table), i.e. exactly the Python definition (docs/design.md 4.2) on the text as written.
 * QR = E(q) . E(response) with ``q = relevance_query(instruction)``: the reference passes the raw,
   untemplated ``instruction`` through its ``extract_raw_query`` (same result as the templated prompt on all
-  805 AlpacaEval items). AR = E(reference answer) . E(response). Relevance sees ``features.scored_text`` of the
-  response (cut at its first stop string: the text ``rre-eval`` stores and scores), or with
-  ``--relevance-text raw`` the response as written, as the paper's scoring code passes it.
+  805 AlpacaEval items). AR = E(reference answer) . E(response). Relevance embeds the response as given, as the
+  paper's scoring code does (LI and RP clean it: strip, cut at the first stop string); ``--relevance-text cut``
+  embeds the cut response instead (``reward_engine``), and the summary says which.
 * ``gold``: the gold RM on ``starling_input(starling_query(instruction), response)`` (``gold_rm.GoldRM``).
 
 Output: ``--out`` is a JSON list aligned with the eval set; each item holds ``index, instruction, qtype,
@@ -72,7 +72,7 @@ class ScoreRequest:
     relevance_max_length: int = 512
     gold_rm_max_length: int = 2048
     gold_rm_batch_size: int = 4
-    relevance_text: str = "scored"
+    relevance_text: str = "response"
     overwrite: bool = False
     quiet: bool = False
 
@@ -195,8 +195,8 @@ def prepare(args: ScoreRequest) -> Job:
         raise ScoreError(f"--reward {args.reward} uses relevance (QR/AR) but no --relevance-encoder was given; "
                          "pass a BERT encoder dir or 'minilm', or choose --reward li / li_rp")
     enc = encoder_dir(args.relevance_encoder) if args.relevance_encoder else ""
-    if args.relevance_text not in text_scoring.RELEVANCE_TEXTS:
-        raise ScoreError(f"--relevance-text {args.relevance_text!r}: choose one of {text_scoring.RELEVANCE_TEXTS}")
+    if args.relevance_text not in reward_engine.RELEVANCE_TEXTS:
+        raise ScoreError(f"--relevance-text {args.relevance_text!r}: choose one of {reward_engine.RELEVANCE_TEXTS}")
     if args.batch_size < 1 or args.gold_rm_batch_size < 1:
         raise ScoreError("--batch-size and --gold-rm-batch-size must be positive")
     records, n_missing = load_eval_set(args.eval_set, args.missing_qtype)
@@ -244,10 +244,10 @@ def compute(job: Job) -> dict:
     engine = reward_engine.RewardEngine(
         job.spec, counterfactual, features.feature_tables(job.table), stop_strings=features.DEFAULT_STOPS,
         queries=[templates.relevance_query(r.instruction) for r in job.records],
-        references=[r.reference for r in job.records], qtype_P=qtype_P, encoder=encoder, seed=args.seed)
+        references=[r.reference for r in job.records], qtype_P=qtype_P, encoder=encoder, seed=args.seed,
+        relevance_text=args.relevance_text)
     out = text_scoring.score_texts(engine, job.tokenizer, np.arange(len(job.responses)), job.responses,
-                                   batch_size=args.batch_size, progress=not args.quiet,
-                                   relevance_text=args.relevance_text)
+                                   batch_size=args.batch_size, progress=not args.quiet)
     out["constrained"] = engine.constrained["proxy"]
     if job.gold is not None:
         out["gold"] = gold_scores(job.gold, [r.instruction for r in job.records], job.responses, args.quiet)
@@ -301,6 +301,7 @@ def summarize(job: Job, rows: list[dict], seconds: float) -> dict:
         "n_items": len(rows), "reward": a.reward, "spec": dataclasses.asdict(job.spec),
         "eval_set": a.eval_set, "outputs": a.outputs, "features_tokenizer": job.tokenizer_desc,
         "relevance_encoder": job.encoder_path or None, "relevance_query": "relevance_query(raw instruction)",
+        "relevance_text": a.relevance_text,
         "gold_rm": a.gold_rm or None, "gold_rm_random": bool(job.gold is not None and job.gold.is_random),
         "qtype_counts": prompts_lib.qtype_counts(job.records),
         "missing_qtype": {"count": job.n_missing_qtype, "filled_as": a.missing_qtype},

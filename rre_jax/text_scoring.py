@@ -4,19 +4,15 @@ Shapes: ``B`` rows of a feature batch, ``N`` response tokens (a power-of-two buc
 engine's prompt set.
 
 Texts are re-tokenized with the policy's tokenizer, so LI and RP come from the same on-device features as a
-rollout's (they cut at the stop strings themselves). Relevance sees ``features.scored_text`` of each text --
-the response cut at its first stop string, what dev eval and ``rre-eval`` store and score -- or, with
-``relevance_text='raw'``, the text as given (what the reference's scoring code passes its encoder).
+rollout's (they cut at the stop strings themselves); relevance embeds each text as given, or what the engine's
+``relevance_text`` says (``reward_engine``: one definition of a response's scores for every path).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from rre_jax import features
 from rre_jax.data import batching
 from rre_jax.reward_engine import RewardEngine
-
-RELEVANCE_TEXTS = ("scored", "raw")
 
 
 def packed_bucket(n: int, minimum: int = 1024) -> int:
@@ -42,10 +38,9 @@ def _feature_batch(engine: RewardEngine, rows, n_texts: int, shape: tuple[int, i
     return type(feats)(*(np.asarray(f)[:n_texts] for f in feats))
 
 
-def score_texts(engine: RewardEngine, tokenizer, index_B, texts, batch_size: int = 64, progress: bool = False,
-                relevance_text: str = "scored"):
-    """``{component: f32[B]}`` like ``RewardEngine.score``, in the order of ``texts``; ``index_B`` indexes the
-    engine's prompt set. ``relevance_text``: ``'scored'`` (``features.scored_text``, the default) or ``'raw'``.
+def score_texts(engine: RewardEngine, tokenizer, index_B, texts, batch_size: int = 64, progress: bool = False):
+    """``{component: f32[B]}`` like ``RewardEngine.score``, in the order of ``texts`` (the responses as given);
+    ``index_B`` indexes the engine's prompt set.
 
     Every batch has one shape (``batch_size`` rows, or the power of two covering fewer texts; the power-of-two
     tokens and bytes of the longest text; the packed length of the fullest batch), so a call compiles the
@@ -56,8 +51,6 @@ def score_texts(engine: RewardEngine, tokenizer, index_B, texts, batch_size: int
     index_B = np.asarray(index_B)
     if len(index_B) != len(texts):
         raise ValueError(f"score_texts: {len(index_B)} prompt indices for {len(texts)} texts")
-    if relevance_text not in RELEVANCE_TEXTS:
-        raise ValueError(f"score_texts: relevance_text={relevance_text!r}; choose one of {RELEVANCE_TEXTS}")
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i].encode("utf-8")))
     B = batching.pow2_bucket(len(texts), 1, batch_size)
     batches = [(order[s:s + batch_size], *_tokenized(engine, tokenizer, [texts[i] for i in order[s:s + batch_size]]))
@@ -68,9 +61,6 @@ def score_texts(engine: RewardEngine, tokenizer, index_B, texts, batch_size: int
     out: dict = {}
     for idx, rows, _ in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
         feats = _feature_batch(engine, rows, len(idx), (B, N, max_bytes, total_bytes), tokenizer.pad_token_id or 0)
-        chunk = [texts[i] for i in idx]
-        if relevance_text == "scored":
-            chunk = [features.scored_text(t, engine.stop_strings) for t in chunk]
-        for k, v in engine.score(index_B[idx], feats, chunk).items():
+        for k, v in engine.score(index_B[idx], feats, [texts[i] for i in idx]).items():
             out.setdefault(k, np.zeros(len(texts), np.asarray(v).dtype))[idx] = np.asarray(v)
     return out

@@ -232,7 +232,7 @@ def reward_engine(config, spec: RunSpec, mesh, tokenizer, vocab_size: int, recor
                                    stop_strings=tuple(config.reward.stop_strings), queries=queries,
                                    references=[r.reference for r in records],
                                    qtype_P=np.array([r.qtype_id for r in records]), encoder=encoder,
-                                   seed=int(config.seed))
+                                   seed=int(config.seed), relevance_text=spec.relevance_text)
 
 
 def gold_rm(config, spec: RunSpec, paths: dict, mesh):
@@ -280,13 +280,13 @@ def experience_rows(pcfg: ppo.PPOConfig, shards: int = 1) -> int:
 # ======================================================================================= one step
 
 def sample_and_score(run: Run, state, ids_BxT, mask_BxT, index_B, rng, scfg: sampling.SamplingConfig, *,
-                     relevance_on_cut: bool = False, group: int = 1):
+                     group: int = 1):
     """Rollout + reward of one batch: ``(rollout, response mask after the cut, components, texts, timings)``.
 
-    ``texts`` are ``features.scored_text`` of the decoded responses: what evals store and judge. Relevance sees
-    the uncut decoded text during training, as the reference's reward does; ``relevance_on_cut`` (dev eval,
-    ``rre-eval``) scores ``texts``, so that rescoring stored responses (``rre-score``) reproduces every component.
-    ``group``: rows come in groups of that many copies of one prompt, prefilled once (`rollout.sample`).
+    ``texts`` are the decoded responses as sampled: what every component is scored on (``reward_engine``: LI and
+    RP clean them on device, relevance embeds them as they are), what evals store and judge, and so what a
+    rescoring of the store (``rre-score``) gives every component back from. ``group``: rows come in groups of
+    that many copies of one prompt, prefilled once (`rollout.sample`).
     """
     t0 = time.perf_counter()
     params, adapters = policy.sampling_params(run.policy, state["trainable"], run.frozen)
@@ -296,10 +296,9 @@ def sample_and_score(run: Run, state, ids_BxT, mask_BxT, index_B, rng, scfg: sam
     jax.block_until_ready(mask_BxN)
     t1 = time.perf_counter()
     tokens, raw_mask = run.to_local(roll.tokens_BxN), run.to_local(roll.mask_BxN)
-    raw_texts = run.tokenizer.batch_decode([t[k == 1] for t, k in zip(tokens, raw_mask)], skip_special_tokens=True)
-    texts = [features.scored_text(t, run.engine.stop_strings) for t in raw_texts]
+    texts = run.tokenizer.batch_decode([t[k == 1] for t, k in zip(tokens, raw_mask)], skip_special_tokens=True)
     feats = type(feats)(*(run.to_local(f) for f in feats))  # this host's share is scored on this host
-    comps = run.engine.score(np.asarray(index_B), feats, texts if relevance_on_cut else raw_texts)
+    comps = run.engine.score(np.asarray(index_B), feats, texts)
     t2 = time.perf_counter()
     return roll, mask_BxN, comps, texts, {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
 
@@ -374,7 +373,7 @@ def dev_eval(run: Run, state, step: int) -> dict:
     for i, b in enumerate(run.dev.batches()):
         rng = jax.random.fold_in(jax.random.key(int(run.config.seed) + 7), step * 1000 + i)
         _, _, comps, texts, _ = sample_and_score(run, state, run.to_global(b.ids_BxT), run.to_global(b.mask_BxT),
-                                                 b.index_B + offset, rng, run.spec.sampling, relevance_on_cut=True)
+                                                 b.index_B + offset, rng, run.spec.sampling)
         # every host gathers the whole batch, so the gold RM sees the same inputs everywhere
         every = host_arrays.gather({**comps, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B)})
         keep = every["valid"]
@@ -400,7 +399,8 @@ def dev_eval(run: Run, state, step: int) -> dict:
             gold=np.asarray(gold if gold is not None else np.full(len(instr), np.nan)),
             features={k: np.asarray(v) for k, v in comps_all.items() if k in ("li", "rp", "qr", "ar")},
             train_proxy="train", gold_rm=run.paths["gold_rm"] or "", gold_rm_random=bool(run.paths["gold_rm_random"]),
-            sampling=dataclasses.asdict(run.spec.sampling), extra={"run": run.config.name, "split": "dev"})
+            sampling=dataclasses.asdict(run.spec.sampling), relevance_text=run.engine.relevance_text,
+            extra={"run": run.config.name, "split": "dev"})
         evaluate.write_step(os.path.join(run.workdir, "dev_eval"), roll, overwrite=True)
         try:
             summary = evaluate.refresh_report(os.path.join(run.workdir, "dev_eval"), n_boot=200)

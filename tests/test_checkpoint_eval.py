@@ -129,67 +129,191 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
             np.testing.assert_allclose(v, stored.proxies[name], atol=1e-5, rtol=1e-5, err_msg=name)
 
 
-ONE_TEXT = "Cats purr and sleep all day long.\n\n### Instruction: now write about dogs, dogs and dogs"
+# Responses holding each of the five stop strings: at the start, in the middle, as a run of newlines (inside the
+# text, and at its start, where clean() strips it away before cutting), two at once, and none.
+STOP_TEXTS = [
+    "### Response: Cats purr and sleep all day.",
+    "Cats purr and sleep all day long.\n\n### Instruction: now write about dogs, dogs and dogs",
+    "Dogs bark at night.\n\n\n\nThen they sleep and dream of cats and of dogs.",
+    "Here are three fruits: apples, pears and plums.\n\n--\nA signature line",
+    "The answer is four, as two and two make four.\n\n____\nfootnote: arithmetic",
+    "\n\n\n\nA run of newlines before the answer: the cat sat on the mat.",
+    "Mid sentence ### Response: and the rest\n\n\n\nmore after a run",
+    "A plain answer without any stop string, about cats and dogs.",
+]
+RUN_MAX_NEW_TOKENS = 16  # the run's sampling.max_new_tokens: RER's CONSTRAINED branch scales with it
 
 
-def test_dev_eval_rre_eval_and_rre_score_score_one_text_alike(workdir, tmp_path, monkeypatch):
-    """Every row samples ONE_TEXT (a response holding a stop string). Training's dev eval and rre-eval store its
-    cut (``features.scored_text``), and they and rre-score on that stored text give the same li, rp, qr, ar and
-    proxies. A PPO step's reward scores relevance on the uncut text, as the reference's training does."""
-    import dataclasses
+def paper_query(prompt: str) -> str:
+    """The paper's ``ReversedEngineeredRewardForInference.extract_raw_query`` (no branching), ported verbatim."""
+    q = prompt.replace("Below is an instruction that describes a task. Write a response that appropriately "
+                       "completes the request.", "")
+    out = ""
+    for qq in q.split("### Instruction"):
+        if not qq.strip():
+            continue
+        qq = qq.split("### Response")[0]
+        qq = qq.replace("### Input:\n", " ").replace("</s>", "").replace("\n ", "\n")
+        out += qq.replace(" : ", " ").strip("\n: ") + " "
+    return re.sub(r"\s+", " ", out).strip()
 
+
+def paper_scores(instructions, references, qtypes, responses, max_new_tokens: int) -> dict:
+    """The paper's definition of a response's scores, computed independently of rre_jax: LI and RP on clean(r)
+    (nltk, ``reference_features``); QR and AR with the real all-MiniLM-L6-v2 in torch on ``r`` as given
+    (``ContrieverModelForInference``: left truncation to 512 tokens, masked mean, dot product, four pairs per
+    forward); RER as ``_combine_scores`` composes them."""
+    import reference_features as ref
+    from test_relevance import MINILM, ReferenceRelevance
+    enc = ReferenceRelevance(MINILM, batch_size=4)
+    c = [ref.counts(r) for r in responses]
+    li, rp = np.array([x.li for x in c]), np.array([x.rp for x in c])
+    qr = enc.relevance([paper_query(i) for i in instructions], list(responses)).astype(np.float64)
+    ar = enc.relevance(list(references), list(responses)).astype(np.float64)
+    constrained = np.array([q == "CONSTRAINED" for q in qtypes])
+    rer = np.where(constrained, ar / 3.5 * (max_new_tokens / 100) * rp, qr * li * rp)
+    return {"li": li, "rp": rp, "qr": qr, "ar": ar, "rer": rer, "qr_li_rp": qr * li * rp, "li_rp": li * rp}
+
+
+def fixed_sampler(tok):
+    """A stand-in for the run's sampler program (``programs.RunPrograms.sampler``): row ``r`` of every batch
+    samples ``STOP_TEXTS[r % 8]`` and EOS."""
     import jax
     import jax.numpy as jnp
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in STOP_TEXTS]
+    N = max(map(len, rows))
 
-    from rre_jax import evaluate, features
-    from rre_jax.cli import score as score_cmd
-    from rre_jax.data import batching
-    plan = checkpoint_eval.plan_eval(str(workdir), str(EVAL_SET), steps=[10], out=str(tmp_path / "eval"),
-                                     batch_size=8, max_new_tokens=16, n_boot=10)
-    state, _ = train.restore(plan.run, plan.ckpt, 10)  # before run_eval, which closes the checkpoints
-    tok = plan.run.tokenizer
-    row = tok(ONE_TEXT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-
-    def fixed_sampler(scfg, group=1):  # stands in for the run's sampler program (programs.RunPrograms.sampler)
+    def make(scfg, group=1):
         def sample(params, ids_BxT, mask_BxT, rng, lora):
             put = lambda x: jax.device_put(np.asarray(x), ids_BxT.sharding)  # noqa: E731
             B = ids_BxT.shape[0]
-            return rollout.Rollout(put(np.tile(np.int32(row), (B, 1))), put(np.ones((B, len(row)), np.int32)),
-                                   put(np.zeros((B, len(row)), np.float32)), jnp.full(B, len(row), jnp.int32),
-                                   np.int32(len(row)))
+            ids = np.full((B, N), tok.pad_token_id, np.int32)
+            mask = np.zeros((B, N), np.int32)
+            for b in range(B):
+                row = rows[b % len(rows)]
+                ids[b, :len(row)], mask[b, :len(row)] = row, 1
+            return rollout.Rollout(put(ids), put(mask), put(np.zeros((B, N), np.float32)),
+                                   jnp.asarray(mask.sum(1), jnp.int32), np.int32(N))
         return sample
-    monkeypatch.setattr(plan.run.programs, "sampler", fixed_sampler)
-    checkpoint_eval.run_eval(plan, progress=False)
-    train.dev_eval(dataclasses.replace(plan.run, workdir=str(tmp_path / "run")), state, 10)
-    stored = {"rre-eval": evaluate.load_step(tmp_path / "eval", 10),
-              "dev eval": evaluate.load_step(tmp_path / "run" / "dev_eval", 10)}
-    cut = features.scored_text(ONE_TEXT)
-    assert cut == "Cats purr and sleep all day long.\n\n"
-    for name, s in stored.items():
-        assert list(s.response) == [cut] * 16, (name, len(s.response), s.response[:2])
-    outputs = tmp_path / "eval" / "step_10" / "model_outputs.json"
-    score_cmd.run(["--eval-set", str(EVAL_SET), "--outputs", str(outputs), "--reward", "rer", "--quiet",
-               "--relevance-encoder", "minilm", "--tokenizer", plan.run.paths["tokenizer"],
-               "--out", str(tmp_path / "scores.json")])
-    rows = json.loads((tmp_path / "scores.json").read_text())
-    got = {k: np.array([r[k] for r in rows], np.float32) for k in ("li", "rp", "qr", "ar")}
-    got.update({f"proxy:{n}": np.array([r["presets"][n] for r in rows], np.float32) for n in ("li", "qr_li_rp")})
-    open_ended = np.array([r["qtype"] == "OPENENDED" for r in rows])  # RER's AR branch scales with max_new_tokens:
-    got["proxy:rer"] = np.array([r["proxy"] for r in rows], np.float32)[open_ended]  # 512 here, 16 in the run
-    for name, s in stored.items():
-        want = {**{k: s.features[k].astype(np.float32) for k in ("li", "rp", "qr", "ar")},
-                **{f"proxy:{n}": s.proxies[n].astype(np.float32) for n in ("li", "qr_li_rp")},
-                "proxy:rer": s.proxies["rer"].astype(np.float32)[open_ended]}
-        for k, v in want.items():  # one encoder, one text: packed relevance is bit-identical however batched
-            np.testing.assert_array_equal(got[k], v, err_msg=f"rre-score vs {name}: {k}")
-    b = next(iter(batching.eval_batches(plan.run.dev.prompts, plan.run.dev.batching)))
-    glob = plan.run.to_global
-    _, _, comps, texts, _ = train.sample_and_score(plan.run, state, glob(b.ids_BxT), glob(b.mask_BxT), b.index_B,
-                                                   jax.random.key(0), plan.scfg)
-    assert texts == [cut] * 8
-    rows_B = np.asarray(b.index_B)
-    np.testing.assert_array_equal(comps["li"], got["li"][rows_B])
-    assert np.all(comps["qr"] != got["qr"][rows_B])  # the PPO reward's relevance saw the uncut text
+    return make
+
+
+@pytest.fixture(scope="module")
+def stop_text_scores(workdir, tmp_path_factory):
+    """Step 10 scored with every row sampling a STOP_TEXTS response: ``{path: (instructions, references,
+    qtypes, responses, {component: f64[n]}, max_new_tokens)}`` for rre-eval's store, the dev eval's store,
+    rre-score on rre-eval's model_outputs.json, and a training step's reward (``train.sample_and_score`` at the
+    training sampling settings, as ``train.train_step`` calls it) on one dev batch."""
+    import dataclasses
+
+    import jax
+
+    from rre_jax import evaluate
+    from rre_jax.cli import score as score_cmd
+    from rre_jax.data import batching
+    tmp = tmp_path_factory.mktemp("stop_texts")
+    plan = checkpoint_eval.plan_eval(str(workdir), str(EVAL_SET), steps=[10], out=str(tmp / "eval"),
+                                     batch_size=8, max_new_tokens=RUN_MAX_NEW_TOKENS, n_boot=10)
+    state, _ = train.restore(plan.run, plan.ckpt, 10)  # before run_eval, which closes the checkpoints
+    records = plan.run.dev.records
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plan.run.programs, "sampler", fixed_sampler(plan.run.tokenizer))
+        checkpoint_eval.run_eval(plan, progress=False)
+        train.dev_eval(dataclasses.replace(plan.run, workdir=str(tmp / "run")), state, 10)
+        b = next(iter(batching.eval_batches(plan.run.dev.prompts, plan.run.dev.batching)))
+        glob = plan.run.to_global
+        _, _, comps, texts, _ = train.sample_and_score(plan.run, state, glob(b.ids_BxT), glob(b.mask_BxT),
+                                                       b.index_B, jax.random.key(0), plan.run.spec.sampling)
+    for name, root in (("rre-eval", tmp / "eval"), ("dev eval", tmp / "run" / "dev_eval")):
+        s = evaluate.load_step(root, 10)
+        got = {**{k: s.features[k] for k in ("li", "rp", "qr", "ar")},
+               **{n: s.proxies[n] for n in ("rer", "qr_li_rp", "li_rp") if n in s.proxies}}
+        refs = [records[list(r.instruction for r in records).index(i)].reference for i in s.instruction]
+        out[name] = (list(s.instruction), refs, list(s.qtype), list(s.response), got, RUN_MAX_NEW_TOKENS)
+    idx = [int(i) for i in np.asarray(b.index_B)]
+    step = {k: np.asarray(comps[k], np.float64) for k in ("li", "rp", "qr", "ar")}
+    step["rer"] = np.asarray(comps["proxy"], np.float64)  # the run trains on RER
+    step.update({n: np.asarray(comps[f"cf/{n}"], np.float64) for n in ("qr_li_rp", "li_rp")})
+    out["training step"] = ([records[i].instruction for i in idx], [records[i].reference for i in idx],
+                            [records[i].qtype for i in idx], list(texts), step, RUN_MAX_NEW_TOKENS)
+    score_cmd.run(["--eval-set", str(EVAL_SET), "--outputs", str(tmp / "eval" / "step_10" / "model_outputs.json"),
+                   "--reward", "rer", "--quiet", "--relevance-encoder", "minilm",
+                   "--tokenizer", plan.run.paths["tokenizer"], "--out", str(tmp / "scores.json")])
+    rows = json.loads((tmp / "scores.json").read_text())
+    outputs = json.loads((tmp / "eval" / "step_10" / "model_outputs.json").read_text())
+    got = {k: np.array([r[k] for r in rows], np.float64) for k in ("li", "rp", "qr", "ar")}
+    got["rer"] = np.array([r["proxy"] for r in rows], np.float64)
+    got.update({n: np.array([r["presets"][n] for r in rows], np.float64) for n in ("qr_li_rp", "li_rp")})
+    out["rre-score"] = ([r["instruction"] for r in rows], [r.reference for r in records],
+                        [r["qtype"] for r in rows], [o["output"] for o in outputs], got, 512)
+    return out
+
+
+@pytest.mark.parametrize("path", ["training step", "rre-eval", "dev eval", "rre-score"])
+def test_stop_string_responses_are_scored_as_the_paper_defines(stop_text_scores, path):
+    """Responses holding each of the five stop strings, scored by a training step's reward, rre-eval, the dev
+    eval and rre-score, against the paper's definition computed independently (``paper_scores``): LI and RP on
+    the cleaned text, QR and AR with the real MiniLM on the response as sampled (never cut). Every path keeps
+    the response as sampled, so the stored text is the text every component was scored on."""
+    instructions, refs, qtypes, responses, got, max_new = stop_text_scores[path]
+    n = len(responses)
+    assert responses == [STOP_TEXTS[i % 8] for i in range(n)], (path, responses[:3])  # stored as sampled, not cut
+    want = paper_scores(instructions, refs, qtypes, responses, max_new)
+    for k in ("li", "rp"):  # exact integer counts / 100, in float32
+        np.testing.assert_array_equal(got[k], want[k].astype(np.float32), err_msg=f"{path}: {k}")
+    for k in ("qr", "ar", "rer", "qr_li_rp", "li_rp"):  # float32 encoders on two stacks: 1e-4 relative
+        np.testing.assert_array_less(np.abs(got[k] - want[k]), 1e-4 * np.abs(want[k]) + 1e-6, err_msg=f"{path}: {k}")
+    import reference_features as ref
+    cut = [ref.cut(r) for r in responses]
+    moved = [i for i in range(n) if cut[i].strip() != responses[i].strip()]
+    assert len(moved) >= 6  # the cut would change relevance here, so the comparison above can tell the two apart
+
+
+def test_every_path_scores_a_stop_string_response_alike(stop_text_scores):
+    """The consistency check, on responses with stop strings: a training step's reward, rre-eval, the dev eval
+    and rre-score give one response the same li, rp, qr, ar and proxies (the packed MiniLM embeds a text with the
+    same bits however it is batched). RER's CONSTRAINED branch scales with max_new_tokens (512 in rre-score, the
+    run's 16 elsewhere), so RER is compared across paths on OPENENDED items only."""
+    by_item = {}
+    for path, (instructions, _, qtypes, responses, got, _) in stop_text_scores.items():
+        for i, r in enumerate(responses):
+            row = {k: float(v[i]) for k, v in got.items() if k != "rer" or qtypes[i] == "OPENENDED"}
+            by_item.setdefault((instructions[i], r), {})[path] = row
+    compared = 0
+    for (instruction, text), rows in by_item.items():
+        first = next(iter(rows.values()))
+        for path, row in rows.items():
+            assert row.keys() == first.keys() and all(row[k] == first[k] for k in row), (text, path, row, first)
+            compared += len(rows) > 1
+    assert compared >= 4 * 8 and {p for rows in by_item.values() for p in rows} == set(stop_text_scores)
+
+
+def test_relevance_on_the_cut_text_is_an_explicit_option(workdir, tmp_path):
+    """``--relevance-text cut`` (``config.reward.relevance_text='cut'``) embeds the response cut at its first
+    stop string; the summary says which text relevance embedded, and the default is the response itself."""
+    import reference_features as ref
+    from rre_jax.cli import score as score_cmd
+    outputs = [{"instruction": r.instruction, "output": STOP_TEXTS[i % 8]} for i, r in
+               enumerate(load_prompts(EVAL_SET))]
+    (tmp_path / "out.json").write_text(json.dumps(outputs))
+    rows = {}
+    for choice in ("response", "cut"):
+        extra = [] if choice == "response" else ["--relevance-text", "cut"]
+        summary = score_cmd.run(["--eval-set", str(EVAL_SET), "--outputs", str(tmp_path / "out.json"), "--reward",
+                                 "qr_li_rp", "--quiet", "--relevance-encoder", "minilm",
+                                 "--out", str(tmp_path / f"{choice}.json")] + extra)
+        assert summary["relevance_text"] == choice
+        rows[choice] = json.loads((tmp_path / f"{choice}.json").read_text())
+    from test_relevance import MINILM, ReferenceRelevance
+    enc = ReferenceRelevance(MINILM, batch_size=4)
+    queries = [paper_query(o["instruction"]) for o in outputs]
+    want = enc.relevance(queries, [ref.cut(o["output"]) for o in outputs])
+    got = np.array([r["qr"] for r in rows["cut"]])
+    np.testing.assert_array_less(np.abs(got - want), 1e-4 * np.abs(want) + 1e-6)
+    differs = [i for i in range(len(outputs)) if rows["cut"][i]["qr"] != rows["response"][i]["qr"]]
+    assert len(differs) >= 6
+    assert all(rows["cut"][i]["li"] == rows["response"][i]["li"] for i in range(len(outputs)))
 
 
 def test_training_logs_monotonicity_so_far(workdir):

@@ -48,9 +48,10 @@ def _tables(tok):
     return features.feature_tables(table)
 
 
-def make_engine(spec, counterfactual, tok, encoder=None, seed=0):
+def make_engine(spec, counterfactual, tok, encoder=None, seed=0, relevance_text="response"):
     return reward_engine.RewardEngine(spec, counterfactual, _tables(tok), stop_strings=features.DEFAULT_STOPS,
-                               queries=QUERIES, references=REFERENCES, qtype_P=QTYPES, encoder=encoder, seed=seed)
+                                      queries=QUERIES, references=REFERENCES, qtype_P=QTYPES, encoder=encoder,
+                                      seed=seed, relevance_text=relevance_text)
 
 
 def test_features_from_policy_tokenizer_ids_match_reference_text(policy_tok):
@@ -66,15 +67,15 @@ def test_features_from_policy_tokenizer_ids_match_reference_text(policy_tok):
     assert out["li"][3] == 0.0 and out["rp"][3] == 1.0 and out["li"][7] == 0.0
 
 
-@pytest.mark.parametrize("relevance_text", ["raw", "scored"])
+@pytest.mark.parametrize("relevance_text", ["response", "cut"])
 def test_relevance_and_rer_match_reference(encoder, tiny_dir, policy_tok, relevance_text):  # noqa: F811
-    """QR = E(q).E(r) and AR = E(y).E(r) on the response as written (``raw``: the reference's torch path) or cut
-    at its first stop string (``scored``: what rre-eval stores), and RER composed as the reference's
-    _combine_scores from reference features (LI / RP cut the text themselves either way)."""
-    out = text_scoring.score_texts(make_engine(SPECS["rer"], {}, policy_tok, encoder), policy_tok, np.arange(8),
-                                   RESPONSES, relevance_text=relevance_text)
-    seen = RESPONSES if relevance_text == "raw" else [ref.cut(r) for r in RESPONSES]
-    assert relevance_text == "raw" or sum(a != b for a, b in zip(seen, RESPONSES)) == 3  # the cut matters here
+    """QR = E(q).E(r) and AR = E(y).E(r) on the response as written (``response``, the default: the paper's
+    torch path) or cut at its first stop string (``cut``, the opt-in variant), and RER composed as the
+    reference's _combine_scores from reference features (LI / RP clean the text themselves either way)."""
+    engine = make_engine(SPECS["rer"], {}, policy_tok, encoder, relevance_text=relevance_text)
+    out = text_scoring.score_texts(engine, policy_tok, np.arange(8), RESPONSES)
+    seen = RESPONSES if relevance_text == "response" else [ref.cut(r) for r in RESPONSES]
+    assert relevance_text == "response" or sum(a != b for a, b in zip(seen, RESPONSES)) == 3  # the cut matters
     torch_rel = ReferenceRelevance(tiny_dir, batch_size=1)
     qr, ar = torch_rel.relevance(QUERIES, seen), torch_rel.relevance(REFERENCES, seen)
     np.testing.assert_array_less(np.abs(out["qr"] - qr), 1e-4 * np.abs(qr))
@@ -116,6 +117,8 @@ def test_relevance_spec_without_encoder_and_qtype_sources(policy_tok):
         make_engine(SPECS["qr_li_rp"], {}, policy_tok)
     with pytest.raises(ValueError, match=r"\['rer'\] use relevance"):
         make_engine(SPECS["li"], {"rer": SPECS["rer"]}, policy_tok)
+    with pytest.raises(ValueError, match="relevance_text='scored': choose 'response'"):
+        make_engine(SPECS["li"], {}, policy_tok, relevance_text="scored")
     labels = np.array([0, 1] * 50)
     spec = SPECS["rer_random_qtype"]
     a, b, c = (reward.qtype_labels(spec, labels, s) for s in (1, 1, 2))

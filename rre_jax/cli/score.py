@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
-from rre_jax import errors, score, text_scoring
+from rre_jax import errors, reward_engine, score
 from rre_jax.data.prompts import MISSING_QTYPE_POLICIES, PromptFileError
 
 _EPILOG = """\
@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gold RM tokens kept, left-truncated (default 2048)")
     p.add_argument("--gold-rm-batch-size", type=int, default=4, metavar="N",
                    help="gold RM rows per forward (default 4)")
-    p.add_argument("--relevance-text", default="scored", choices=text_scoring.RELEVANCE_TEXTS,
-                   help="what relevance sees: 'scored' = the response cut at its first stop string, as rre-eval "
-                        "stores and scores it (default); 'raw' = the response as written (the paper's scoring code)")
+    p.add_argument("--relevance-text", default="response", choices=reward_engine.RELEVANCE_TEXTS,
+                   help="what QR and AR embed: 'response' = the output as given (default; the paper's scoring "
+                        "code); 'cut' = the output cut at its first stop string (LI and RP always clean it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

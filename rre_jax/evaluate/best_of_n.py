@@ -171,13 +171,15 @@ def report(out_dir, step: int, ks: Sequence[int] | None = None, *, n_boot: int =
     result = curves.bon_curves({k: grid(v) for k, v in r.proxies.items()}, grid(r.gold), grid(r.n_tokens),
                                ks or r.extra["best_of_n"]["ks"], n_boot=n_boot, seed=seed)
     result.update(step=step, gold_rm={"name": r.gold_rm, "random": r.gold_rm_random}, sampling=r.sampling,
-                  train_proxy=r.train_proxy)
+                  train_proxy=r.train_proxy, relevance_text=r.relevance_text)
     curves.plot_curves(result, out_dir / PLOT_FILE, gold_random=r.gold_rm_random)
     store.write_atomic(out_dir / CURVES_FILE, json.dumps(json_safe(result), indent=1, allow_nan=False))
     head = [f"# rre_jax best-of-n report (step {step})", "",
             f"- policy: {'the initial policy' if step == 0 else f'checkpoint {step}'}; {P} prompts x {n} samples; "
             f"sampling {r.sampling}", f"- gold RM: `{r.gold_rm or '(none)'}`" + (" **(RANDOM)**" if r.gold_rm_random
-                                                                                  else ""), ""]
+                                                                                  else ""),
+            f"- relevance (QR, AR) embedded: {store.RELEVANCE_TEXT_NAMES.get(r.relevance_text, r.relevance_text)}",
+            ""]
     text = head + curves.curves_markdown(result, PLOT_FILE, gold_random=r.gold_rm_random)
     store.write_atomic(out_dir / REPORT_FILE, "\n".join(text))
     return result

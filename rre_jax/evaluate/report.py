@@ -91,6 +91,12 @@ def _headline(summary: Mapping) -> list[str]:
     return lines
 
 
+def _relevance_text(summary: Mapping) -> str:
+    value = summary.get("relevance_text", "")
+    names = value if isinstance(value, list) else [value]
+    return "; ".join(store.RELEVANCE_TEXT_NAMES.get(v, v) for v in names)
+
+
 def render_markdown(summary: Mapping, plot_files: Mapping[str, str]) -> str:
     """The text of ``report.md`` for a `summarize` result; ``plot_files`` maps a title to a relative path."""
     gold = summary["gold_rm"]
@@ -104,6 +110,7 @@ def render_markdown(summary: Mapping, plot_files: Mapping[str, str]) -> str:
             f"({', '.join(f'{g}: {n}' for g, n in summary['counts'].items() if g != 'all')})",
             f"- gold RM: `{gold['name'] or '(unnamed)'}`" + (" **(RANDOM)**" if gold["random"] else ""),
             f"- training proxy: `{summary['train_proxy']}`; evaluation proxy: `{summary['eval_proxy']}`",
+            f"- relevance (QR, AR) embedded: {_relevance_text(summary)}",
             f"- bootstrap: {summary['bootstrap']['n_boot']} prompt resamples, seed {summary['bootstrap']['seed']}, "
             "percentile intervals", "", "## Verdict", ""] + _headline(summary)
     out += ["", "## Plots", ""] + [f"![{title}]({rel})" for title, rel in plot_files.items()]

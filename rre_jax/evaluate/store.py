@@ -7,7 +7,7 @@ Layout under ``root`` (usually ``<workdir>/eval``)::
     step_<N>/rollouts.jsonl      one JSON object per prompt: index, instruction, response, qtype, dataset,
                                  every feature (li, rp, qr, ar, ...), {"proxy": {spec name: value}}, gold, n_tokens
     step_<N>/meta.json           step, training proxy, gold RM identity (and whether it is a random RM),
-                                 sampling settings, generator name, item count, versions
+                                 sampling settings, what relevance embedded, generator name, item count, versions
 
 Shapes: ``N`` prompts of the eval set, aligned by index across checkpoints (item ``i`` of every step is the
 same prompt), which is what lets the monotonicity bootstrap resample prompts.
@@ -39,6 +39,10 @@ META_FILE = "meta.json"
 STORE_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _RESERVED = {"index", "instruction", "response", "qtype", "dataset", "proxy", "gold", "n_tokens"}
+# ``StepRollouts.relevance_text`` in words, for reports ('' : a store written before rre_jax recorded it)
+RELEVANCE_TEXT_NAMES = {"response": "the response as sampled (the paper's)",
+                        "cut": "the response cut at its first stop string (config.reward.relevance_text='cut')",
+                        "": "not recorded (a store written by an older rre_jax)"}
 
 
 class StoreError(ValueError):
@@ -52,7 +56,8 @@ class StepRollouts:
     Attributes:
       step: the training step of the checkpoint.
       instruction, response, qtype: ``N`` strings each; ``instruction`` is the untemplated eval prompt,
-        ``response`` the text as judged (cleaned), ``qtype`` OPENENDED / CONSTRAINED.
+        ``response`` the text as sampled (what every score was computed on: LI and RP clean it themselves),
+        ``qtype`` OPENENDED / CONSTRAINED.
       proxies: ``{spec name: f64[N]}``, the proxy under each named reward spec (``"rer"`` is what the reference
         scores every checkpoint with; ``train_proxy`` is the one that trained this policy).
       gold: ``f64[N]`` gold reward-model scores.
@@ -64,6 +69,8 @@ class StepRollouts:
         randomly initialised stand-in (then the gold numbers mean nothing, and reports say so loudly).
       generator: model name written in the AlpacaEval outputs; default ``rre_jax-step_<step>``.
       sampling: sampling settings (temperature, top_p, max_new_tokens, seed, ...).
+      relevance_text: what QR / AR embedded (``reward_engine.RELEVANCE_TEXTS``): ``'response'``, the response
+        itself (the paper's), or ``'cut'``, the response cut at its first stop string.
       extra: any other JSON-able run facts (run name, config, ...).
     """
 
@@ -81,6 +88,7 @@ class StepRollouts:
     gold_rm_random: bool = False
     generator: str = ""
     sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    relevance_text: str = "response"
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -102,6 +110,9 @@ class StepRollouts:
         if self.train_proxy not in self.proxies:
             raise StoreError(f"train_proxy={self.train_proxy!r} is not among proxies {sorted(self.proxies)}; "
                              "score the rollouts with the proxy that trained the policy too")
+        if self.relevance_text not in RELEVANCE_TEXT_NAMES:
+            raise StoreError(f"StepRollouts.relevance_text={self.relevance_text!r}; choose one of "
+                             f"{sorted(k for k in RELEVANCE_TEXT_NAMES if k)}")
         set_("generator", self.generator or f"rre_jax-step_{self.step}")
         set_("sampling", dict(self.sampling))
         set_("extra", dict(self.extra))
@@ -208,7 +219,8 @@ def _meta(r: StepRollouts) -> dict:
     return {"store_version": STORE_VERSION, "step": r.step, "n_items": len(r), "train_proxy": r.train_proxy,
             "proxies": sorted(r.proxies), "features": sorted(r.features),
             "gold_rm": {"name": r.gold_rm, "random": bool(r.gold_rm_random)}, "generator": r.generator,
-            "sampling": r.sampling, "extra": r.extra, "rre_jax_version": rre_jax.__version__,
+            "sampling": r.sampling, "relevance_text": r.relevance_text, "extra": r.extra,
+            "rre_jax_version": rre_jax.__version__,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -257,7 +269,8 @@ def load_step(root: str | os.PathLike, step: int) -> StepRollouts:
         n_tokens=None if rows and rows[0]["n_tokens"] is None else np.array(col("n_tokens"), dtype=np.int64),
         dataset=None if rows and rows[0]["dataset"] is None else col("dataset"),
         train_proxy=meta["train_proxy"], gold_rm=meta["gold_rm"]["name"], gold_rm_random=meta["gold_rm"]["random"],
-        generator=meta["generator"], sampling=meta["sampling"], extra=meta["extra"])
+        generator=meta["generator"], sampling=meta["sampling"], relevance_text=meta.get("relevance_text", ""),
+        extra=meta["extra"])
 
 
 def load_steps(root: str | os.PathLike) -> list[StepRollouts]:

@@ -79,7 +79,8 @@ def summarize(steps: Sequence[StepRollouts], *, k: int = 3, n_boot: int = 1000, 
               level: float = 0.95, min_proxy_rise: float = 0.0, min_gold_drop: float = 0.0) -> dict:
     """Every statistic of the monotonicity report for ``steps`` (ascending), as a JSON-able dict.
 
-    Keys: steps, n_items, train_proxy, eval_proxy, gold_rm, series (proxies first, then features, then gold),
+    Keys: steps, n_items, train_proxy, eval_proxy, gold_rm, relevance_text (what QR / AR embedded; a list when
+    the steps differ, with a warning), series (proxies first, then features, then gold),
     counts / means / correlations per group (correlation of each series' per-checkpoint means with gold's,
     with a bootstrap CI; see `monotonicity.correlate`), hacking (per proxy, `monotonicity.hacking_flag`),
     lengths (words, and tokens when stored), bootstrap settings, warnings.
@@ -92,12 +93,18 @@ def summarize(steps: Sequence[StepRollouts], *, k: int = 3, n_boot: int = 1000, 
     if len({s.train_proxy for s in steps}) > 1:
         warnings.append(f"training proxy differs across checkpoints: {sorted({s.train_proxy for s in steps})}")
     gold_rm = _gold_rm(steps, warnings)
+    relevance_texts = sorted({s.relevance_text for s in steps})
+    if len(relevance_texts) > 1:
+        warnings.append(f"RELEVANCE WAS SCORED ON DIFFERENT TEXTS ACROSS CHECKPOINTS: {relevance_texts} "
+                        "(store.RELEVANCE_TEXT_NAMES); the qr, ar and relevance-using proxy series are not "
+                        "comparable: re-run those steps with --overwrite")
     order = _proxy_order(series, train_proxy) + _feature_order(series) + [GOLD]
     qtype_N = np.asarray(qtype_N)
     groups = {"all": np.ones(len(qtype_N), bool)} | {q: qtype_N == q for q in sorted(set(qtype_N.tolist()))}
     step_list = [s.step for s in steps]
     out = {"steps": step_list, "n_items": len(qtype_N), "train_proxy": train_proxy,
            "eval_proxy": EVAL_PROXY if f"proxy:{EVAL_PROXY}" in series else None, "gold_rm": gold_rm,
+           "relevance_text": relevance_texts[0] if len(relevance_texts) == 1 else relevance_texts,
            "series": order, "counts": {g: int(m.sum()) for g, m in groups.items()}, "means": {},
            "correlations": {}, "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level}}
     for g, mask in groups.items():
