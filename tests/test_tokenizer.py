@@ -1,21 +1,20 @@
 """Token id -> UTF-8 byte tables against the tokenizers' own decoding (issue 2, item 6).
 
-Both tokenizer families are trained here, locally, on the real prompt files; the tables must reproduce
+Both tokenizer families are trained here, locally, on generated prompt files (tests/generated_prompts.py:
+Unicode, stop strings, code, over-long, empty and whitespace-only texts); the tables must reproduce
 ``tokenizer.decode`` for every text of both files, up to the documented leading-space convention.
 """
-import json
-
 import numpy as np
 import pytest
 
+import generated_prompts as gen
 from rre_jax import tokenizer as tk
 
 
 @pytest.fixture(scope="module")
-def texts(shared_data):
-    """Every instruction/input and reference answer of both data files."""
-    items = json.loads((shared_data / "alpacafarm_val.json").read_text())
-    evals = json.loads((shared_data / "alpaca_eval.json").read_text())
+def texts():
+    """Every instruction/input and reference answer of a generated AlpacaFarm and AlpacaEval file."""
+    items, evals = gen.alpacafarm_records(), gen.alpaca_eval_records()
     return ([x["input"] for x in items] + [x["instruction"] for x in evals]
             + [x["output"] for x in items + evals])
 
@@ -40,12 +39,17 @@ def test_table_bytes_equal_decode_for_every_text(trained, texts, kind):
     bad = [i for i, (x, d) in enumerate(zip(ids, decoded))
            if _strip_convention(table, table.token_bytes(x)) != d.encode("utf-8")]
     assert not bad, f"{len(bad)}/{len(texts)} texts differ, first: {texts[bad[0]][:80]!r}"
-    assert decoded == texts  # both tokenizers are lossless on this data, so the tables are too
+    # both tokenizers are lossless on this data (so the tables are too), but for the one leading space the
+    # Metaspace decoder drops from a text that starts with its own space (no '▁' is prepended to it)
+    led = [t.startswith(" ") for t in texts]
+    assert 0 < sum(led) < len(texts) - 1 and texts.count("") > 0  # the data holds both cases, and empty texts
+    lost = 1 if kind == "sentencepiece" else 0
+    assert decoded == [t[lost:] if lead else t for t, lead in zip(texts, led)]
     starts_with_space = sum(table.token_bytes(x).startswith(b" ") for x in ids)
-    if kind == "sentencepiece":  # the convention is exercised: the prefix '▁' of (almost) every text
-        assert table.strips_leading_space and starts_with_space >= len(texts) - 1
+    if kind == "sentencepiece":  # the convention is exercised: a '▁' prefix or the text's own space, every text
+        assert table.strips_leading_space and starts_with_space == len(texts) - texts.count("")
     else:
-        assert not table.strips_leading_space and starts_with_space == sum(t.startswith(" ") for t in texts)
+        assert not table.strips_leading_space and starts_with_space == sum(led)
 
 
 def test_leading_space_convention(trained):
@@ -64,7 +68,9 @@ def test_leading_space_convention(trained):
     ids = tok.encode("The answer is below. It has two parts.", add_special_tokens=False)
     for cut in range(len(ids) + 1):
         assert sp.token_bytes(ids[:cut]) + sp.token_bytes(ids[cut:]) == sp.token_bytes(ids)
-    assert tok.decode(ids[:3]) + tok.decode(ids[3:]) != tok.decode(ids)
+    # decode is not: it drops the space of a piece that starts a chunk (a cut at a word boundary)
+    word = next(i for i in range(1, len(ids)) if sp.token_bytes(ids[i:i + 1]).startswith(b" "))
+    assert tok.decode(ids[:word]) + tok.decode(ids[word:]) != tok.decode(ids)
 
 
 @pytest.mark.parametrize("kind", tk.KINDS)
