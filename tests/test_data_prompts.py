@@ -4,6 +4,7 @@ import logging
 
 import pytest
 
+import generated_prompts as gen
 from rre_jax import data
 from rre_jax.data import prompts
 
@@ -16,24 +17,35 @@ def _write(tmp_path, name, text):
     return path
 
 
-def test_real_files_load_with_readme_counts(shared_data):
-    farm = data.load_prompts(shared_data / "alpacafarm_val.json")
-    evals = data.load_prompts(shared_data / "alpaca_eval.json")
-    assert prompts.qtype_counts(farm) == {"OPENENDED": 933, "CONSTRAINED": 1067}
-    assert prompts.qtype_counts(evals) == {"OPENENDED": 372, "CONSTRAINED": 433}
-    raw = json.loads((shared_data / "alpaca_eval.json").read_text())
-    for rec, row in zip(evals, raw):
-        assert (rec.instruction, rec.reference, rec.qtype, rec.dataset, rec.generator) == (
-            row["instruction"], row["output"], row["qtype"], row["dataset"], row["generator"])
-    assert [r.index for r in farm] == list(range(2000))
-    assert farm[1].instruction.endswith("\n\n### Input:\nShe jogged excersies around the lake.")
-    assert farm[1].reference == "She jogged exercises around the lake." and farm[1].qtype_id == 1
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_generated_files_load_field_for_field(tmp_path, ensure_ascii):
+    """Both layouts as written (``\\u`` escapes or raw UTF-8): every field of every row comes back unchanged
+    (Unicode, inline contexts, empty and whitespace-only answers), in file order, with the file's qtype counts."""
+    farm_rows, eval_rows = gen.alpacafarm_records(), gen.alpaca_eval_records()
+    farm = data.load_prompts(_write(tmp_path, "farm.json", json.dumps(farm_rows, ensure_ascii=ensure_ascii)))
+    evals = data.load_prompts(_write(tmp_path, "eval.json", json.dumps(eval_rows, ensure_ascii=ensure_ascii)))
+    for recs, rows in ((farm, farm_rows), (evals, eval_rows)):
+        counts = prompts.qtype_counts(recs)
+        assert counts == {q: sum(r["qtype"] == q for r in rows) for q in ("OPENENDED", "CONSTRAINED")}
+        assert min(counts.values()) > 0 and sum(counts.values()) == len(rows)
+        assert [r.index for r in recs] == list(range(len(rows)))
+        assert [r.qtype_id for r in recs] == [int(r["qtype"] == "CONSTRAINED") for r in rows]  # as the reward reads it
+    assert [(r.instruction, r.reference, r.qtype, r.dataset, r.generator) for r in farm] == [
+        (row["input"], row["output"], row["qtype"], "", "") for row in farm_rows]
+    assert [(r.instruction, r.reference, r.qtype, r.dataset, r.generator) for r in evals] == [
+        (row["instruction"], row["output"], row["qtype"], row["dataset"], row["generator"]) for row in eval_rows]
+    # what the rows hold survives: inline contexts, non-ASCII text, empty and whitespace-only answers
+    assert sum("\n\n### Input:\n" in r.instruction for r in farm) > len(farm) // 2
+    assert any(ord(c) > 0xFFFF for r in evals for c in r.reference)  # astral-plane emoji (surrogates in JSON)
+    assert any(r.reference == "" for r in evals) and any(r.reference and not r.reference.strip() for r in farm)
 
 
-def test_jsonl_equals_json(shared_data, tmp_path):
-    rows = json.loads((shared_data / "alpaca_eval.json").read_text())[:50]
+def test_jsonl_equals_json(tmp_path):
+    rows = gen.alpaca_eval_records(50)
+    json_file = _write(tmp_path, "p.json", json.dumps(rows, ensure_ascii=False, indent=2))
     jsonl = _write(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
-    assert data.load_prompts(jsonl) == data.load_prompts(shared_data / "alpaca_eval.json")[:50]
+    assert data.load_prompts(jsonl) == data.load_prompts(json_file)
+    assert [r.reference for r in data.load_prompts(jsonl)] == [r["output"] for r in rows]
 
 
 def test_malformed_json_names_file_line_and_column(tmp_path):
