@@ -1,8 +1,11 @@
-"""Alpaca template and query recovery (docs/design.md 4.1-4.3): hand-checked cases and invariants over real prompts."""
+"""Alpaca template and query recovery (docs/design.md 4.1-4.3): hand-checked cases, and the written definitions
+and invariants over every prompt of generated AlpacaFarm / AlpacaEval files."""
+import json
 import re
 
 import pytest
 
+import generated_prompts as gen
 from rre_jax import data
 from rre_jax.data import templates
 
@@ -56,26 +59,52 @@ def test_starling_query_and_input_exact():
     assert data.starling_input("{q}", "{r}") == wrapper.format(query="\n\nHuman: {q}\n\nAssistant: ", assistant="{r}")
 
 
-@pytest.mark.parametrize("name", ["alpacafarm_val.json", "alpaca_eval.json"])
-def test_query_invariants_on_every_real_prompt(shared_data, name):
-    records = data.load_prompts(shared_data / name)
+def spec_relevance_query(prompt: str) -> str:
+    """docs/design.md 4.2's recovery of the instruction, step by step as written there."""
+    parts = []
+    for part in prompt.replace(SYSTEM, "").split("### Instruction"):
+        if part.strip():
+            part = part.split("### Response")[0].replace("### Input:\n", " ").replace("</s>", "")
+            parts.append(part.replace("\n ", "\n").replace(" : ", " ").strip("\n: "))
+    return collapse(" ".join(parts))
+
+
+def spec_starling_query(prompt: str) -> str:
+    """docs/design.md 4.3's simpler cleaning for the gold RM, step by step as written there."""
+    q = prompt.replace(SYSTEM, "").replace("### Instruction", " ").replace("### Response", " ")
+    return q.replace("### Input:\n", " ").replace("\n ", "\n").strip("\n: ")
+
+
+@pytest.mark.parametrize("layout", ["alpacafarm", "alpaca_eval"])
+def test_query_invariants_on_every_generated_prompt(tmp_path, layout):
+    """Every prompt of a generated file (inline contexts, Unicode, code with ``"\\n "`` indentation, over-long
+    contexts, ``" : "`` labels, trailing colons): both cleanings equal the written definitions, and the
+    invariants a reader relies on hold."""
+    rows = gen.alpacafarm_records() if layout == "alpacafarm" else gen.alpaca_eval_records()
+    path = tmp_path / f"{layout}.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    records = data.load_prompts(path)
     quirky = []  # items the reference's cleaning changes beyond the "### Input:" join and whitespace
     for r in records:
         x, prompt = r.instruction, data.alpaca_prompt(r.instruction)
         q, sq = data.relevance_query(prompt), data.starling_query(prompt)
+        assert (q, sq) == (spec_relevance_query(prompt), spec_starling_query(prompt)), r.index
         assert SYSTEM not in q and "###" not in q and "\n" not in q and "  " not in q and q == q.strip()
         assert SYSTEM not in sq and "###" not in sq and sq == sq.strip("\n: ")
         if " : " in x or x.rstrip().endswith(":"):
             quirky.append(r.index)
+            assert q != collapse(x.replace("\n\n### Input:\n", " ")), r.index  # the quirk shows
         else:
             assert q == collapse(x.replace("\n\n### Input:\n", " ")), r.index
         if " : " not in x:  # the two cleanings differ only in " : " and in whitespace collapsing
             assert collapse(sq) == q, r.index
         if "\n " not in x and x.strip("\n: ") == x:  # nothing for the cleaning to touch but the context header
             assert sq == x.replace("\n\n### Input:\n", "\n\n"), r.index
-    expected = {"alpacafarm_val.json": [234, 241, 1402, 1674, 1922],
-                "alpaca_eval.json": [376, 476, 481, 482, 573, 582]}[name]
-    assert quirky == expected
+    # the data reaches each branch: quirks of both kinds, indented code, contexts, and plain prompts
+    assert 0 < len(quirky) < len(records) // 2
+    assert any(" : " in r.instruction for r in records) and any(r.instruction.endswith(":") for r in records)
+    assert any("\n " in r.instruction for r in records)
+    assert any("\n\n### Input:\n" in r.instruction for r in records) == (layout == "alpacafarm")
 
 
 def test_constants_are_the_reference_roles():
