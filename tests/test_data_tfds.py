@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+import generated_prompts as gen
 from rre_jax import data
 from rre_jax.data import tfds_builders
 
@@ -11,13 +12,13 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 
 @pytest.fixture(scope="module")
-def manual_dir(shared_data, tmp_path_factory):
-    """A small slice of each real file, plus a JSONL AlpacaFarm file with one unlabeled row."""
+def manual_dir(tmp_path_factory):
+    """A generated file of each layout (Unicode, inline contexts, stop strings, empty and over-long texts), plus
+    a JSONL AlpacaFarm file with one unlabeled row."""
     d = tmp_path_factory.mktemp("manual")
-    farm = json.loads((shared_data / "alpacafarm_val.json").read_text())[:40]
-    evals = json.loads((shared_data / "alpaca_eval.json").read_text())[:40]
-    (d / "alpacafarm_val.json").write_text(json.dumps(farm))
-    (d / "alpaca_eval.json").write_text(json.dumps(evals))
+    farm, evals = gen.alpacafarm_records(40), gen.alpaca_eval_records(40)
+    (d / "alpacafarm_val.json").write_text(json.dumps(farm, ensure_ascii=False), encoding="utf-8")
+    (d / "alpaca_eval.json").write_text(json.dumps(evals), encoding="utf-8")
     extra = [farm[0], {k: v for k, v in farm[1].items() if k != "qtype"}]
     (d / "alpacafarm_extra.jsonl").write_text("\n".join(json.dumps(r) for r in extra))
     return d
@@ -46,6 +47,7 @@ def test_data_source_round_trip_equals_json_loader(manual_dir, data_dir):
     farm = tfds_builders.load_tfds_prompts("alpaca_farm_prompts", "alpacafarm_val", data_dir=data_dir)
     assert farm == data.load_prompts(manual_dir / "alpacafarm_val.json")
     assert "\n\n### Input:\n" in "".join(r.instruction for r in farm)  # inline context survives the round trip
+    assert any(r.reference == "" for r in farm) and any(ord(c) > 0xFFFF for r in farm for c in r.reference)
     assert "tensorflow" not in sys.modules  # array_record + data_source needs no TensorFlow
 
 
