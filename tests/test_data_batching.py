@@ -9,6 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+import generated_prompts as gen
 from rre_jax import data
 from rre_jax.data import batching
 
@@ -45,8 +46,16 @@ def test_tokenize_adds_bos_and_matches_single_calls(tokenizer, tiny):
     assert prompts.lengths.tolist() == [len(x) for x in prompts.ids]
 
 
-def test_overlong_prompts_dropped_and_reported(shared_data, tokenizer, caplog):
-    records = data.load_prompts(shared_data / "alpacafarm_val.json")[:400]
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    """A generated AlpacaFarm file (400 prompts, some with contexts far beyond 512 tokens), as loaded."""
+    path = tmp_path_factory.mktemp("farm") / "alpacafarm.json"
+    path.write_text(json.dumps(gen.alpacafarm_records(400)), encoding="utf-8")
+    return data.load_prompts(path)
+
+
+def test_overlong_prompts_dropped_and_reported(farm, tokenizer, caplog):
+    records = farm
     lengths = [len(tokenizer(data.alpaca_prompt(r.instruction))["input_ids"]) for r in records]
     limit = sorted(lengths)[-6]  # five prompts are longer, at least one has exactly `limit` tokens
     expected = [i for i, n in enumerate(lengths) if n >= limit]
@@ -61,12 +70,15 @@ def test_overlong_prompts_dropped_and_reported(shared_data, tokenizer, caplog):
     assert len(one_more.dropped) == len(expected) - lengths.count(limit)  # exactly-at-limit ones now kept
 
 
-def test_default_limit_on_real_file_drops_only_long_prompts(shared_data, tokenizer):
-    records = data.load_prompts(shared_data / "alpacafarm_val.json")
+def test_default_limit_drops_only_long_prompts(farm, tokenizer):
+    records = farm
+    lengths = [len(tokenizer(data.alpaca_prompt(r.instruction))["input_ids"]) for r in records]
+    long = [i for i, n in enumerate(lengths) if n >= 512]
+    assert 0 < len(long) < len(records) // 5  # the file holds some prompts past the paper's limit, not many
     prompts = data.tokenize_prompts(records, tokenizer)  # max_prompt_length=512 as in the paper
-    assert len(prompts) + len(prompts.dropped) == 2000 and 0 < len(prompts.dropped) < 20
-    for i in prompts.dropped:
-        assert len(tokenizer(data.alpaca_prompt(records[i].instruction))["input_ids"]) >= 512
+    assert list(prompts.dropped) == long and len(prompts) + len(prompts.dropped) == len(records)
+    assert prompts.index.tolist() == [i for i in range(len(records)) if i not in long]
+    assert prompts.lengths.tolist() == [n for n in lengths if n < 512]
 
 
 def test_tokenizer_without_pad_is_an_error(tokenizer, tiny):
