@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
+import generated_prompts as gen
 from rre_jax import qtype, reward
 from rre_jax.cli import label_qtype
 from rre_jax.data import load_prompts
@@ -84,13 +85,22 @@ def test_cli_labels_a_file_and_reports_agreement(assets, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == agree
 
 
-def test_agreement_with_the_papers_labels_on_real_prompts(shared_data, assets, tmp_path):
-    """A slice of ../shared/data/alpacafarm_val.json (GPT-4 labels): the tiny LM's agreement is computed, reported."""
+def test_agreement_with_given_labels_on_alpacafarm_prompts(assets, tmp_path):
+    """24 generated AlpacaFarm prompts (inline contexts, Unicode, code, an over-long context) with given labels:
+    the tiny LM labels every one, and the agreement with the given labels is computed and reported."""
+    rows = gen.alpacafarm_records(24)
     src = tmp_path / "val24.json"
-    src.write_text(json.dumps(json.loads((shared_data / "alpacafarm_val.json").read_text())[:24]))
-    report = qtype.label_file(str(src), str(tmp_path / "val24_labelled.json"), model=assets["policy"])
+    src.write_text(json.dumps(rows))
+    out = tmp_path / "val24_labelled.json"
+    # the tiny tokenizer holds under 2 characters a token: the over-long context, cut at the default 2,000
+    # characters, would pass the labeller's 1,024 tokens (a one-line error naming --max-query-chars)
+    report = qtype.label_file(str(src), str(out), model=assets["policy"], max_query_chars=1000)
     a = report["agreement"]
-    assert a["n"] == 24 and 0.0 <= a["accuracy"] <= 1.0 and np.isfinite(a["given_constrained"])
+    labelled = load_prompts(out, missing_qtype="error")
+    pred = [r.qtype for r in labelled]
+    assert [r.instruction for r in labelled] == [r["input"] for r in rows]
+    assert a["n"] == 24 and a["accuracy"] == pytest.approx(np.mean([p == r["qtype"] for p, r in zip(pred, rows)]))
+    assert np.isfinite(a["given_constrained"]) and len({r["qtype"] for r in rows}) == 2
 
 
 def test_random_labels_are_the_reward_random_source(tmp_path):
