@@ -1,6 +1,5 @@
 """BERT encoder parity with ``transformers.BertModel`` (PyTorch, fp32) and checkpoint loading errors."""
 import functools
-import json
 import os
 
 import jax
@@ -10,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+import generated_prompts as gen
 from rre_jax import mesh as mesh_lib
 from rre_jax.models import bert, hf
 
@@ -118,12 +118,15 @@ def test_mean_pool_masks_and_guards_empty_rows():
     np.testing.assert_array_equal(out[1], [0.0, 0.0])  # all-padding row: zeros, not NaN
 
 
-def test_minilm_real_weights_match_torch(shared_data):
-    """Real all-MiniLM-L6-v2 on real AlpacaEval instructions and answers: embeddings and pairwise dots."""
-    items = json.loads((shared_data / "alpaca_eval.json").read_text())[:3]
-    texts = [it["instruction"] for it in items] + [it["output"] for it in items]
+def test_minilm_real_weights_match_torch():
+    """Real all-MiniLM-L6-v2 on generated AlpacaEval instructions and answers (Unicode, code, stop strings, an
+    answer past the 512-token window, an empty one): embeddings and pairwise dots."""
+    items = gen.alpaca_eval_records(12)
+    texts = [it["instruction"] for it in items[:3]] + [it["output"] for it in items[:3]]
+    texts += [max((it["output"] for it in items), key=len), next(it["output"] for it in items if not it["output"])]
     tok = transformers.AutoTokenizer.from_pretrained(MINILM)
     x = tok(texts, truncation=True, max_length=512, padding="longest", return_tensors="np")
+    assert x["attention_mask"].sum(1).max() == 512 and len(tok(texts[-2])["input_ids"]) > 512
     cfg, params = bert.load_pretrained(MINILM)
     ours = np.asarray(_embed(params, cfg, x["input_ids"], x["attention_mask"], x["token_type_ids"]))
     ref_model = transformers.BertModel.from_pretrained(MINILM).eval()
