@@ -1,6 +1,5 @@
 """Relevance scoring (QR / AR) against the reference's torch path: HF tokenizer with left truncation to
 512, ``padding='longest'``, ``BertModel``, contriever mean pooling, ``q @ r.T`` diagonal."""
-import json
 import os
 import string
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+import generated_prompts as gen
 from rre_jax import mesh as mesh_lib
 from rre_jax import relevance
 from rre_jax.data import batching
@@ -188,13 +188,15 @@ def test_bare_string_rejected(tiny_dir):
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_minilm_relevance_on_real_prompts_matches_reference(shared_data, packed):
-    """Real all-MiniLM-L6-v2 weights and tokenizer, real AlpacaEval instructions and reference answers (AR/QR)."""
-    items = json.loads((shared_data / "alpaca_eval.json").read_text())
-    items = sorted(items, key=lambda it: -len(it["output"]))[:1] + items[:5]  # the longest answer + five plain
+def test_minilm_relevance_on_generated_prompts_matches_reference(packed):
+    """Real all-MiniLM-L6-v2 weights and tokenizer, generated AlpacaEval instructions and reference answers
+    (AR/QR): the longest answer (left-truncated to 512 tokens) and the first five (of several kinds)."""
+    items = gen.alpaca_eval_records(60)
+    items = sorted(items, key=lambda it: -len(it["output"]))[:1] + items[:5]  # the longest answer + five more
     queries, answers = [it["instruction"] for it in items], [it["output"] for it in items]
     enc = relevance.RelevanceEncoder.from_pretrained(MINILM, packed=packed)
     ref = ReferenceRelevance(MINILM, batch_size=3)
+    assert len(ref.tokenizer(answers[0])["input_ids"]) > 512
     ours, want = pairs(enc, queries, answers), ref.relevance(queries, answers)
     np.testing.assert_array_less(np.abs(ours - want), 1e-4 * np.abs(want))
     assert np.abs(enc.embed_texts(answers) - ref.embed(answers)).max() <= 1e-4
@@ -211,10 +213,10 @@ def test_encoder_path_resolves_the_packaged_minilm_and_names_the_setting(tmp_pat
         relevance.encoder_path("", "--config.relevance.path")
 
 
-def test_packed_embedding_does_not_depend_on_the_other_texts(shared_data):
-    """Real MiniLM on real texts: a text's embedding has the same bits alone, in a subset and among all
-    (different streams, offsets and neighbours) -- what lets each host score only its own rollouts."""
-    items = json.loads((shared_data / "alpaca_eval.json").read_text())[:40]
+def test_packed_embedding_does_not_depend_on_the_other_texts():
+    """Real MiniLM on generated AlpacaEval texts: a text's embedding has the same bits alone, in a subset and
+    among all (different streams, offsets and neighbours) -- what lets each host score only its own rollouts."""
+    items = gen.alpaca_eval_records(40)
     texts = [it["instruction"] for it in items] + [it["output"] for it in items]
     enc = relevance.RelevanceEncoder.from_pretrained(MINILM)
     assert enc.packed
@@ -223,7 +225,9 @@ def test_packed_embedding_does_not_depend_on_the_other_texts(shared_data):
     every = enc.embed_texts(texts)
     subset = np.random.default_rng(0).permutation(len(texts))[:17]
     np.testing.assert_array_equal(enc.embed_texts([texts[i] for i in subset]), every[subset])
-    for i in (0, 3, 41, 55, 79):  # short instructions and long answers, alone in a small stream
+    alone = {0, int(np.argmin(lengths)), int(np.argmax(lengths)), texts.index(""), len(texts) - 1}
+    assert max(lengths) == 512  # a left-truncated, window-filling answer among them
+    for i in sorted(alone):  # the shortest and the longest text, an empty answer, alone in a small stream
         np.testing.assert_array_equal(enc.embed_texts([texts[i]])[0], every[i])
 
 
