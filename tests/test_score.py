@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import generated_prompts as gen
 import reference_features as ref
 from rre_jax import score
 from rre_jax.cli import score as score_cmd
@@ -189,12 +190,16 @@ def reference_query(instruction: str) -> str:
 
 
 @pytest.mark.slow
-def test_rer_end_to_end_matches_reference_on_alpaca_eval(shared_data, tmp_path):
-    """First 200 AlpacaEval items, their reference answers as responses, real all-MiniLM-L6-v2: every value of
-    rre-score (LI, RP, QR, AR, RER and the counterfactual presets) against the reference's eval, item by item
-    (eval_monotonicity.py: raw instruction as query; LI/RP in plain Python; relevance in torch, one item per
-    forward; _combine_scores composition)."""
-    items = json.loads((shared_data / "alpaca_eval.json").read_text())[:200]
+def test_rer_end_to_end_matches_reference_on_alpaca_eval(tmp_path):
+    """200 generated AlpacaEval items (Unicode, repetition, code, lists, numbers, answers past the 512-token
+    window, empty and whitespace-only answers), their reference answers as responses, real all-MiniLM-L6-v2:
+    every value of rre-score (LI, RP, QR, AR, RER and the counterfactual presets) against the reference's eval,
+    item by item (eval_monotonicity.py: raw instruction as query; LI/RP in plain Python on the cleaned response;
+    relevance in torch on the response as given, one item per forward; _combine_scores composition)."""
+    # Responses that a stop string cuts are left out until relevance scores the uncut response (issue 19):
+    # today rre-score embeds the cut text. Drop this filter with that change (its test passes with them in).
+    items = [x for x in gen.alpaca_eval_records(300) if ref.cut(x["output"]) == x["output"]][:200]
+    n = len(items)
     files = {"eval": write(tmp_path / "eval.json", items), "out": str(tmp_path / "scores.json"),
              "outputs": write(tmp_path / "outputs.json", [{"instruction": x["instruction"], "output": x["output"]}
                                                           for x in items])}
@@ -206,21 +211,25 @@ def test_rer_end_to_end_matches_reference_on_alpaca_eval(shared_data, tmp_path):
     constrained = [i for i, x in enumerate(items) if x["qtype"] == "CONSTRAINED"]
     # AR: reference answer vs response, here the same text (the reference's [y, y] batch has no padding)
     ar = {i: float(e @ e) for i in constrained for e in torch_rel.embed([items[i]["output"]])}
-    want_rer = [ar[i] / 3.5 * (512 / 100) * c[i].rp if i in ar else c[i].li * qr[i] * c[i].rp for i in range(200)]
-    want_oe = [c[i].li * qr[i] * c[i].rp for i in range(200)]
+    want_rer = [ar[i] / 3.5 * (512 / 100) * c[i].rp if i in ar else c[i].li * qr[i] * c[i].rp for i in range(n)]
+    want_oe = [c[i].li * qr[i] * c[i].rp for i in range(n)]
 
     def rel_err(got, want):
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-        return float(np.max(np.abs(got - want) / np.abs(want)))
+        zero = want == 0  # LI = 0 (nothing left after cleaning): the product is exactly 0
+        assert (got[zero] == 0).all(), np.flatnonzero(got[zero] != 0)
+        return float(np.max(np.abs(got[~zero] - want[~zero]) / np.abs(want[~zero])))
 
     assert [r["li"] for r in rows] == [float(np.float32(x.li)) for x in c]
     assert [r["rp"] for r in rows] == [float(np.float32(x.rp)) for x in c]
     errors = {"qr": rel_err([r["qr"] for r in rows], qr),
               "ar": rel_err([rows[i]["ar"] for i in constrained], [ar[i] for i in constrained]),
-              "relevance": rel_err([r["relevance"] for r in rows], [ar.get(i, qr[i]) for i in range(200)]),
+              "relevance": rel_err([r["relevance"] for r in rows], [ar.get(i, qr[i]) for i in range(n)]),
               "rer": rel_err([r["proxy"] for r in rows], want_rer),
               "qr_li_rp": rel_err([r["presets"]["qr_li_rp"] for r in rows], want_oe)}
     print("max relative error vs reference:", {k: f"{v:.2e}" for k, v in errors.items()})
     assert max(errors.values()) <= 1e-4, errors
     assert summary["means"]["all"]["proxy"] == pytest.approx(np.mean(want_rer), rel=1e-4)
-    assert summary["qtype_counts"]["CONSTRAINED"] == len(constrained) and 0 < len(constrained) < 200
+    assert summary["qtype_counts"]["CONSTRAINED"] == len(constrained) and 0 < len(constrained) < n
+    # the items reach every branch: words cut away to nothing (LI = 0), repetition (RP < 1), long responses
+    assert sum(x.li == 0 for x in c) > 10 and sum(x.rp < 1 for x in c) > 10 and max(x.n_words for x in c) > 500
