@@ -21,8 +21,9 @@ What the texts cover, so the tests that read them exercise it:
 * both query types, and every AlpacaEval dataset name.
 
 Every block of ``len(ANSWER_KINDS)`` consecutive items holds each answer kind once (and likewise for prompt
-kinds), so a test that reads only the first few dozen items still meets each kind. Texts stay under 5,000
-UTF-8 bytes, so every answer fits the feature tests' largest static shape.
+kinds), so a test that reads only the first few dozen items still meets each kind; the first ``k`` rows are the
+same whatever ``n`` is asked for. Texts stay under 5,000 UTF-8 bytes, so every answer fits the feature tests'
+largest static shape.
 """
 from __future__ import annotations
 
@@ -246,20 +247,20 @@ def _prompt(t: _Text, kind: str, topic, inline_context: bool) -> str:
 # ----------------------------------------------------------------------------------------------- records
 
 
-def _blocks(t: _Text, n: int, kinds) -> list[str]:
-    """``n`` kinds: each block of ``len(kinds)`` items is a fresh permutation of all of them."""
-    out = []
-    while len(out) < n:
-        out.extend(t.rng.sample(kinds, len(kinds)))
-    return out[:n]
+def _kinds(seed: int, kinds):
+    """Endless kinds: each block of ``len(kinds)`` items is a fresh permutation of all of them (their own
+    stream, so the first items of a file do not depend on how many are asked for)."""
+    rng = random.Random(seed)
+    while True:
+        yield from rng.sample(kinds, len(kinds))
 
 
 def _rows(n: int, seed: int, inline_context: bool) -> list[tuple[str, str, str]]:
     t = _Text(seed)
-    answer_kinds, prompt_kinds = _blocks(t, n, ANSWER_KINDS), _blocks(t, n, PROMPT_KINDS)
+    answer_kinds, prompt_kinds = _kinds(1000 * seed + 1, ANSWER_KINDS), _kinds(1000 * seed + 2, PROMPT_KINDS)
     seen = dict.fromkeys(ANSWER_KINDS, 0)
     rows = []
-    for a_kind, p_kind in zip(answer_kinds, prompt_kinds):
+    for _, a_kind, p_kind in zip(range(n), answer_kinds, prompt_kinds):
         topic = t.topic()
         prompt = _prompt(t, p_kind, topic, inline_context)
         answer = _answer(t, a_kind, topic, seen[a_kind])

@@ -51,9 +51,10 @@ def test_data_source_round_trip_equals_json_loader(manual_dir, data_dir):
     assert "tensorflow" not in sys.modules  # array_record + data_source needs no TensorFlow
 
 
-def test_missing_qtype_policy_applies_when_read_back(data_dir):
+def test_missing_qtype_policy_applies_when_read_back(manual_dir, data_dir):
     recs = tfds_builders.load_tfds_prompts("alpaca_farm_prompts", "alpacafarm_extra", data_dir=data_dir)
-    assert [r.qtype for r in recs] == ["OPENENDED", "OPENENDED"] and recs[0].instruction != recs[1].instruction
+    given = json.loads((manual_dir / "alpacafarm_val.json").read_text(encoding="utf-8"))[0]["qtype"]
+    assert [r.qtype for r in recs] == [given, "OPENENDED"] and recs[0].instruction != recs[1].instruction
     with pytest.raises(data.PromptFileError, match=r"alpacafarm_extra.*item 1: missing field 'qtype'"):
         tfds_builders.load_tfds_prompts("alpaca_farm_prompts", "alpacafarm_extra", data_dir=data_dir,
                                         missing_qtype="error")

@@ -198,16 +198,22 @@ def test_rer_end_to_end_matches_reference_on_alpaca_eval(tmp_path):
     relevance in torch on the response as given, one item per forward; _combine_scores composition)."""
     # Responses that a stop string cuts are left out until relevance scores the uncut response (issue 19):
     # today rre-score embeds the cut text. Drop this filter with that change (its test passes with them in).
-    items = [x for x in gen.alpaca_eval_records(300) if ref.cut(x["output"]) == x["output"]][:200]
+    items = [x for x in gen.alpaca_eval_records(300) if ref.cut(x["output"]) == x["output"]][:210]
+    torch_rel = ReferenceRelevance(MINILM, batch_size=1)
+    qr = torch_rel.relevance([reference_query(x["instruction"]) for x in items], [x["output"] for x in items])
+    # A relative tolerance needs reference values away from zero: where QR cancels to |QR| < 0.01 (one empty
+    # response here: 0.006) 1e-4 of it is below float32 rounding of the 384-term dot product (~1e-6), so such
+    # items are not compared; the rule reads the reference values only.
+    keep = [i for i in range(len(items)) if abs(qr[i]) >= 0.01][:200]
+    items, qr = [items[i] for i in keep], qr[keep]
     n = len(items)
+    assert n == 200
     files = {"eval": write(tmp_path / "eval.json", items), "out": str(tmp_path / "scores.json"),
              "outputs": write(tmp_path / "outputs.json", [{"instruction": x["instruction"], "output": x["output"]}
                                                           for x in items])}
     summary = score_cmd.run(argv(files, "rer", "--relevance-encoder", "minilm"))
     rows = json.loads(open(files["out"]).read())
-    torch_rel = ReferenceRelevance(MINILM, batch_size=1)
     c = [ref.counts(x["output"]) for x in items]
-    qr = torch_rel.relevance([reference_query(x["instruction"]) for x in items], [x["output"] for x in items])
     constrained = [i for i, x in enumerate(items) if x["qtype"] == "CONSTRAINED"]
     # AR: reference answer vs response, here the same text (the reference's [y, y] batch has no padding)
     ar = {i: float(e @ e) for i in constrained for e in torch_rel.embed([items[i]["output"]])}
