@@ -1,4 +1,7 @@
-"""Test setup: 8 virtual CPU devices (set before JAX initialises) and shared fixtures."""
+"""Test setup: 8 virtual CPU devices (set before JAX initialises) and shared fixtures.
+
+Tests read nothing outside the repository: inputs of the kinds the paper's prompt files hold are generated
+(tests/generated_prompts.py); test_stands_alone.py keeps it so."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,7 +13,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import atexit  # noqa: E402
-import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -26,18 +28,6 @@ from rre_jax import compile_cache  # noqa: E402
 compile_cache.enable()
 
 import pytest  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
-    """``../shared/data`` beside the checkout; tests that need it skip with a reason when it is absent."""
-    if not (SHARED_DATA / "alpaca_eval.json").exists():
-        pytest.skip(f"real prompt files not found at {SHARED_DATA} (../shared/data beside the checkout)")
-    return SHARED_DATA
-
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
