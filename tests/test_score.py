@@ -191,14 +191,13 @@ def reference_query(instruction: str) -> str:
 
 @pytest.mark.slow
 def test_rer_end_to_end_matches_reference_on_alpaca_eval(tmp_path):
-    """200 generated AlpacaEval items (Unicode, repetition, code, lists, numbers, answers past the 512-token
-    window, empty and whitespace-only answers), their reference answers as responses, real all-MiniLM-L6-v2:
-    every value of rre-score (LI, RP, QR, AR, RER and the counterfactual presets) against the reference's eval,
-    item by item (eval_monotonicity.py: raw instruction as query; LI/RP in plain Python on the cleaned response;
-    relevance in torch on the response as given, one item per forward; _combine_scores composition)."""
-    # Responses that a stop string cuts are left out until relevance scores the uncut response (issue 19):
-    # today rre-score embeds the cut text. Drop this filter with that change (its test passes with them in).
-    items = [x for x in gen.alpaca_eval_records(300) if ref.cut(x["output"]) == x["output"]][:210]
+    """200 generated AlpacaEval items (Unicode, repetition, each stop string at the start, in the middle and as
+    newline runs, code, lists, numbers, answers past the 512-token window, empty and whitespace-only answers),
+    their reference answers as responses, real all-MiniLM-L6-v2: every value of rre-score (LI, RP, QR, AR, RER
+    and the counterfactual presets) against the reference's eval, item by item (eval_monotonicity.py: raw
+    instruction as query; LI/RP in plain Python on the cleaned response; relevance in torch on the response as
+    given, one item per forward; _combine_scores composition)."""
+    items = gen.alpaca_eval_records(210)
     torch_rel = ReferenceRelevance(MINILM, batch_size=1)
     qr = torch_rel.relevance([reference_query(x["instruction"]) for x in items], [x["output"] for x in items])
     # A relative tolerance needs reference values away from zero: where QR cancels to |QR| < 0.01 (one empty
@@ -237,5 +236,7 @@ def test_rer_end_to_end_matches_reference_on_alpaca_eval(tmp_path):
     assert max(errors.values()) <= 1e-4, errors
     assert summary["means"]["all"]["proxy"] == pytest.approx(np.mean(want_rer), rel=1e-4)
     assert summary["qtype_counts"]["CONSTRAINED"] == len(constrained) and 0 < len(constrained) < n
-    # the items reach every branch: words cut away to nothing (LI = 0), repetition (RP < 1), long responses
+    # the items reach every branch: words cut away to nothing (LI = 0), repetition (RP < 1), long responses, and
+    # responses a stop string cuts (relevance embeds them uncut, LI and RP count the cleaned text)
     assert sum(x.li == 0 for x in c) > 10 and sum(x.rp < 1 for x in c) > 10 and max(x.n_words for x in c) > 500
+    assert sum(ref.cut(x["output"]) != x["output"] for x in items) > 20
