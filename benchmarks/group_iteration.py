@@ -32,18 +32,19 @@ from ppo_iteration import RSS_TRACE, mark, mid_model_state, timed_iteration  # n
 G = 4  # responses per prompt of the group methods
 
 
-def _programs(algo: str, progs, pcfg, work, group_iterations: int):
-    """``(experience, update, prompt rows)`` of ``algo``: the trainer's programs at the benchmark's shapes."""
+def _algorithm(algo: str, work, group_iterations: int):
+    """``None`` (PPO) or the group method ``algo`` at the benchmark's shapes, for ``mid_model_state``."""
     from rre_jax import grpo
-    T, N = work.prompt_len, work.new_tokens
     if algo == "ppo":
-        return progs.experience(T, N), progs.update(T, N), list(range(work.batch))
-    gcfg = grpo.GroupConfig(algo=algo, num_generations=G, beta=0.05 if algo == "rloo" else 0.0,
-                            num_iterations=group_iterations, batch_size=work.batch, mini_batch_size=work.mini_batch,
-                            gradient_accumulation_steps=work.grad_accum, max_completion_length=N)
-    experience = progs.group_experience(T, N, gcfg.needs_reference)
-    update = progs.group_update(T, N, gcfg)
-    return experience, update, [p for p in range(work.batch // G) for _ in range(G)]
+        return None
+
+    def of(pcfg):
+        gcfg = grpo.GroupConfig(algo=algo, num_generations=G, beta=0.05 if algo == "rloo" else 0.0,
+                                num_iterations=group_iterations, batch_size=work.batch,
+                                mini_batch_size=work.mini_batch, gradient_accumulation_steps=work.grad_accum,
+                                max_completion_length=work.new_tokens)
+        return grpo.GroupMethod(gcfg, pcfg)
+    return of
 
 
 def child(algo: str, mode: str, out: str, group_iterations: int) -> None:
@@ -51,8 +52,12 @@ def child(algo: str, mode: str, out: str, group_iterations: int) -> None:
     from rre_jax import defaults, sampling
     mark("imports")
     work = common.Workload()
-    cfg, base, pspec, pcfg, progs, state = mid_model_state(work, mode, "shared", defaults.base_config().model.remat)
-    experience, update, rows = _programs(algo, progs, pcfg, work, group_iterations)
+    cfg, base, pspec, pcfg, progs, state = mid_model_state(work, mode, "shared", defaults.base_config().model.remat,
+                                                           _algorithm(algo, work, group_iterations))
+    T, N = work.prompt_len, work.new_tokens  # the trainer's programs at the benchmark's shapes
+    experience, update = progs.experience(T, N), progs.update(T, N)
+    G_ = progs.algo.samples_per_prompt
+    rows = [p for p in range(work.batch // G_) for _ in range(G_)]
     mark("init")
     tok = common.train_tokenizer(cfg.vocab_size, work.seed)
     prompts = common.prompt_ids(work, cfg.vocab_size)[rows]  # group methods: each of 4 prompts 4 times

@@ -67,9 +67,10 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
-def mid_model_state(work, mode: str, critic: str, remat: str):
+def mid_model_state(work, mode: str, critic: str, remat: str, algo_of=None):
     """``(llama config, base params, policy spec, PPO config, the run's programs, train state)`` of the mid model
-    for ``work`` on one device: the trainer's own program builders (``rre_jax.programs.RunPrograms``)."""
+    for ``work`` on one device: the trainer's own program builders (``rre_jax.programs.RunPrograms``) for PPO,
+    or for the algorithm ``algo_of(ppo config)`` returns (``rre_jax.algorithms``)."""
     import jax
     from rre_jax import mesh as mesh_lib, policy, ppo, programs, train
     from rre_jax.models import llama, lora as lora_lib
@@ -80,8 +81,9 @@ def mid_model_state(work, mode: str, critic: str, remat: str):
     pcfg = ppo.PPOConfig(batch_size=work.batch, mini_batch_size=work.mini_batch,
                          gradient_accumulation_steps=work.grad_accum, ppo_epochs=work.ppo_epochs)
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
-    progs = programs.RunPrograms(mesh, mesh_lib.DEFAULT_RULES, pspec, pcfg, base, eos_id=-1, pad_id=common.PAD_ID,
-                                 experience_rows=train.experience_rows(pcfg))
+    algo = ppo.PPO(pcfg) if algo_of is None else algo_of(pcfg)
+    progs = programs.RunPrograms(mesh, mesh_lib.DEFAULT_RULES, pspec, algo, pcfg, base, eos_id=-1,
+                                 pad_id=common.PAD_ID, experience_rows=train.experience_rows(pcfg))
     state = progs.init_state(base, jax.random.key(1))
     mark("init trainable + optimizer")
     return cfg, base, pspec, pcfg, progs, state

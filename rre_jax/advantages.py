@@ -233,7 +233,7 @@ def update_kl(state: KLState, current_kl, n_steps, *, target: float, horizon: fl
     return KLState(value=state.value * (1.0 + err * n_steps / horizon))
 
 
-def sequence_kl(logp_BxT, ref_logp_BxT, mask_BxT):
+def mean_sequence_kl(logp_BxT, ref_logp_BxT, mask_BxT):
     """``KL`` for the controller and logs: ``mean_b sum_t (logp - ref) m`` (trl's ``objective/kl``)."""
     mask = mask_BxT.astype(logp_BxT.dtype)
     return ((logp_BxT - ref_logp_BxT) * mask).sum(axis=-1).mean()

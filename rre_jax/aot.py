@@ -201,16 +201,17 @@ def _programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool, layout
     T = -(-int(config.data.max_prompt_length) // int(config.data.bucket)) * int(config.data.bucket)
     pspec = policy.PolicySpec(pcfg, spec.mode, spec.lora, spec.critic, spec.remat, mesh=lay.mesh, rules=lay.rules)
     frozen, _ = programs.llama_params(pcfg, layout=layout)
-    st = programs.state_layout(lay, pspec, spec.ppo, frozen, layout)
+    algo = spec.algorithm
+    st = programs.state_layout(lay, pspec, algo, spec.ppo, frozen, layout)
     shards = lay.mesh.shape["data"] * lay.mesh.shape["fsdp"]
     lora_cfg = spec.lora if spec.mode == "lora" else None
-    group = spec.group.num_generations if spec.group else 1  # as train_step samples a group method's batches
+    group = algo.samples_per_prompt  # as train_step samples a group method's batches
     out = {"sampler": programs.build_sampler(lay, pcfg, spec.sampling, 2, 0, lora_cfg, B, T, layout, group),
-           "experience": programs.build_experience(lay, pspec, st, B, T, N, train.experience_rows(spec.ppo, shards),
-                                                   layout),
-           "update": programs.build_update(lay, pspec, spec.ppo, st, T, N, layout)}
+           "experience": programs.build_experience(lay, pspec, algo, st, B, T, N,
+                                                   train.experience_rows(spec.ppo, shards), layout),
+           "update": programs.build_update(lay, pspec, algo, st, B, T, N, layout)}
     if layout == "stacked":
-        out = {"init": programs.build_init(lay, pspec, spec.ppo, frozen), **out}
+        out = {"init": programs.build_init(lay, pspec, algo, spec.ppo, frozen), **out}
     if needs_relevance:
         L = int(config.relevance.max_length)
         rows = -(-max(1 << (max(1, 2048 // L).bit_length() - 1), 1) // shards) * shards
@@ -286,7 +287,7 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
     shards is costed as one row per shard, as each device then computes at least one). The relevance encoder
     has no loop.
     """
-    from rre_jax import policy, programs, train
+    from rre_jax import policy, ppo, programs, train
     B, N, pc = spec.ppo.batch_size, spec.sampling.max_new_tokens, spec.ppo
     T = -(-int(config.data.max_prompt_length) // int(config.data.bucket)) * int(config.data.bucket)
     shards = lay.mesh.shape["data"] * lay.mesh.shape["fsdp"]
@@ -300,11 +301,12 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
         p1 = dataclasses.replace(pcfg, num_hidden_layers=L)
         pspec = policy.PolicySpec(p1, spec.mode, spec.lora, spec.critic, spec.remat, mesh=lay.mesh, rules=lay.rules)
         frozen, _ = programs.llama_params(p1, layout="per_layer")
-        st = programs.state_layout(lay, pspec, micro, frozen, "per_layer")
+        st = programs.state_layout(lay, pspec, spec.algorithm, micro, frozen, "per_layer")
         progs = {"sampler": programs.build_sampler(lay, p1, spec.sampling, 2, 0, lora_cfg, B, T, "per_layer"),
                  "prefill": programs.build_prefill(lay, p1, lora_cfg, B, T, N, "per_layer"),
-                 "experience": programs.build_experience(lay, pspec, st, group, T, N, None, "per_layer"),
-                 "update": programs.build_update(lay, pspec, micro, st, T, N, "per_layer")}
+                 "experience": programs.build_experience(lay, pspec, spec.algorithm, st, group, T, N, None,
+                                                         "per_layer"),
+                 "update": programs.build_update(lay, pspec, ppo.PPO(micro), st, m_rows, T, N, "per_layer")}
         if gcfg is not None:
             g1 = dataclasses.replace(gcfg, num_hidden_layers=L)
             G = -(-int(config.gold_rm.batch_size) // shards) * shards

@@ -64,20 +64,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rre_jax import errors, ppo
+from rre_jax import ppo
 from rre_jax.errors import UserError
 
-ALGOS = ("ppo", "grpo", "rloo")
 GROUP_ALGOS = ("grpo", "rloo")
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 STD_EPS = 1e-4  # trl's ``std + 1e-4``
-
-
-def check_algo(algo: str) -> str:
-    """``algo`` if it names an algorithm, else an error naming ``config.algo`` and the choices."""
-    return errors.one_of("config.algo", algo, ALGOS, "'ppo': the paper's PPO with a critic; 'grpo' / 'rloo': "
-                         "critic-free group methods, settings in config.group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +183,7 @@ def rloo_advantages(reward_B, G: int, kl_B=None, beta: float = 0.0, normalize: b
     return adv_B, reward_B
 
 
-def sequence_kl(logp_BxN, ref_logp_BxN, mask_BxN):
+def per_sequence_kl(logp_BxN, ref_logp_BxN, mask_BxN):
     """RLOO's KL of each response: ``sum_t (logp - logp_ref) m`` (first order; may be negative)."""
     return ((logp_BxN - ref_logp_BxN) * mask_BxN).sum(-1)
 
@@ -286,7 +279,7 @@ def prepare_batch(old_logp_BxN, ref_logp_BxN, score_B, mask_BxN, cfg: GroupConfi
         if cfg.needs_reference:
             batch["ref_logp"] = f32(ref_logp_BxN)
     else:
-        kl_B = sequence_kl(old_logp_BxN, f32(ref_logp_BxN), m) if cfg.needs_reference else None
+        kl_B = per_sequence_kl(old_logp_BxN, f32(ref_logp_BxN), m) if cfg.needs_reference else None
         adv_B, shaped_B = rloo_advantages(score_B, G, kl_B, cfg.beta, cfg.normalize_advantages)
         stats["shaped_reward"] = shaped_B.mean()
         if kl_B is not None:
@@ -330,3 +323,50 @@ def make_update_step(forward_fn: Callable[..., tuple], optimizer: optax.Gradient
         return params, opt_state, ppo.summarise(stats, finite, ok, prefix=cfg.algo)
 
     return update
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithms (rre_jax.algorithms' interface)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GroupMethod:
+    """GRPO or RLOO (``cfg.algo``) behind the interface of ``rre_jax.algorithms``: ``G`` responses per prompt on
+    consecutive rows, no critic, a reference pass only when ``beta`` is not 0, no train-state entries of its own.
+    The optimizer is PPO's (``ppo.make_optimizer``: Adam, learning rate and gradient clip of ``config.ppo``)."""
+
+    cfg: GroupConfig
+    optimizer_cfg: ppo.PPOConfig
+    uses_values = False
+
+    @property
+    def name(self) -> str:
+        return self.cfg.algo
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.cfg.num_generations
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.cfg.prompts_per_step
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.cfg.needs_reference
+
+    def init_state(self) -> dict:
+        return {}
+
+    def prepare(self, exp, score_B, mask_BxN, state):
+        batch, stats = prepare_batch(exp.logp_BxN, exp.ref_logp_BxN, score_B, mask_BxN, self.cfg)
+        return batch, {}, stats
+
+    def make_update(self, forward_fn):
+        return make_update_step(forward_fn, ppo.make_optimizer(self.optimizer_cfg), self.cfg)
+
+    def finish(self, state, stats) -> dict:
+        return {}
+
+    def next_kl_coef(self, state) -> float:
+        return float(self.cfg.beta)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,34 +144,35 @@ def reference_logp(spec: PolicySpec, frozen, ids_BxS, mask_BxS, T: int):
     return _token_stats(spec, frozen, out["hidden"][:, T - 1:-1], ids_BxS[:, T:])[0]
 
 
-def experience(spec: PolicySpec, trainable, frozen, ids_BxS, mask_BxS, T: int, rows: int | None = None):
-    """``(logp_BxN, values_BxN, ref_logp_BxN)``: the frozen-per-batch forward passes of a rollout batch.
+class Experience(NamedTuple):
+    """The frozen-per-batch forward passes of a rollout batch (float32 ``[B, N]`` each): the sampling policy's
+    log-probs, the critic's values and the reference's log-probs; None where the algorithm does not use them."""
 
-    ``rows`` (dividing ``B``) runs them over ``B / rows`` groups of rows in a ``lax.map``, so only one group's
-    logits and activations are alive at once (rows never interact: results equal the one-shot pass). Group
-    ``j`` holds rows ``j, j + B/rows, ...``, so a batch sharded over devices in contiguous blocks stays evenly
-    sharded in every group when ``rows`` is a multiple of the device count.
+    logp_BxN: Any
+    values_BxN: Any = None
+    ref_logp_BxN: Any = None
+
+
+def experience(spec: PolicySpec, trainable, frozen, ids_BxS, mask_BxS, T: int, rows: int | None = None, *,
+               values: bool = True, reference: bool = True) -> Experience:
+    """The `Experience` of a rollout batch: log-probs always, values with ``values``, the reference's log-probs
+    with ``reference`` (a pass not asked for is never computed: XLA drops unread values, and no reference
+    forward runs at all).
+
+    ``rows`` (dividing ``B``) runs the passes over ``B / rows`` groups of rows in a ``lax.map``, so only one
+    group's logits and activations are alive at once (rows never interact: results equal the one-shot pass).
+    Group ``j`` holds rows ``j, j + B/rows, ...``, so a batch sharded over devices in contiguous blocks stays
+    evenly sharded in every group when ``rows`` is a multiple of the device count.
     """
     def one(xs):
         ids, mask = xs
-        logp, values, _ = policy_outputs(spec, trainable, frozen, ids, mask, T)
-        return logp, values, reference_logp(spec, frozen, ids, mask, T)
+        logp, v, _ = policy_outputs(spec, trainable, frozen, ids, mask, T)
+        out = (logp,) + ((v,) if values else ())
+        return out + ((reference_logp(spec, frozen, ids, mask, T),) if reference else ())
 
-    return _over_row_groups(one, ids_BxS, mask_BxS, rows)
-
-
-def group_experience(spec: PolicySpec, trainable, frozen, ids_BxS, mask_BxS, T: int, rows: int | None = None,
-                     reference: bool = True):
-    """``(logp_BxN, ref_logp_BxN)``: the frozen-per-batch passes of a critic-free method (GRPO, RLOO), over
-    groups of ``rows`` rows as ``experience``. No values; ``reference=False`` (KL coefficient 0) runs no reference
-    forward at all and returns ``(logp_BxN, None)``."""
-    def one(xs):
-        ids, mask = xs
-        logp = policy_outputs(spec, trainable, frozen, ids, mask, T)[0]  # values unused: XLA drops them
-        return (logp, reference_logp(spec, frozen, ids, mask, T)) if reference else (logp,)
-
-    out = _over_row_groups(one, ids_BxS, mask_BxS, rows)
-    return out if reference else (out[0], None)
+    out = iter(_over_row_groups(one, ids_BxS, mask_BxS, rows))
+    logp = next(out)
+    return Experience(logp, next(out) if values else None, next(out) if reference else None)
 
 
 def _over_row_groups(one, ids_BxS, mask_BxS, rows: int | None):

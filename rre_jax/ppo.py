@@ -154,7 +154,7 @@ def prepare_batch(old_logp_BxT, ref_logp_BxT, values_BxT, score_B, mask_BxT,
     batch = dict(old_logp=old_logp_BxT, old_values=old_values_BxT, advantages=adv_BxT, returns=returns_BxT,
                  mask=mask)
     stats = {
-        "objective/kl": adv.sequence_kl(old_logp_BxT, ref_logp_BxT, mask),
+        "objective/kl": adv.mean_sequence_kl(old_logp_BxT, ref_logp_BxT, mask),
         "objective/kl_coef": kl.value,
         "objective/entropy": (-old_logp_BxT * mask).sum(-1).mean(),
         "ppo/mean_non_score_reward": adv.masked_mean(non_score_BxT, mask),
@@ -327,3 +327,42 @@ def make_update_step(forward_fn: Callable[[Any, dict, jax.Array], tuple], optimi
         return params, opt_state, summarise(stats, finite, ok)
 
     return update
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm (rre_jax.algorithms' interface)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PPO:
+    """trl 0.7.4's PPO behind the interface of ``rre_jax.algorithms``: one response per prompt, a critic and a
+    reference pass; its own train-state entries are the running score moments and the adaptive KL controller."""
+
+    cfg: PPOConfig
+    name = "ppo"
+    samples_per_prompt = 1
+    uses_values = True
+    uses_reference = True
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.cfg.batch_size
+
+    def init_state(self) -> dict:
+        return {"moments": adv.init_moments(), "kl": adv.init_kl(self.cfg.init_kl_coef)}
+
+    def prepare(self, exp, score_B, mask_BxN, state):
+        """``(batch, state entries, stats)``: trl's pre-epoch maths on the frozen experience."""
+        batch, moments, stats = prepare_batch(exp.logp_BxN, exp.ref_logp_BxN, exp.values_BxN, score_B, mask_BxN,
+                                              state["moments"], state["kl"], self.cfg)
+        return batch, {"moments": moments}, stats
+
+    def make_update(self, forward_fn):
+        return make_update_step(forward_fn, make_optimizer(self.cfg), self.cfg)
+
+    def finish(self, state, stats) -> dict:
+        """The KL controller's step after the update."""
+        return {"kl": update_kl_coef(state["kl"], stats["objective/kl"], self.cfg)}
+
+    def next_kl_coef(self, state) -> float:
+        return float(state["kl"].value)

@@ -8,9 +8,9 @@ A builder takes the mesh, the logical rules and the static shapes of a run and r
 (``rre_jax.aot``): nothing here reads a weight or allocates an array.
 
 Programs: ``init`` (the train state, created sharded), ``sampler`` (prefill + decode loop; the KV cache comes in
-donated, created sharded by ``cache``), ``experience`` (old/reference log-probs and values), ``update``
-(advantages, PPO epochs, KL controller; donates the train state), ``relevance`` (the BERT encoder forward) and
-``gold`` (gold-RM scoring).
+donated, created sharded by ``cache``), ``experience`` (the frozen passes the algorithm uses: log-probs, values,
+reference log-probs), ``update`` (the algorithm's advantages, loss passes and closing step, ``rre_jax.algorithms``;
+donates the train state), ``relevance`` (the BERT encoder forward) and ``gold`` (gold-RM scoring).
 
 Shapes: ``B`` rollout rows, ``T`` prompt bucket, ``N`` new tokens, ``S = T + N``, ``R`` relevance rows of ``L``
 tokens, ``G`` gold-RM rows of ``Lg`` tokens.
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rre_jax import advantages, compiled, grpo, mesh as mesh_lib, policy, ppo, rollout, sampling
+from rre_jax import algorithms, compiled, mesh as mesh_lib, policy, ppo, rollout, sampling
 from rre_jax.models import bert, llama, lora as lora_lib
 
 
@@ -121,21 +121,21 @@ class StateLayout:
         return _abstract(self.abstract, self.shardings)
 
 
-def _init_state_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig):
+def _init_state_fn(pspec: policy.PolicySpec, algo: algorithms.Algorithm, pcfg: ppo.PPOConfig):
+    """The train state: trainable leaves, Adam's state, the algorithm's own entries, the run's key, the step."""
     def init(frozen, rng):
         trainable = policy.init_trainable(pspec, frozen, rng)
         return {"trainable": trainable, "opt_state": ppo.make_optimizer(pcfg).init(trainable),
-                "moments": advantages.init_moments(), "kl": advantages.init_kl(pcfg.init_kl_coef),
-                "rng": jax.random.key_data(rng), "step": jnp.zeros((), jnp.int32)}
+                **algo.init_state(), "rng": jax.random.key_data(rng), "step": jnp.zeros((), jnp.int32)}
     return init
 
 
-def state_layout(lay: Layout, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, frozen,
+def state_layout(lay: Layout, pspec: policy.PolicySpec, algo: algorithms.Algorithm, pcfg: ppo.PPOConfig, frozen,
                  layout: str = "stacked") -> StateLayout:
     """Shardings of the train state: trainable leaves by their logical specs, Adam moments like the leaf they
-    track (``optax.tree_map_params``), scalars (step count, score moments, KL coefficient, rng) replicated."""
+    track (``optax.tree_map_params``), scalars (step count, the algorithm's entries, rng) replicated."""
     _, base_specs = llama_params(pspec.cfg, layout=layout)
-    abstract = jax.eval_shape(_init_state_fn(pspec, pcfg), frozen, _key())
+    abstract = jax.eval_shape(_init_state_fn(pspec, algo, pcfg), frozen, _key())
     train_sh = lay.tree(trainable_specs(pspec, base_specs))
     opt_sh = optax.tree_map_params(ppo.make_optimizer(pcfg), lambda _, s: s, abstract["opt_state"], train_sh,
                                    transform_non_params=lambda _: lay.replicated,
@@ -181,12 +181,12 @@ def build_prefill(lay: Layout, cfg: llama.LlamaConfig, lora_cfg, B: int, T: int,
     return Program("prefill", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
 
 
-def build_init(lay: Layout, pspec, pcfg, frozen) -> Program:
+def build_init(lay: Layout, pspec, algo: algorithms.Algorithm, pcfg, frozen) -> Program:
     """``(frozen, rng) -> state``, written straight into the state's shardings (never on one device)."""
-    st = state_layout(lay, pspec, pcfg, frozen)
+    st = state_layout(lay, pspec, algo, pcfg, frozen)
     frozen_sh = lay.tree(llama_params(pspec.cfg)[1])
     in_sh = (frozen_sh, lay.replicated)
-    fn = jax.jit(_init_state_fn(pspec, pcfg), in_shardings=in_sh, out_shardings=st.shardings)
+    fn = jax.jit(_init_state_fn(pspec, algo, pcfg), in_shardings=in_sh, out_shardings=st.shardings)
     return Program("init", fn, (_abstract(frozen, frozen_sh), _abstract(_key(), lay.replicated)), in_sh,
                    st.shardings)
 
@@ -223,102 +223,57 @@ def build_sampler(lay: Layout, cfg: llama.LlamaConfig, scfg: sampling.SamplingCo
 
 # =================================================================================== experience and update
 
-def _experience_program(name: str, fn, out_sh, lay: Layout, pspec: policy.PolicySpec, st: StateLayout, B: int,
-                        T: int, N: int, layout: str) -> Program:
-    """``fn(trainable, frozen, ids_BxS, mask_BxS)``, jitted with the trainable leaves and frozen weights in their
-    shardings, the sequences batch-sharded and the outputs in ``out_sh``."""
+def _experience_shardings(lay: Layout, algo: algorithms.Algorithm) -> policy.Experience:
+    """Batch-sharded float32 ``[B, N]`` for each pass the algorithm uses, None for the others."""
+    b2 = lay.batch(2)
+    return policy.Experience(b2, b2 if algo.uses_values else None, b2 if algo.uses_reference else None)
+
+
+def build_experience(lay: Layout, pspec: policy.PolicySpec, algo: algorithms.Algorithm, st: StateLayout, B: int,
+                     T: int, N: int, rows: int | None, layout: str = "stacked") -> Program:
+    """``(trainable, frozen, ids_BxS, mask_BxS) -> policy.Experience`` over groups of ``rows``: the passes
+    ``algo`` uses (log-probs; values; reference log-probs), frozen for the whole update."""
+    def fn(trainable, frozen, ids_BxS, mask_BxS):
+        return policy.experience(pspec, trainable, frozen, ids_BxS, mask_BxS, T, rows, values=algo.uses_values,
+                                 reference=algo.uses_reference)
     frozen, frozen_sh = _weights(lay, pspec.cfg, layout)
     in_sh = (st.shardings["trainable"], frozen_sh, lay.batch(2), lay.batch(2))
+    out_sh = _experience_shardings(lay, algo)
     args = (st.target()["trainable"], frozen, *_ids_and_mask(lay, B, T + N))
-    return Program(name, jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
+    return Program("experience", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
 
 
-def build_experience(lay: Layout, pspec: policy.PolicySpec, st: StateLayout, B: int, T: int, N: int,
-                     rows: int | None, layout: str = "stacked") -> Program:
-    """``(trainable, frozen, ids_BxS, mask_BxS) -> (logp_BxN, values_BxN, ref_logp_BxN)`` over groups of ``rows``."""
-    def fn(trainable, frozen, ids_BxS, mask_BxS):
-        return policy.experience(pspec, trainable, frozen, ids_BxS, mask_BxS, T, rows)
-    return _experience_program("experience", fn, (lay.batch(2),) * 3, lay, pspec, st, B, T, N, layout)
-
-
-def _update_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, T: int):
-    """Advantages (trl's pre-epoch maths), the PPO epochs, and the KL controller."""
+def _update_fn(pspec: policy.PolicySpec, algo: algorithms.Algorithm, T: int):
+    """The algorithm's once-per-batch maths on the frozen experience, its update, then its closing step."""
     def forward(trainable, mb, rng, frozen):
         return policy.policy_outputs(pspec, trainable, frozen, mb["ids"], mb["attn"], T, rng)
-    update = ppo.make_update_step(forward, ppo.make_optimizer(pcfg), pcfg)
+    update = algo.make_update(forward)
 
     def fn(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng):
-        old_logp, values, ref_logp = exp
-        batch, moments, pre = ppo.prepare_batch(old_logp, ref_logp, values, score_B, mask_BxN, state["moments"],
-                                                state["kl"], pcfg)
+        batch, entries, pre = algo.prepare(exp, score_B, mask_BxN, state)
         batch = {**batch, "ids": ids_BxS, "attn": attn_BxS}
         trainable, opt_state, stats = update(state["trainable"], state["opt_state"], batch, rng, frozen)
-        kl = ppo.update_kl_coef(state["kl"], pre["objective/kl"], pcfg)
-        new = {**state, "trainable": trainable, "opt_state": opt_state, "moments": moments, "kl": kl,
-               "step": state["step"] + 1}
-        return new, {**pre, **stats}
+        new = {**state, **entries, "trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
+        return {**new, **algo.finish(new, pre)}, {**pre, **stats}
     return fn
 
 
-def _update_program(name: str, fn, takes: tuple[bool, ...], lay: Layout, pspec: policy.PolicySpec,
-                    st: StateLayout, B: int, T: int, N: int, layout: str) -> Program:
-    """``fn(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng) -> (state, stats)``, jitted with the
-    state donated and the stats replicated. ``exp`` holds a batch-sharded float32 ``[B, N]`` array where
-    ``takes`` is True and None where it is False (an experience array the method does not compute)."""
+def build_update(lay: Layout, pspec: policy.PolicySpec, algo: algorithms.Algorithm, st: StateLayout, B: int,
+                 T: int, N: int, layout: str = "stacked") -> Program:
+    """``(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng) -> (state, stats)``: the algorithm's
+    update of one rollout batch; donates the state, returns the stats replicated."""
+    fn = _update_fn(pspec, algo, T)
     frozen, frozen_sh = _weights(lay, pspec.cfg, layout)
     b1, b2 = lay.batch(1), lay.batch(2)
-    exp_sh = tuple(b2 if t else None for t in takes)
-    exp = tuple(jax.ShapeDtypeStruct((B, N), jnp.float32, sharding=b2) if t else None for t in takes)
+    exp_sh = _experience_shardings(lay, algo)
+    exp = jax.tree.map(lambda s: jax.ShapeDtypeStruct((B, N), jnp.float32, sharding=s), exp_sh)
     in_sh = (st.shardings, frozen_sh, exp_sh, b1, b2, b2, b2, lay.replicated)
     args = (st.target(), frozen, exp, jax.ShapeDtypeStruct((B,), jnp.float32, sharding=b1),
             *_ids_and_mask(lay, B, T + N), _abstract(_ints(B, N), b2), _abstract(_key(), lay.replicated))
     stats = jax.eval_shape(fn, *args)[1]
     out_sh = (st.shardings, jax.tree.map(lambda _: lay.replicated, stats))
     jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,))
-    return Program(name, jitted, args, in_sh, out_sh, (0,))
-
-
-def build_update(lay: Layout, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, st: StateLayout, T: int,
-                 N: int, layout: str = "stacked") -> Program:
-    """``(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng) -> (state, stats)``; donates the state."""
-    return _update_program("update", _update_fn(pspec, pcfg, T), (True, True, True), lay, pspec, st,
-                           pcfg.batch_size, T, N, layout)
-
-
-# --- group methods (GRPO, RLOO): the same programs without values, and no reference pass at beta 0
-
-def build_group_experience(lay: Layout, pspec: policy.PolicySpec, st: StateLayout, B: int, T: int, N: int,
-                           rows: int | None, reference: bool, layout: str = "stacked") -> Program:
-    """``(trainable, frozen, ids_BxS, mask_BxS) -> (logp_BxN, ref_logp_BxN or None)`` over groups of ``rows``."""
-    def fn(trainable, frozen, ids_BxS, mask_BxS):
-        return policy.group_experience(pspec, trainable, frozen, ids_BxS, mask_BxS, T, rows, reference)
-    out_sh = (lay.batch(2), lay.batch(2) if reference else None)
-    return _experience_program("group_experience", fn, out_sh, lay, pspec, st, B, T, N, layout)
-
-
-def _group_update_fn(pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, gcfg: grpo.GroupConfig, T: int):
-    """Advantages over whole groups (the batch is global inside jit, so a group spread over devices or hosts is
-    one group), then the GRPO / RLOO passes."""
-    def forward(trainable, mb, rng, frozen):
-        return policy.policy_outputs(pspec, trainable, frozen, mb["ids"], mb["attn"], T, rng)
-    update = grpo.make_update_step(forward, ppo.make_optimizer(pcfg), gcfg)
-
-    def fn(state, frozen, exp, score_B, ids_BxS, attn_BxS, mask_BxN, rng):
-        old_logp, ref_logp = exp
-        batch, pre = grpo.prepare_batch(old_logp, ref_logp, score_B, mask_BxN, gcfg)
-        batch = {**batch, "ids": ids_BxS, "attn": attn_BxS}
-        trainable, opt_state, stats = update(state["trainable"], state["opt_state"], batch, rng, frozen)
-        new = {**state, "trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
-        return new, {**pre, **stats}
-    return fn
-
-
-def build_group_update(lay: Layout, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, gcfg: grpo.GroupConfig,
-                       st: StateLayout, T: int, N: int, layout: str = "stacked") -> Program:
-    """``(state, frozen, (logp, ref_logp or None), score_B, ids_BxS, attn_BxS, mask_BxN, rng) -> (state, stats)``;
-    donates the state."""
-    return _update_program("group_update", _group_update_fn(pspec, pcfg, gcfg, T), (True, gcfg.needs_reference),
-                           lay, pspec, st, pcfg.batch_size, T, N, layout)
+    return Program("update", jitted, args, in_sh, out_sh, (0,))
 
 
 # =================================================================================== reward models
@@ -361,13 +316,13 @@ class RunPrograms:
     array laid out differently by an earlier op never costs a recompilation.
     """
 
-    def __init__(self, mesh, rules, pspec: policy.PolicySpec, pcfg: ppo.PPOConfig, frozen, *, eos_id: int,
-                 pad_id: int, experience_rows: int | None = None):
+    def __init__(self, mesh, rules, pspec: policy.PolicySpec, algo: algorithms.Algorithm, pcfg: ppo.PPOConfig,
+                 frozen, *, eos_id: int, pad_id: int, experience_rows: int | None = None):
         self.layout = Layout(mesh, rules)
-        self.pspec, self.pcfg, self.rows = pspec, pcfg, experience_rows
+        self.pspec, self.algo, self.pcfg, self.rows = pspec, algo, pcfg, experience_rows
         self.eos_id, self.pad_id = eos_id, pad_id
         self.frozen_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
-        self.state = state_layout(self.layout, pspec, pcfg, self.frozen_abstract)
+        self.state = state_layout(self.layout, pspec, algo, pcfg, self.frozen_abstract)
         self._programs: dict = {}
 
     def _get(self, key, build: Callable[[], Program]):
@@ -377,7 +332,7 @@ class RunPrograms:
         return self._programs[key]
 
     def init_state(self, frozen, rng):
-        return self._get(("init",), lambda: build_init(self.layout, self.pspec, self.pcfg,
+        return self._get(("init",), lambda: build_init(self.layout, self.pspec, self.algo, self.pcfg,
                                                        self.frozen_abstract))(frozen, rng)
 
     def sampler(self, scfg: sampling.SamplingConfig, group: int = 1) -> Callable:
@@ -395,19 +350,12 @@ class RunPrograms:
         return call
 
     def experience(self, T: int, N: int):
-        return self._get(("experience", T), lambda: build_experience(self.layout, self.pspec, self.state,
-                                                                     self.pcfg.batch_size, T, N, self.rows))
+        return self._get(("experience", T), lambda: build_experience(
+            self.layout, self.pspec, self.algo, self.state, self.pcfg.batch_size, T, N, self.rows))
 
     def update(self, T: int, N: int):
-        return self._get(("update", T), lambda: build_update(self.layout, self.pspec, self.pcfg, self.state, T, N))
-
-    def group_experience(self, T: int, N: int, reference: bool):
-        return self._get(("group_experience", T, reference), lambda: build_group_experience(
-            self.layout, self.pspec, self.state, self.pcfg.batch_size, T, N, self.rows, reference))
-
-    def group_update(self, T: int, N: int, gcfg: grpo.GroupConfig):
-        return self._get(("group_update", T, gcfg), lambda: build_group_update(
-            self.layout, self.pspec, self.pcfg, gcfg, self.state, T, N))
+        return self._get(("update", T), lambda: build_update(self.layout, self.pspec, self.algo, self.state,
+                                                             self.pcfg.batch_size, T, N))
 
     def compiled_counts(self) -> dict:
         """Executables per program (a rise after warm-up means a recompilation)."""

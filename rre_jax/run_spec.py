@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rre_jax import grpo, mesh as mesh_lib, policy, ppo, reward, reward_engine, sampling
+from rre_jax import algorithms, mesh as mesh_lib, policy, ppo, reward, reward_engine, sampling
 from rre_jax.data import prompts as prompts_lib
 from rre_jax.errors import UserError
 from rre_jax.models import llama, lora as lora_lib
@@ -35,8 +35,7 @@ class RunSpec:
     remat: str
     dtype: Any
     param_dtype: Any
-    algo: str = "ppo"
-    group: grpo.GroupConfig | None = None  # the group method's settings (algo 'grpo' / 'rloo'), else None
+    algorithm: algorithms.Algorithm | None = None  # config.algo with its settings (rre_jax.algorithms)
     relevance_text: str = "response"  # what QR / AR embed (reward_engine.RELEVANCE_TEXTS)
 
 
@@ -57,10 +56,7 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
         return jnp.dtype(name)
 
     ppo_cfg = ppo.PPOConfig.from_config(config.ppo)
-    # --- algorithm: PPO (default) or a critic-free group method (config.group, rre_jax.grpo)
-    algo = grpo.check_algo(config.algo)
-    group = (grpo.GroupConfig.from_config(config.group, algo, ppo_cfg, int(config.sampling.max_new_tokens))
-             if algo in grpo.GROUP_ALGOS else None)
+    algorithm = algorithms.from_config(config, ppo_cfg)  # PPO (default) or a critic-free group method
     spec = reward.preset(config.reward.preset)
     spec = dataclasses.replace(spec, max_new_tokens=int(config.sampling.max_new_tokens))
     cf = {f"cf/{n}": dataclasses.replace(reward.preset(n), max_new_tokens=spec.max_new_tokens)
@@ -98,7 +94,7 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
                    lora=lora_lib.LoraConfig.from_config(config.model.lora),
                    mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
-                   param_dtype=dtype("param_dtype"), algo=algo, group=group, relevance_text=relevance_text)
+                   param_dtype=dtype("param_dtype"), algorithm=algorithm, relevance_text=relevance_text)
 
 
 def uses_tiny(config) -> bool:

@@ -172,8 +172,7 @@ def build(config, workdir: str, saved: tuple[dict, str] | None = None) -> Run:
     records, train_path = _load_records(config, "train_file")
     prompts = batching.tokenize_prompts(records, tokenizer, max_prompt_length=int(config.data.max_prompt_length))
     log.info("%d training prompts from %s (%d dropped as too long)", len(prompts), train_path, len(prompts.dropped))
-    per_step = spec.group.prompts_per_step if spec.group else spec.ppo.batch_size  # group: B / G prompts
-    train_set = PromptSet(records, prompts, batching_config(config, per_step))
+    train_set = PromptSet(records, prompts, batching_config(config, spec.algorithm.prompts_per_step))
     iterator = _prompt_iterator(prompts, train_set.batching, saved)
     dev_records, _ = _load_records(config, "dev_file")
     dev = prompt_set(dev_records[:int(config.train.dev_size)], tokenizer,
@@ -217,8 +216,8 @@ def load_policy(config, spec: RunSpec, mesh, paths: dict):
 def run_programs(spec: RunSpec, mesh, pspec: policy.PolicySpec, frozen, tokenizer) -> programs_lib.RunPrograms:
     """The run's jitted programs (sampler, experience, update, train-state init) with their shardings."""
     rows = experience_rows(spec.ppo, mesh.shape["data"] * mesh.shape["fsdp"])
-    return programs_lib.RunPrograms(mesh, spec.mesh.rules, pspec, spec.ppo, frozen, eos_id=tokenizer.eos_token_id,
-                                    pad_id=tokenizer.pad_token_id, experience_rows=rows)
+    return programs_lib.RunPrograms(mesh, spec.mesh.rules, pspec, spec.algorithm, spec.ppo, frozen,
+                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, experience_rows=rows)
 
 
 def reward_engine(config, spec: RunSpec, mesh, tokenizer, vocab_size: int, records) -> engine_lib.RewardEngine:
@@ -307,21 +306,18 @@ def train_step(run: Run, state, batch: batching.Batch):
     step = int(state["step"])
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_roll, k_update = jax.random.split(rng)
-    gcfg = run.spec.group
-    if gcfg is not None:  # a group method: each prompt sampled G times, a group on consecutive rows
-        batch = batching.repeat_prompts(batch, gcfg.num_generations)
+    algo = run.spec.algorithm
+    G = algo.samples_per_prompt  # each prompt sampled G times, a group on consecutive rows, prefilled once
+    batch = batching.repeat_prompts(batch, G)
     ids_BxT, mask_BxT = run.to_global(batch.ids_BxT), run.to_global(batch.mask_BxT)
     T = batch.ids_BxT.shape[1]
-    group = gcfg.num_generations if gcfg is not None else 1  # a group's prompt is prefilled once
     roll, mask_BxN, comps, texts, times = sample_and_score(run, state, ids_BxT, mask_BxT, batch.index_B, k_roll,
-                                                           run.spec.sampling, group=group)
+                                                           run.spec.sampling, group=G)
     t0 = time.perf_counter()
     ids_BxS = jnp.concatenate([ids_BxT, roll.tokens_BxN], axis=1)
     attn_BxS = jnp.concatenate([mask_BxT, mask_BxN], axis=1)
     N = roll.tokens_BxN.shape[1]
-    experience = (run.programs.experience(T, N) if gcfg is None
-                  else run.programs.group_experience(T, N, gcfg.needs_reference))
-    exp = experience(state["trainable"], run.frozen, ids_BxS, attn_BxS)
+    exp = run.programs.experience(T, N)(state["trainable"], run.frozen, ids_BxS, attn_BxS)
     jax.block_until_ready(exp)
     t1 = time.perf_counter()
     score_B = comps["proxy"] - float(run.config.reward.baseline)  # this host's share
@@ -337,9 +333,8 @@ def train_step(run: Run, state, batch: batching.Batch):
         log.warning("step %d: non-finite rewards %s; batch skipped", step, every["proxy"])
         state = {**state, "step": state["step"] + 1}
         return state, {**scalars, **times, "train/skipped_batch": 1.0}
-    update = run.programs.update(T, N) if gcfg is None else run.programs.group_update(T, N, gcfg)
-    state, stats = update(state, run.frozen, exp, run.to_global(score_B.astype(np.float32)), ids_BxS, attn_BxS,
-                          mask_BxN, k_update)
+    state, stats = run.programs.update(T, N)(state, run.frozen, exp, run.to_global(score_B.astype(np.float32)),
+                                             ids_BxS, attn_BxS, mask_BxN, k_update)
     stats = jax.device_get(stats)
     t2 = time.perf_counter()
     scalars.update({k: float(np.mean(v)) for k, v in stats.items() if np.ndim(v) == 0 or np.size(v) == 1})
@@ -347,7 +342,7 @@ def train_step(run: Run, state, batch: batching.Batch):
     times.update({"time/experience_s": t1 - t0, "time/update_s": t2 - t1,
                   "time/rollout_tokens_per_s": new_tokens / max(times["time/rollout_s"], 1e-9),
                   "train/skipped_batch": 0.0,
-                  "objective/kl_coef_next": float(state["kl"].value) if gcfg is None else gcfg.beta})
+                  "objective/kl_coef_next": algo.next_kl_coef(state)})
     scalars["compile/programs"] = float(_compiled_programs(run))
     scalars.update({f"compile/{k}": float(n) for k, n in run.programs.compiled_counts().items()})
     scalars["rollout/prompt_bucket"] = float(T)

@@ -143,10 +143,10 @@ def test_kl_controller_over_steps_matches_trl(adaptive):
         pytest.approx(0.2 * (1 + 0.2 * 16 / 10000))
 
 
-def test_sequence_kl_and_bad_kl_mode():
+def test_mean_sequence_kl_and_bad_kl_mode():
     logp = jnp.asarray([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
     refl = jnp.asarray([[-1.5, -2.0, -1.0], [-2.0, -2.0, -2.0]])
     m = jnp.asarray([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    assert float(adv.sequence_kl(logp, refl, m)) == pytest.approx((0.5 + 3.0) / 2)
+    assert float(adv.mean_sequence_kl(logp, refl, m)) == pytest.approx((0.5 + 3.0) / 2)
     with pytest.raises(ValueError, match="kl_penalty='js'"):
         adv.kl_penalty(logp, refl, "js")

@@ -51,8 +51,9 @@ def test_paper_config_accepts_a_group_algorithm():
     cfg = _get("alpacafarm_rer", "rer,cpu")
     cfg.algo = "grpo"
     spec = run_spec.validate(cfg, files=False)  # the config alone: the paper run's checkpoints are not here
-    assert (spec.algo, spec.group.prompts_per_step, spec.group.steps_per_iteration) == ("grpo", 4, 2)
-    assert spec.group.max_completion_length == cfg.sampling.max_new_tokens
+    algo = spec.algorithm
+    assert (algo.name, algo.prompts_per_step, algo.cfg.steps_per_iteration) == ("grpo", 4, 2)
+    assert algo.cfg.max_completion_length == cfg.sampling.max_new_tokens
 
 
 def test_wrong_config_arguments_name_the_choices():

@@ -58,7 +58,7 @@ def test_rloo_advantages_fold_kl_into_the_reward_as_trl(beta, normalize):
     r, mask = _rewards(1), random_mask(rng, B, N).astype(np.float64)
     old, ref_logp = -rng.gamma(2.0, 1.0, (2, B, N))
     want, want_r = ref.rloo_advantages(r, G, old, ref_logp, mask, beta, normalize)
-    kl = grpo.sequence_kl(old.astype(np.float32), ref_logp.astype(np.float32), mask.astype(np.float32))
+    kl = grpo.per_sequence_kl(old.astype(np.float32), ref_logp.astype(np.float32), mask.astype(np.float32))
     got, got_r = grpo.rloo_advantages(jnp.float32(r), G, kl, beta, normalize)
     np.testing.assert_allclose(got_r, want_r, **TOL)
     np.testing.assert_allclose(got, want, **TOL)

@@ -69,16 +69,16 @@ def test_beta_zero_runs_no_reference_pass(assets, tmp_path):
     """The experience program at beta 0 computes the policy's log-probs only: half the FLOPs of the program with
     the reference pass (LoRA: the reference is the same network with adapters off, so the two passes cost about
     the same), and no reference log-probs come out."""
-    cfg = group_cfg(assets, "grpo")
-    run = train.build(cfg, str(tmp_path))
-    B, T, N = cfg.ppo.batch_size, 32, 32
+    run = train.build(group_cfg(assets, "grpo"), str(tmp_path))
+    B, T, N = run.config.ppo.batch_size, 32, 32
     flops = {}
-    for reference in (False, True):
-        prog = programs.build_group_experience(run.programs.layout, run.policy, run.programs.state, B, T, N, None,
-                                               reference)
+    for beta in (0.0, 0.04):
+        algo = run_spec.validate(group_cfg(assets, "grpo", **{"group.beta": beta})).algorithm
+        assert algo.uses_reference == (beta != 0) and not algo.uses_values
+        prog = programs.build_experience(run.programs.layout, run.policy, algo, run.programs.state, B, T, N, None)
         out = jax.eval_shape(prog.jitted, *prog.args)
-        assert (out[1] is None) == (not reference)
-        flops[reference] = prog.compile().cost_analysis()["flops"]
+        assert (out.ref_logp_BxN is None) == (beta == 0) and out.values_BxN is None
+        flops[beta != 0] = prog.compile().cost_analysis()["flops"]
     assert 0.4 < flops[False] / flops[True] < 0.6, flops
 
 

@@ -18,17 +18,17 @@ over each batch; GRPO uses trl's KL coefficient 0 (no reference pass), RLOO 0.01
 """
 import ml_collections
 
-from rre_jax import defaults, grpo
+from rre_jax import algorithms, defaults
 from rre_jax.configs.alpacafarm_rer import plan_section
 
 
 def _parse(arg: str | None) -> tuple[str, str]:
     """``(reward preset, algorithm)`` of ``'<preset>[,<algo>]'`` (either order; defaults ``rer``, ``ppo``)."""
     parts = [p for p in (arg or "").split(",") if p]
-    algos = [p for p in parts if p in grpo.ALGOS]
-    presets = [p for p in parts if p not in grpo.ALGOS]
+    algos = [p for p in parts if p in tuple(algorithms.ALGORITHMS)]
+    presets = [p for p in parts if p not in tuple(algorithms.ALGORITHMS)]
     if len(algos) > 1 or len(presets) > 1:
-        raise KeyError(f"configs/tiny.py:{arg}: give at most one reward preset and one algorithm {grpo.ALGOS}")
+        raise KeyError(f"configs/tiny.py:{arg}: give at most one reward preset and one algorithm {tuple(algorithms.ALGORITHMS)}")
     return (presets or ["rer"])[0], (algos or ["ppo"])[0]
 
 
