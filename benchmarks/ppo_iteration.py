@@ -72,7 +72,7 @@ def mid_model_state(work, mode: str, critic: str, remat: str, algo_of=None):
     for ``work`` on one device: the trainer's own program builders (``rre_jax.programs.RunPrograms``) for PPO,
     or for the algorithm ``algo_of(ppo config)`` returns (``rre_jax.algorithms``)."""
     import jax
-    from rre_jax import mesh as mesh_lib, policy, ppo, programs, train
+    from rre_jax import assemble, mesh as mesh_lib, policy, ppo, programs
     from rre_jax.models import llama, lora as lora_lib
     cfg = llama.LlamaConfig(**{k: v for k, v in common.MID_MODEL.items()}, rms_norm_eps=1e-6)
     base = llama.init_params(cfg, jax.random.key(work.seed))
@@ -83,7 +83,7 @@ def mid_model_state(work, mode: str, critic: str, remat: str, algo_of=None):
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
     algo = ppo.PPO(pcfg) if algo_of is None else algo_of(pcfg)
     progs = programs.RunPrograms(mesh, mesh_lib.DEFAULT_RULES, pspec, algo, pcfg, base, eos_id=-1,
-                                 pad_id=common.PAD_ID, experience_rows=train.experience_rows(pcfg))
+                                 pad_id=common.PAD_ID, experience_rows=assemble.experience_rows(pcfg))
     state = progs.init_state(base, jax.random.key(1))
     mark("init trainable + optimizer")
     return cfg, base, pspec, pcfg, progs, state

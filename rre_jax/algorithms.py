@@ -16,7 +16,9 @@ algorithm is a frozen object with:
                            frozen `policy.Experience` (advantages, returns, score normalisation), inside jit;
 * ``make_update(forward_fn)``: the jittable ``update(params, opt_state, batch, rng, frozen)`` of its losses;
 * ``finish(state, stats) -> state entries``: after the update (PPO: the adaptive KL controller's step);
-* ``next_kl_coef(state)``  the KL coefficient the next step uses (logged).
+* ``next_kl_coef(state)``  the KL coefficient the next step uses (logged);
+* ``micro_steps``          micro-batch forward/backward passes of one update, and ``micro(rows)``: the same
+                           algorithm over one micro-batch of ``rows`` (the loop-free unit of the roofline).
 
 Adding an algorithm (DAPO, Dr. GRPO as their own classes, ...) is one module defining such a class and one line
 in ``ALGORITHMS``.
@@ -44,6 +46,10 @@ class Algorithm(Protocol):
     def finish(self, state, stats) -> dict: ...
 
     def next_kl_coef(self, state) -> float: ...
+
+    micro_steps: int
+
+    def micro(self, rows: int) -> "Algorithm": ...
 
 
 def _ppo(config, ppo_cfg: ppo.PPOConfig) -> Algorithm:

@@ -17,76 +17,16 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 
 import jax
 import numpy as np
 
-from rre_jax import mesh as mesh_lib
+from rre_jax import assemble, memory, mesh as mesh_lib, policy, programs, relevance, run_spec, tokenizer as tok_lib
+from rre_jax.models import bert
+from rre_jax.topology import Chip, chip_of, parse_topology, quiet_libtpu, topology_devices
 
 GIB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One TPU generation, per JAX device: HBM bytes, peak bf16 FLOP/s, HBM bytes/s; the libtpu device kind,
-    the ``TPU_ACCELERATOR_TYPE`` stem and ``chip_config_name`` its topology is described with."""
-
-    hbm_gib: float
-    bf16_tflops: float
-    hbm_gbps: float
-    kind: str
-    accelerator: str
-    chip_config: str = "default"
-
-
-# Public per-chip figures (Google Cloud TPU documentation, "TPU v4", "TPU v5e", "TPU v5p", "TPU v6e" pages:
-# cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e). v4 and v5p chips hold two TensorCores; JAX drives them as
-# one device ("megacore"), so a v4 topology is described with chip_config_name='megacore': one device per chip,
-# and the per-device figures are the chip's. v5e and v6e chips have one TensorCore.
-CHIPS = {
-    "v4": Chip(32, 275, 1228, "TPU v4", "v4", "megacore"),
-    "v5e": Chip(16, 197, 819, "TPU v5 lite", "v5litepod"),
-    "v5p": Chip(95, 459, 2765, "TPU v5", "v5p", "megacore"),
-    "v6e": Chip(32, 918, 1640, "TPU v6 lite", "v6e"),
-}
-_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?$")
-
-
-def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
-    """``'v5e:2x4'`` -> ``('v5e', (2, 4))``; a clear error naming ``config.mesh.topology`` otherwise."""
-    m = _TOPOLOGY.match(name)
-    if not m:
-        raise ValueError(f"config.mesh.topology={name!r}: give '<generation>:<chips per axis>' with generation "
-                         f"one of {sorted(CHIPS)}, e.g. 'v5e:2x4' (v5e-8), 'v5e:4x8' (v5e-32), 'v4:2x2x1' "
-                         "(v4-8), 'v4:2x2x4' (v4-32); empty: the local devices")
-    return m.group(1), tuple(int(g) for g in m.groups()[1:] if g)
-
-
-def _quiet_libtpu(gen: str, chips: int) -> None:
-    """libtpu reads the TPU VM's metadata at start-up and warns when there is none (a CPU host): name the
-    accelerator and a single local worker, unless the environment already does (a real TPU VM). Compiling
-    for a described topology needs no chip, so the lock libtpu takes against a second process is lifted (a
-    compile-only run beside a training run, or two of them, on one host)."""
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{CHIPS[gen].accelerator}-{chips}")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
-def topology_devices(name: str) -> list:
-    """The devices of TPU topology ``name`` (descriptions only: compile for them, never run)."""
-    from jax.experimental import topologies
-    gen, dims = parse_topology(name)
-    _quiet_libtpu(gen, math.prod(dims))
-    topo = topologies.get_topology_desc(topology_name=f"{gen}:{'x'.join(map(str, dims))}", platform="tpu",
-                                        chip_config_name=CHIPS[gen].chip_config)
-    return list(topo.devices)
-
-
-def chip_of(devices) -> Chip | None:
-    kind = devices[0].device_kind
-    return next((c for c in CHIPS.values() if c.kind == kind), None)
 
 
 # =================================================================================== one compiled program
@@ -105,6 +45,7 @@ class Compiled:
     resident_others: int
     flops: float = math.nan
     bytes_accessed: float = math.nan
+    stats: list = dataclasses.field(default_factory=list)  # the update's statistics (the algorithm's names)
 
     @property
     def total(self) -> int:
@@ -139,8 +80,7 @@ def device_bytes(tree) -> int:
 # =================================================================================== report
 
 def table(rows: list[Compiled], phases: dict, chip: Chip | None, header: str) -> str:
-    from rre_jax.memory import HEADROOM
-    budget = None if chip is None else HEADROOM * chip.hbm_gib * GIB
+    budget = None if chip is None else memory.HEADROOM * chip.hbm_gib * GIB
     g = lambda n: f"{n / GIB:9.3f}"  # noqa: E731
     out = [header, f"{'program':<12}{'args':>9}{'out':>9}{'alias':>9}{'temp':>9}{'code':>9}{'others':>9}"
                    f"{'total':>9}{'chip':>8}  fits  compile_s  (GiB per device)"]
@@ -160,8 +100,7 @@ def table(rows: list[Compiled], phases: dict, chip: Chip | None, header: str) ->
 
 
 def fits(rows: list[Compiled], chip: Chip | None) -> bool:
-    from rre_jax.memory import HEADROOM
-    return chip is None or all(r.total <= HEADROOM * chip.hbm_gib * GIB for r in rows)
+    return chip is None or all(r.total <= memory.HEADROOM * chip.hbm_gib * GIB for r in rows)
 
 
 def write_report(path: str, payload: dict) -> None:
@@ -180,8 +119,6 @@ def mesh_for(spec_mesh: mesh_lib.MeshConfig, topology: str):
 
 def _architectures(config, spec):
     """Policy, gold-RM and relevance-encoder configs from their ``config.json`` or ``config.plan`` presets."""
-    from rre_jax import memory, relevance
-    from rre_jax.models import bert
     dt = lambda c: dataclasses.replace(c, dtype=spec.dtype, param_dtype=spec.param_dtype)  # noqa: E731
     pcfg = dt(memory.llama_config(config.model.path or config.plan.policy, "float32", "config.plan.policy"))
     gold = config.gold_rm.path or config.plan.gold_rm
@@ -194,33 +131,59 @@ def _architectures(config, spec):
     return pcfg, gcfg, rcfg
 
 
-def _programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool, layout: str = "stacked"):
-    """Every program of the run, built for the shapes of its largest prompt bucket."""
-    from rre_jax import policy, programs, train
-    B, N = spec.ppo.batch_size, spec.sampling.max_new_tokens
-    T = -(-int(config.data.max_prompt_length) // int(config.data.bucket)) * int(config.data.bucket)
+def token_facts(config) -> tuple[int, int, int]:
+    """``(eos id, pad id, longest token in bytes)`` of the run's tokenizer, read from its directory
+    (``tokenizer.path`` or ``model.path``) when it exists, else from ``config.plan`` (shapes-only planning)."""
+    path = config.tokenizer.path or config.model.path
+    if path and os.path.isdir(path):
+        tok = tok_lib.load_tokenizer(path)
+        return tok.eos_token_id, tok.pad_token_id, tok_lib.byte_table(tok).bytes_VxL.shape[1]
+    return int(config.plan.eos_id), int(config.plan.pad_id), int(config.plan.max_token_bytes)
+
+
+def prompt_bucket(config) -> int:
+    """The largest prompt bucket of the run (``data.max_prompt_length`` rounded up to ``data.bucket``)."""
+    return -(-int(config.data.max_prompt_length) // int(config.data.bucket)) * int(config.data.bucket)
+
+
+def run_programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
+    """The run's `programs.RunPrograms`, from shapes: the trainer's own list, built as ``train`` builds it (the
+    policy, the algorithm, the features of the run's tokenizer, the relevance encoder where the run puts it,
+    the gold RM on the run's mesh)."""
     pspec = policy.PolicySpec(pcfg, spec.mode, spec.lora, spec.critic, spec.remat, mesh=lay.mesh, rules=lay.rules)
-    frozen, _ = programs.llama_params(pcfg, layout=layout)
-    algo = spec.algorithm
-    st = programs.state_layout(lay, pspec, algo, spec.ppo, frozen, layout)
-    shards = lay.mesh.shape["data"] * lay.mesh.shape["fsdp"]
-    lora_cfg = spec.lora if spec.mode == "lora" else None
-    group = algo.samples_per_prompt  # as train_step samples a group method's batches
-    out = {"sampler": programs.build_sampler(lay, pcfg, spec.sampling, 2, 0, lora_cfg, B, T, layout, group),
-           "experience": programs.build_experience(lay, pspec, algo, st, B, T, N,
-                                                   train.experience_rows(spec.ppo, shards), layout),
-           "update": programs.build_update(lay, pspec, algo, st, B, T, N, layout)}
-    if layout == "stacked":
-        out = {"init": programs.build_init(lay, pspec, algo, spec.ppo, frozen), **out}
+    frozen, _ = programs.llama_params(pcfg)
+    eos, pad, width = token_facts(config)
+    feats = programs.FeaturePrograms(lay, pcfg.vocab_size, width, tuple(config.reward.stop_strings))
+    rel = None
     if needs_relevance:
-        L = int(config.relevance.max_length)
-        rows = -(-max(1 << (max(1, 2048 // L).bit_length() - 1), 1) // shards) * shards
-        out["relevance"] = programs.build_relevance(lay, rcfg, rows, L)
+        where = relevance.encoder_mesh(lay.mesh, lay.mesh.devices.flat[0].process_index)
+        rel = relevance.encoder_programs(rcfg, mesh=where, rules=lay.rules,
+                                         max_length=int(config.relevance.max_length))
+    gold = None
     if gcfg is not None:
-        G = -(-int(config.gold_rm.batch_size) // shards) * shards
-        pooling = "seq_cls" if config.gold_rm.layout == "hf_score" else "starling"
-        out["gold"] = programs.build_gold(lay, gcfg, pooling, G, int(config.gold_rm.max_length), layout)
-    return out, st
+        gold = programs.GoldPrograms(lay, gcfg, "seq_cls" if config.gold_rm.layout == "hf_score" else "starling")
+    rows = assemble.experience_rows(spec.ppo, lay.batch_shards)
+    return programs.RunPrograms(lay.mesh, lay.rules, pspec, spec.algorithm, spec.ppo, frozen, eos_id=eos, pad_id=pad,
+                                experience_rows=rows, features=feats, relevance=rel, gold=gold)
+
+
+def _programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
+    """``({name: Program}, state layout)``: every program of the run (``RunPrograms.catalogue``) at its largest
+    prompt bucket and scoring batches."""
+    progs = run_programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance)
+    rel_shape = gold_shape = None
+    if progs.relevance is not None:
+        L, tokens = int(config.relevance.max_length), 2048  # the encoder's default tokens per batch
+        shards = progs.relevance.layout.batch_shards
+        rows = -(-max(1 << (max(1, tokens // L).bit_length() - 1), 1) // shards) * shards
+        rel_shape = tokens if progs.relevance.packed else (rows, L)
+    if progs.gold is not None:
+        shards = lay.batch_shards
+        gold_shape = (-(-int(config.gold_rm.batch_size) // shards) * shards, int(config.gold_rm.max_length))
+    dev_eval = int(config.train.dev_size) > 0 and bool(config.data.dev_file or run_spec.uses_tiny(config))
+    out = progs.catalogue(prompt_bucket(config), spec.sampling.max_new_tokens, spec.sampling, dev_eval=dev_eval,
+                          relevance_shape=rel_shape, gold_shape=gold_shape)
+    return out, progs.state
 
 
 def _resident(progs, st, config) -> dict:
@@ -234,19 +197,19 @@ def _resident(progs, st, config) -> dict:
 
 
 # which resident arrays each program takes as arguments (the others stay resident beside it)
-_TAKES = {"init": ("frozen", "state"), "sampler": ("frozen",), "experience": ("frozen",),
-          "update": ("frozen", "state"), "relevance": ("relevance",), "gold": ("gold",)}
+_TAKES = {"init": ("frozen", "state"), "cache": (), "sampler": ("frozen",), "eval_sampler": ("frozen",),
+          "experience": ("frozen",),
+          "update": ("frozen", "state"), "features": (), "relevance": ("relevance",), "gold": ("gold",)}
 
 
 def compile_run(config, report: str = "") -> int:
     """Compile every program of ``config`` from shapes; print the table; 0 when every program fits, else 1."""
-    from rre_jax import programs, reward, run_spec
     topology = str(config.mesh.get("topology", ""))
     mesh, devices = mesh_for(mesh_lib.MeshConfig.from_config(config.mesh), topology)
     spec = run_spec.validate(config, num_devices=len(devices), files=False)  # shapes only: no file is read
     lay = programs.Layout(mesh, spec.mesh.rules)
     pcfg, gcfg, rcfg = _architectures(config, spec)
-    needs_rel = any(reward.preset(n).needs_relevance for n in (config.reward.preset, *config.reward.counterfactual))
+    needs_rel = any(s.needs_relevance for s in (spec.reward, *spec.counterfactual.values()))
     progs, st = _programs(config, spec, lay, pcfg, gcfg, rcfg, needs_rel)
     resident = _resident(progs, st, config)
     chip = chip_of(devices)
@@ -257,12 +220,15 @@ def compile_run(config, report: str = "") -> int:
         others = sum(v for k, v in resident.items() if k not in takes)
         row, exe = compile_program(prog, others)
         row.flops, row.bytes_accessed = cost(exe)
+        if name == "update":
+            row.stats = sorted(jax.eval_shape(prog.jitted, *prog.args)[1])
         rows.append(row)
         print(f"compiled {name} in {row.seconds:.1f} s", flush=True)
     where = topology or f"{len(devices)} local {devices[0].platform} devices"
     shape = ",".join(str(mesh.shape[a]) for a in mesh_lib.MESH_AXES)
     ok = fits(rows, chip)
-    payload = {"config": str(config.name), "topology": topology, "mesh": shape, "devices": len(devices),
+    payload = {"config": str(config.name), "algorithm": spec.algorithm.name, "topology": topology, "mesh": shape,
+               "devices": len(devices),
                "chip": None if chip is None else dataclasses.asdict(chip), "resident": resident,
                "programs": [dataclasses.asdict(r) | {"total": r.total} for r in rows], "phases": {}, "fits": ok}
     if report:  # the memory verdict first: the roofline's extra compiles come after
@@ -281,32 +247,33 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
     XLA counts a loop body once. So each Llama program is compiled with its layers unrolled (per-layer
     layout) at 1 and 2 layers, ``cost(L) = cost(1) + (L - 1) (cost(2) - cost(1))`` exactly; loops over data
     are multiplied by their trip counts: the sampler is its prefill plus ``N`` decode steps (sampler minus
-    prefill: one body), the experience pass one group times the groups, the update one micro-batch step times
-    the ``epochs x batch / mini-batch`` micro-batch steps (the optimizer step and pre-epoch maths, a few
-    percent, are counted that many times too: an upper bound; a micro-batch of fewer rows than the batch
-    shards is costed as one row per shard, as each device then computes at least one). The relevance encoder
-    has no loop.
+    prefill: one body; a group method's prompts are costed as prefilled on every row, an upper bound), the
+    experience pass one group times the groups, the update one micro-batch step of the run's algorithm
+    (``Algorithm.micro``) times its ``micro_steps`` (the optimizer step and once-per-batch maths, a few percent,
+    are counted that many times too: an upper bound; a micro-batch of fewer rows than the batch shards is
+    costed as one row per shard, as each device then computes at least one). The relevance encoder has no loop.
     """
-    from rre_jax import policy, ppo, programs, train
-    B, N, pc = spec.ppo.batch_size, spec.sampling.max_new_tokens, spec.ppo
-    T = -(-int(config.data.max_prompt_length) // int(config.data.bucket)) * int(config.data.bucket)
-    shards = lay.mesh.shape["data"] * lay.mesh.shape["fsdp"]
-    group = train.experience_rows(pc, shards)
+    B, N, pc, algo = spec.ppo.batch_size, spec.sampling.max_new_tokens, spec.ppo, spec.algorithm
+    T = prompt_bucket(config)
+    shards = lay.batch_shards
+    group = assemble.experience_rows(pc, shards)
     m_rows = -(-pc.mini_batch_size // shards) * shards  # a micro-batch smaller than the shards: one row each
     micro = dataclasses.replace(pc, batch_size=m_rows, mini_batch_size=m_rows, gradient_accumulation_steps=1,
                                 ppo_epochs=1)
+    micro_algo = algo.micro(m_rows)
+    eos, pad, _ = token_facts(config)
     lora_cfg = spec.lora if spec.mode == "lora" else None
     at = {}
     for L in (1, 2):
         p1 = dataclasses.replace(pcfg, num_hidden_layers=L)
         pspec = policy.PolicySpec(p1, spec.mode, spec.lora, spec.critic, spec.remat, mesh=lay.mesh, rules=lay.rules)
         frozen, _ = programs.llama_params(p1, layout="per_layer")
-        st = programs.state_layout(lay, pspec, spec.algorithm, micro, frozen, "per_layer")
-        progs = {"sampler": programs.build_sampler(lay, p1, spec.sampling, 2, 0, lora_cfg, B, T, "per_layer"),
+        st = programs.state_layout(lay, pspec, micro_algo, micro, frozen, "per_layer")
+        progs = {"sampler": programs.build_sampler(lay, p1, spec.sampling, eos, pad, lora_cfg, B, T, "per_layer"),
                  "prefill": programs.build_prefill(lay, p1, lora_cfg, B, T, N, "per_layer"),
-                 "experience": programs.build_experience(lay, pspec, spec.algorithm, st, group, T, N, None,
-                                                         "per_layer"),
-                 "update": programs.build_update(lay, pspec, ppo.PPO(micro), st, m_rows, T, N, "per_layer")}
+                 "experience": programs.build_experience(lay, pspec, algo, st, group, T, N, None, "per_layer"),
+                 "update": programs.build_update(lay, pspec, micro_algo, st, micro_algo_rows(micro_algo, m_rows),
+                                                 T, N, "per_layer")}
         if gcfg is not None:
             g1 = dataclasses.replace(gcfg, num_hidden_layers=L)
             G = -(-int(config.gold_rm.batch_size) // shards) * shards
@@ -319,7 +286,7 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
     prefill, sampler = full("prefill", Lp), full("sampler", Lp)
     out = {"rollout": add(prefill, mul((sampler[0] - prefill[0], sampler[1] - prefill[1]), N)),
            "experience": mul(full("experience", Lp), B // group),
-           "update": mul(full("update", Lp), pc.ppo_epochs * B // pc.mini_batch_size)}
+           "update": mul(full("update", Lp), algo.micro_steps)}
     if needs_rel:
         out["relevance (per call)"] = next((r.flops, r.bytes_accessed) for r in rows if r.name == "relevance")
     if gcfg is not None:
@@ -327,9 +294,15 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
     return out
 
 
+def micro_algo_rows(micro_algo, rows: int) -> int:
+    """Rows of the micro-batch unit ``micro_algo`` was built for (a group method rounds them to whole groups)."""
+    cfg = getattr(micro_algo, "cfg", None)
+    return int(getattr(cfg, "batch_size", rows))
+
+
 def main(config, report: str = "") -> int:
     """``rre-train --compile_only``: 0 when every program fits, 1 when one does not (config errors raise)."""
     if config.mesh.get("topology", ""):
         gen, dims = parse_topology(str(config.mesh.topology))
-        _quiet_libtpu(gen, math.prod(dims))  # before the first backend use
+        quiet_libtpu(gen, math.prod(dims))  # before the first backend use
     return compile_run(config, report)

@@ -48,7 +48,16 @@ import os
 import pathlib
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
+
+from rre_jax import alignment_tax as at, assemble, checkpoint, evaluate, host_arrays, policy, sampled_kl, sampling
+from rre_jax.configs import loader
+from rre_jax.data import batching, prompts as prompts_lib, templates
+from rre_jax.run_spec import validate
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +68,6 @@ FEATURES = ("li", "rp", "qr", "ar")
 
 def config_from_checkpoint(ckpt, step: int):
     """The config ``rre-train`` saved in the meta of checkpoint ``step``."""
-    import ml_collections
     meta = ckpt.restore_meta(step)
     if "config" not in meta:
         raise ValueError(f"checkpoint {step} in {ckpt.directory} saved no config in its meta; pass --config")
@@ -68,7 +76,6 @@ def config_from_checkpoint(ckpt, step: int):
 
 def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
     """``config`` with each ``(field, text)`` override (``--config.a.b=v`` on the command line) applied."""
-    from rre_jax.configs import loader
     for key, raw in overrides:
         loader.override(config, key, raw)
     return config
@@ -76,7 +83,6 @@ def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
 
 def open_checkpoints(workdir: str):
     """The run's `checkpoint.CheckpointManager`; a workdir without ``checkpoints/`` is an error (nothing created)."""
-    from rre_jax import checkpoint
     if "://" not in str(workdir) and not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"--workdir {workdir!r} holds no checkpoints/ directory; is it a run's workdir?")
     return checkpoint.CheckpointManager(workdir)
@@ -100,15 +106,13 @@ def resolve_steps(ckpt, steps: Sequence[int] | None) -> list[int]:
 def eval_batching(config, spec, batch_size: int | None):
     """The `batching.BatchingConfig` of an eval at global batch ``batch_size`` (``--batch-size``; default
     ``config.ppo.batch_size``), which must split evenly over the mesh's data x fsdp devices."""
-    import jax
 
-    from rre_jax import train
     rows = spec.mesh.resolved_shape(spec.mesh.num_devices or jax.device_count())
     batch_size = int(batch_size or spec.ppo.batch_size)
     if batch_size <= 0 or batch_size % (rows[0] * rows[1]):
         raise ValueError(f"--batch-size {batch_size} must be a positive multiple of the mesh's data x fsdp = "
                          f"{rows[0] * rows[1]} devices")
-    return train.batching_config(config, batch_size)
+    return assemble.batching_config(config, batch_size)
 
 
 # ======================================================================================= checks
@@ -140,7 +144,6 @@ def check_store(out_dir, steps: Sequence[int], instructions: Sequence[str], *, o
                 skip_existing: bool) -> list[int]:
     """The steps to sample. Stored steps are kept unless ``overwrite``; every stored step that stays must hold the
     same prompts in the same order as ``instructions`` (else its means are not comparable)."""
-    from rre_jax import evaluate
     stored = evaluate.list_steps(out_dir)
     existing = [s for s in steps if s in stored]
     if existing and not (overwrite or skip_existing):
@@ -165,18 +168,16 @@ def sample_step(run, state, step: int, scfg, seed: int, bar=None, kl: bool = Tru
     "comps": {component: f32[N]}}`` over the kept prompts, in order; with ``kl`` also ``"log_ratio": f64[N]``,
     each response's summed log pi - log pi_ref under the sampling settings (`rre_jax.sampled_kl`). ``group``: the
     rows of every batch come in groups of that many copies of one prompt (``rre-bon``), each prefilled once."""
-    import jax
-    import jax.numpy as jnp
 
-    from rre_jax import host_arrays, sampled_kl, train
     index, texts, n_tokens, comps = [], [], [], {}
     key = jax.random.fold_in(jax.random.key(seed), step)
     for i, b in enumerate(run.dev.batches()):
         ids_BxT, mask_BxT = run.to_global(b.ids_BxT), run.to_global(b.mask_BxT)
-        roll, mask_BxN, c, t, _ = train.sample_and_score(run, state, ids_BxT, mask_BxT, b.index_B,
+        roll, mask_BxN, c, t, _ = assemble.sample_and_score(run, state, ids_BxT, mask_BxT, b.index_B,
                                                          jax.random.fold_in(key, i), scfg, group=group)
         if kl:  # every sampled token (the raw mask): the KL of the sampled responses, before the stop-string cut
-            ratio = sampled_kl.jitted_log_ratio(run.policy, b.ids_BxT.shape[1], scfg)(
+            (B, T), N = ids_BxT.shape, roll.tokens_BxN.shape[1]
+            ratio = run.programs.log_ratio(scfg, B, T, N)(
                 state["trainable"], run.frozen, jnp.concatenate([ids_BxT, roll.tokens_BxN], 1),
                 jnp.concatenate([mask_BxT, roll.mask_BxN], 1))
             c = {**c, "log_ratio": run.to_local(ratio)}
@@ -204,14 +205,12 @@ def proxy_scores(comps: dict, train_proxy: str) -> dict:
 
 def step_rollouts(run, step: int, sampled: dict, gold, scfg, seed: int, extra: dict):
     """The `evaluate.StepRollouts` of one checkpoint from `sample_step`'s output and the gold scores."""
-    from rre_jax import evaluate
     recs = [run.dev.records[i] for i in sampled["index"]]
     comps = sampled["comps"]
     if "log_ratio" in comps and not np.all(np.isfinite(comps["log_ratio"])):
         log.warning("step %d: the sampled KL is infinite (top-k / top-p: the reference gives a sampled token zero "
                     "probability); it is not recorded and the step stays off the RL curves", step)
     elif "log_ratio" in comps:  # the RL curves' distance (`evaluate.curves.rl_curves`)
-        from rre_jax import sampled_kl
         extra = {**extra, "kl": {**sampled_kl.estimate(comps["log_ratio"]),
                                  "log_ratio": comps["log_ratio"].tolist()}}
     return evaluate.StepRollouts(
@@ -246,8 +245,6 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
               max_new_tokens: int = 512, batch_size: int | None = None, seed: int | None = None,
               n_boot: int = 1000) -> EvalPlan:
     """Check every input and load the models; raises (naming the file, step or field) before any sampling."""
-    from rre_jax import sampling, train
-    from rre_jax.data import prompts as prompts_lib
     ckpt = open_checkpoints(workdir)
     steps = resolve_steps(ckpt, steps)
     latest = steps[-1] or ckpt.all_steps()[-1]  # step 0 (the initial policy) has no checkpoint meta
@@ -256,18 +253,18 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
     records = prompts_lib.load_prompts(eval_set, missing_qtype=config.data.missing_qtype)
     if not records:
         raise ValueError(f"eval set {eval_set!r} holds no prompts")
-    basics = train.open_basics(config, workdir)
+    basics = assemble.open_basics(config, validate(config), workdir)
     spec, mesh, paths, tokenizer = basics
-    dev = train.prompt_set(records, tokenizer, eval_batching(config, spec, batch_size))
+    dev = assemble.prompt_set(records, tokenizer, eval_batching(config, spec, batch_size))
     out_dir = pathlib.Path(out or os.path.join(workdir, "eval"))
     todo = check_store(out_dir, steps, [records[i].instruction for i in dev.prompts.index], overwrite=overwrite,
                        skip_existing=skip_existing)
     run = None
     if todo:
-        gold = train.gold_rm(config, spec, paths, mesh)  # checks the gold tokenizer before the policy loads
+        gold = assemble.gold_rm(config, spec, paths, mesh)  # checks the gold tokenizer before the policy loads
         if gold is None:
             log.warning("the run has no gold RM (config.gold_rm.path is empty): gold scores are stored as NaN")
-        run = train.build_for_eval(config, basics, workdir, dev, gold=gold)
+        run = assemble.for_eval(config, basics, workdir, dev, gold=gold)
     seed = int(config.seed if seed is None else seed)
     extra = {"run": config.name, "split": "eval", "eval_set": os.path.abspath(eval_set),
              "eval_set_sha256": file_sha256(eval_set), "checkpoints": str(ckpt.directory),
@@ -281,19 +278,15 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
 
 def run_eval(plan: EvalPlan, progress: bool = True) -> dict:
     """Sample, score and store every planned step, then rebuild the report; returns the report's summary."""
-    import jax
-    from tqdm.auto import tqdm
 
-    from rre_jax import evaluate, train
-    from rre_jax.data import templates
     if plan.steps:
         records = plan.run.dev.records
         bar = tqdm(total=len(plan.steps) * plan.run.dev.num_batches(), desc="rre-eval", unit="batch",
                    disable=not progress or jax.process_index() != 0)
         for step in plan.steps:
             bar.set_postfix(step=step)
-            state = (train.restore(plan.run, plan.ckpt, step)[0] if step  # 0: the initial policy
-                     else train.init_state(plan.run, jax.random.key(int(plan.run.config.seed))))
+            state = (assemble.restore(plan.run, plan.ckpt, step)[0] if step  # 0: the initial policy
+                     else assemble.init_state(plan.run, jax.random.key(int(plan.run.config.seed))))
             sampled = sample_step(plan.run, state, step, plan.scfg, plan.seed, bar)
             gold = None
             if plan.run.gold is not None:
@@ -318,10 +311,7 @@ def evaluate_checkpoints(workdir: str, eval_set: str, progress: bool = True, **k
 def greedy_generate(run, state, texts: Sequence[str], *, max_new_tokens: int, max_prompt_length: int,
                     batch_size: int) -> list[str]:
     """Greedy continuations (new text only, special tokens skipped, not cut) of already-templated prompts."""
-    import jax
 
-    from rre_jax import host_arrays, policy, sampling
-    from rre_jax.data import batching
     tok = run.tokenizer
     scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=max_new_tokens)
     params, adapters = policy.sampling_params(run.policy, state["trainable"], run.frozen)
@@ -363,7 +353,6 @@ def plan_alignment_tax(workdir: str, step: int, tasks_dir: str, *, config=None, 
                        max_instances: int = 100, max_new_tokens: int = 128, max_prompt_length: int = 512,
                        batch_size: int | None = None, out: str | None = None, overwrite: bool = False) -> TaxPlan:
     """Check the step, the task files and the output path, then restore the policy (nothing generated yet)."""
-    from rre_jax import alignment_tax as at, train
     ckpt = open_checkpoints(workdir)
     step, = resolve_steps(ckpt, [step])
     config = apply_overrides(config if config is not None else config_from_checkpoint(ckpt, step), overrides)
@@ -373,19 +362,17 @@ def plan_alignment_tax(workdir: str, step: int, tasks_dir: str, *, config=None, 
     out = pathlib.Path(out or os.path.join(workdir, "alignment_tax", f"step_{step}.jsonl"))
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already holds alignment-tax predictions; pass --overwrite to replace them")
-    basics = train.open_basics(config, workdir)
-    no_prompts = train.PromptSet([], None, eval_batching(config, basics.spec, batch_size))  # batch size only
-    run = train.build_for_eval(config, basics, workdir, no_prompts, scoring=False)
-    state, _ = train.restore(run, ckpt, step)
+    basics = assemble.open_basics(config, validate(config), workdir)
+    no_prompts = assemble.PromptSet([], None, eval_batching(config, basics.spec, batch_size))  # batch size only
+    run = assemble.for_eval(config, basics, workdir, no_prompts, scoring=False)
+    state, _ = assemble.restore(run, ckpt, step)
     ckpt.close()
     return TaxPlan(run, state, step, instances, out, max_new_tokens, max_prompt_length)
 
 
 def run_alignment_tax(plan: TaxPlan) -> dict:
     """Generate, score (`alignment_tax.run`) and write predictions + metrics; returns the metrics."""
-    import jax
 
-    from rre_jax import alignment_tax as at
     batch = plan.run.dev.batching.global_batch_size
     generate = lambda prompts: greedy_generate(plan.run, plan.state, prompts,  # noqa: E731
                                                max_new_tokens=plan.max_new_tokens,

@@ -13,6 +13,8 @@ import os
 import sys
 import tempfile
 
+from rre_jax import metrics
+
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -73,7 +75,6 @@ def _where(workdir: str, name: str, what: str) -> str | None:
 
 def train_summary(workdir: str, *, command: str = "rre-train", log_file: str = "", eval_set: str = "") -> str:
     """The closing lines of ``rre-train``: steps, proxy and gold first -> last, where the outputs are, next."""
-    from rre_jax import metrics
     rows = metrics.read_metrics(workdir)
     steps = [r["step"] for r in rows if r.get("reward/proxy") is not None]
     saves = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))

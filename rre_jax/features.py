@@ -106,6 +106,13 @@ def class_bitsets() -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
+def table_shapes(vocab: int, token_bytes: int) -> FeatureTables:
+    """The shapes and dtypes of ``feature_tables`` for a ``vocab`` x ``token_bytes`` byte table (nothing computed)."""
+    C = N_CODE_POINTS // 32
+    return FeatureTables(jax.ShapeDtypeStruct((vocab, token_bytes), jnp.uint8), jax.ShapeDtypeStruct((vocab,), jnp.int32),
+                         jax.ShapeDtypeStruct((C,), jnp.uint32), jax.ShapeDtypeStruct((C,), jnp.uint32))
+
+
 def feature_tables(table: ByteTable) -> FeatureTables:
     """Device arrays for ``text_features`` (put them once; they are arguments, not jit constants)."""
     word_C, space_C = class_bitsets()

@@ -11,8 +11,11 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from rre_jax.data import batching
+from rre_jax import mesh as mesh_lib, programs as programs_lib, tokenizer as tok_lib
+from rre_jax.data import batching, templates
+from rre_jax.models import from_pretrained, llama, Pretrained
 
 
 class GoldRM:
@@ -26,9 +29,8 @@ class GoldRM:
     """
 
     def __init__(self, path: str, *, tokenizer_path: str = "", max_length: int = 2048, batch_size: int = 4,
-                 layout: str = "auto", mesh=None, rules=None, is_random: bool = False, placement: str = "device"):
-        from rre_jax import tokenizer as tok_lib
-        from rre_jax.models import from_pretrained, sequence_scores
+                 layout: str = "auto", mesh=None, rules=None, is_random: bool = False, placement: str = "device",
+                 programs=None):
         tok_dir = tokenizer_path or path
         if not os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")) and not os.path.exists(
                 os.path.join(tok_dir, "tokenizer.json")):
@@ -39,9 +41,8 @@ class GoldRM:
         kw = {} if rules is None else {"rules": rules}
         if placement not in ("device", "host"):
             raise ValueError(f"gold_rm.placement={placement!r}; choose 'device' or 'host'")
-        self.placement, self._mesh, self._rules = placement, mesh, rules
+        self.placement = placement
         if placement == "host":  # kept in host memory; brought onto the mesh for each score() call only
-            from rre_jax.models import Pretrained, llama
             kind, cfg, params = llama.load_pretrained(path, device=jax.devices("cpu")[0])
             self.model = Pretrained(kind, cfg, params)
         else:
@@ -53,34 +54,38 @@ class GoldRM:
         self.pad_id = 0 if self.layout == "starling" else (self.tokenizer.pad_token_id or 0)
         self.max_length, self.batch_size, self.path = max_length, batch_size, path
         self.is_random = is_random or marked_random(path)
-        self._score = jax.jit(lambda p, ids, m: sequence_scores(self.model, p, ids, m, layout=self.layout)[:, 0])
+        if programs is None:
+            if mesh is None:
+                mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 1, 1)), jax.local_devices()[:1])
+            lay = programs_lib.Layout(mesh, rules if rules is not None else mesh_lib.DEFAULT_RULES)
+            programs = programs_lib.GoldPrograms(lay, self.model.config, self.layout)
+        self.programs = programs
+        # rows of a scoring batch: batch_size, rounded up to a multiple of the devices the rows are split over
+        self.rows = -(-batch_size // programs.layout.batch_shards) * programs.layout.batch_shards
 
     def inputs(self, prompts, responses) -> list[str]:
-        from rre_jax.data import templates
         return [templates.starling_input(templates.starling_query(p), r) for p, r in zip(prompts, responses)]
 
-    def _device_params(self):
-        """The params on the mesh: as loaded (``device``), or brought in from host memory (``host``)."""
-        if self.placement == "device" or self._mesh is None:
-            return self.model.params
-        from rre_jax import mesh as mesh_lib
-        from rre_jax.models import llama
-        _, specs = mesh_lib.abstract_params(llama.abstract_init_fn(self.model.config, head="score"))
-        rules = self._rules if self._rules is not None else mesh_lib.DEFAULT_RULES
-        return jax.device_put(self.model.params, mesh_lib.logical_shardings(specs, self._mesh, rules))
-
     def score(self, prompts, responses):
-        """Gold scores ``f32[N]`` of (templated or raw) prompts and response texts."""
-        params = self._device_params()  # host placement: freed when this call returns
+        """Gold scores ``f32[N]`` of (templated or raw) prompts and response texts. The program's input shardings
+        bring host-placed weights onto the mesh for the call (freed when it returns)."""
         texts = self.inputs(prompts, responses)
         rows = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
         out = np.zeros(len(rows), np.float32)
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
+        for start in range(0, len(rows), self.rows):
+            chunk = rows[start:start + self.rows]
             T = batching.pow2_bucket(max(len(r) for r in chunk), 16, self.max_length)
-            ids_BxT, mask_BxT = batching.pad_right(chunk, T, self.batch_size, self.pad_id)
-            out[start:start + len(chunk)] = np.asarray(self._score(params, ids_BxT, mask_BxT))[:len(chunk)]
+            ids_BxT, mask_BxT = batching.pad_right(chunk, T, self.rows, self.pad_id)
+            scores = self.programs.score(self.rows, T)(self.model.params, ids_BxT, mask_BxT)
+            out[start:start + len(chunk)] = np.asarray(jax.device_get(_whole(scores)))[:len(chunk)]
         return out
+
+
+def _whole(x):
+    """A scores array spread over hosts -> the whole array on every host (a collective)."""
+    if x.is_fully_addressable:
+        return x
+    return multihost_utils.process_allgather(x, tiled=True)
 
 
 def marked_random(path: str) -> bool:

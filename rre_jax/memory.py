@@ -26,8 +26,8 @@ import jax.extend.core as jax_core
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from rre_jax import mesh as mesh_lib, policy
-from rre_jax.models import llama, lora as lora_lib
+from rre_jax import mesh as mesh_lib, policy, ppo, reward
+from rre_jax.models import bert, llama, lora as lora_lib
 
 PRESETS = {
     "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -81,7 +81,6 @@ def bert_params(vocab: int = 30522, hidden: int = 768, layers: int = 12, ffn: in
 def relevance_bytes(mesh_shape: dict[str, int], rules) -> int:
     """One device's share of the relevance encoder (BERT-base, float32: facebook/contriever's shape), sharded
     by the run's rules as ``rre_jax.programs.build_relevance`` places it."""
-    from rre_jax.models import bert
     abstract, specs = mesh_lib.abstract_params(bert.init_fn(bert.BertConfig(30522, 768, 12, 12, 3072, 512),
                                                             np.float32))
     return mesh_lib.bytes_per_device(abstract, specs, mesh_shape, rules)
@@ -227,7 +226,6 @@ def _trainable_bytes(config, pspec: policy.PolicySpec, base: dict) -> tuple[str,
     """``(plan line name, trainable bytes, optimizer-state bytes)`` per device: LoRA + value head, policy + value
     head (shared critic) or policy + critic copies, and Adam's moments in proportion (``jax.eval_shape`` of the
     run's optax init)."""
-    from rre_jax import ppo
     frozen, _ = abstract_llama(pspec.cfg)
     trainable = jax.eval_shape(lambda b, r: policy.init_trainable(pspec, b, r), frozen, jax.random.key(0))
     opt = jax.eval_shape(ppo.make_optimizer(ppo.PPOConfig.from_config(config.ppo)).init, trainable)
@@ -277,7 +275,6 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     Architectures come from ``config.plan`` (a name in ``PRESETS`` or a checkpoint directory); ``num_devices``
     resolves a ``-1`` in the mesh shape (default: local devices).
     """
-    from rre_jax import reward
     rules = tuple(tuple(r) for r in config.mesh.rules)
     mesh_shape, devices = _resolved_mesh(config, num_devices)
     batch_shards, tensor = mesh_shape["data"] * mesh_shape["fsdp"], mesh_shape["tensor"]

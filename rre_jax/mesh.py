@@ -20,6 +20,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+
+from rre_jax import topology
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +81,7 @@ class MeshConfig:
                                      f"mesh axes are {MESH_AXES}")
         object.__setattr__(self, "rules", rules)
         if self.topology:
-            from rre_jax import aot  # the known TPU generations and the name syntax
-            aot.parse_topology(self.topology)
+            topology.parse_topology(self.topology)  # the known TPU generations and the name syntax
 
     @classmethod
     def from_config(cls, cfg) -> "MeshConfig":
@@ -113,7 +115,6 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     """The global mesh with axes ``('data', 'fsdp', 'tensor')`` over ``devices`` (default: all)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.resolved_shape(len(devices))
-    from jax.experimental import mesh_utils
     try:  # an order that follows the physical links (TPU torus); CPU and GPU devices come back in plain order
         arr = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError) as e:

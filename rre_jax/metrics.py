@@ -12,6 +12,7 @@ import os
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -21,7 +22,6 @@ class MetricWriter:
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict) -> None:

@@ -19,6 +19,7 @@ import signal
 import threading
 
 import jax
+from jax._src import distributed
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 def _coordinated() -> bool:
     """Whether the JAX coordination service (``jax.distributed``) runs in this process."""
-    from jax._src import distributed
     return distributed.global_state.client is not None
 
 
@@ -40,7 +40,6 @@ class Watch:
 
     def __enter__(self) -> "Watch":
         if self._coordinated:
-            from jax._src import distributed
             if distributed.global_state.preemption_sync_manager is None:
                 log.warning("jax_enable_preemption_service is off: a SIGTERM stops this run without a checkpoint "
                             "(the last save is where it resumes)")

@@ -18,6 +18,7 @@ tokens, ``G`` gold-RM rows of ``Lg`` tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -25,8 +26,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rre_jax import algorithms, compiled, mesh as mesh_lib, policy, ppo, rollout, sampling
-from rre_jax.models import bert, llama, lora as lora_lib
+from rre_jax import algorithms, compiled, features, mesh as mesh_lib, policy, ppo, rollout, sampled_kl, sampling
+from rre_jax.models import bert, llama, lora as lora_lib, sequence_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,13 @@ class Layout:
 
     def batch(self, ndim: int) -> NamedSharding:
         return self.sharding("batch", *(None,) * (ndim - 1))
+
+    @property
+    def batch_shards(self) -> int:
+        """Devices the ``batch`` axis is split over: a batch holds a multiple of this many rows."""
+        axes = self.batch(1).spec[0]
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return math.prod(self.mesh.shape[a] for a in axes)
 
 
 # =================================================================================== shapes and logical specs
@@ -201,7 +209,7 @@ def build_cache(lay: Layout, cfg: llama.LlamaConfig, B: int, length: int) -> Pro
 
 def build_sampler(lay: Layout, cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id: int, pad_id: int,
                   lora_cfg: lora_lib.LoraConfig | None, B: int, T: int, layout: str = "stacked",
-                  group: int = 1) -> Program:
+                  group: int = 1, name: str = "sampler") -> Program:
     """``(params, ids_BxT, mask_BxT, rng, lora, cache) -> (Rollout, cache)``: the cache is donated and returned,
     so XLA decodes in the argument's buffer (the caller drops the returned cache). ``group``: rows come in groups
     of that many copies of one prompt, prefilled once (`rollout.sample`)."""
@@ -218,7 +226,7 @@ def build_sampler(lay: Layout, cfg: llama.LlamaConfig, scfg: sampling.SamplingCo
     cache = jax.eval_shape(lambda: llama.init_cache(cfg, B, T + scfg.max_new_tokens))
     args = (params, *_ids_and_mask(lay, B, T), _abstract(_key(), lay.replicated), lora, _abstract(cache, cache_sh))
     jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(5,))
-    return Program("sampler", jitted, args, in_sh, out_sh, (5,))
+    return Program(name, jitted, args, in_sh, out_sh, (5,))
 
 
 # =================================================================================== experience and update
@@ -278,24 +286,43 @@ def build_update(lay: Layout, pspec: policy.PolicySpec, algo: algorithms.Algorit
 
 # =================================================================================== reward models
 
-def build_relevance(lay: Layout, cfg: bert.BertConfig, R: int, L: int, dtype=jnp.float32, precision=None) -> Program:
-    """``(params, ids_RxL, mask_RxL) -> f32[R, D]``: mean-pooled relevance embeddings of padded rows."""
+def build_relevance(lay: Layout, cfg: bert.BertConfig, R: int, L: int, dtype=jnp.float32, precision=None,
+                    looped: bool = False) -> Program:
+    """``(params, ids_RxL, mask_RxL) -> f32[R, D]``: mean-pooled relevance embeddings of padded rows, rows split
+    over the batch axes (``looped``: XLA:CPU's attention layout, ``bert.attention``)."""
     abstract, specs = mesh_lib.abstract_params(bert.init_fn(cfg, dtype))
     params_sh = lay.tree(specs)
     b2 = lay.batch(2)
     axes = b2.spec[0]
 
     def fn(params, ids, mask):
-        return bert.embed(params, cfg, ids, mask, precision=precision, mesh=lay.mesh, batch_axes=axes)
+        return bert.embed(params, cfg, ids, mask, precision=precision, mesh=lay.mesh, batch_axes=axes,
+                          looped_attention=looped)
     in_sh, out_sh = (params_sh, b2, b2), b2
     args = (_abstract(abstract, params_sh), _abstract(_ints(R, L), b2), _abstract(_ints(R, L), b2))
+    return Program("relevance", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
+
+
+def build_relevance_packed(lay: Layout, cfg: bert.BertConfig, n: int, windows: tuple[int, ...], dtype=jnp.float32,
+                           precision=None) -> Program:
+    """``(params, ids_N, positions_N, segments_N, offsets_S, lengths_S, bounds) -> f32[S, D]``: the embeddings of
+    texts packed one after another in a stream of ``n`` tokens (``bert.embed_packed``; one device: the layout
+    XLA:CPU runs fastest), everything replicated on the layout's mesh."""
+    abstract, specs = mesh_lib.abstract_params(bert.init_fn(cfg, dtype))
+    params_sh = lay.tree(specs)
+    rep = lay.replicated
+    stream = tuple(_abstract(_ints(n), rep) for _ in range(5)) + (_abstract(_ints(len(windows) + 1), rep),)
+
+    def fn(params, *arrays):
+        return bert.embed_packed(params, cfg, *arrays, windows=windows, precision=precision)
+    in_sh, out_sh = (params_sh,) + (rep,) * 6, rep
+    args = (_abstract(abstract, params_sh),) + stream
     return Program("relevance", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
 
 
 def build_gold(lay: Layout, cfg: llama.LlamaConfig, pooling: str, G: int, L: int, layout: str = "stacked") -> Program:
     """``(params, ids_GxL, mask_GxL) -> f32[G]``: gold-RM scores (``models.sequence_scores``, first label,
     ``pooling``: its ``layout``, 'starling' or 'seq_cls')."""
-    from rre_jax.models import sequence_scores
     params, params_sh = _weights(lay, cfg, layout, head="score")
     b2 = lay.batch(2)
     in_sh, out_sh = (params_sh, b2, b2), lay.batch(1)
@@ -306,30 +333,146 @@ def build_gold(lay: Layout, cfg: llama.LlamaConfig, pooling: str, G: int, L: int
     return Program("gold", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
 
 
+def build_features(lay: Layout, vocab: int, token_bytes: int, stop_strings: tuple[str, ...], B: int, N: int,
+                   max_bytes: int | None = None, total_bytes: int | None = None) -> Program:
+    """``(tables, ids_BxN, mask_BxN) -> features.Features``: LI, RP and the stop-string cut of ``B`` responses of
+    ``N`` tokens (``features.text_features``: the responses are packed into one byte stream, so the rows meet
+    on every device). Rows and results are batch-sharded when ``B`` splits over the batch shards (a rollout),
+    replicated otherwise (a few stored texts). ``vocab`` x ``token_bytes``: the tokenizer's byte table."""
+    rep = lay.replicated
+    split = B % lay.batch_shards == 0
+    b1, b2 = (lay.batch(1), lay.batch(2)) if split else (rep, rep)
+    tables = features.table_shapes(vocab, token_bytes)
+    tables_sh = jax.tree.map(lambda _: rep, tables)
+
+    def fn(tables, ids_BxN, mask_BxN):
+        return features.text_features(ids_BxN, mask_BxN, tables, stop_strings, max_bytes, total_bytes)
+    in_sh = (tables_sh, b2, b2)
+    out_sh = features.Features(*(b1,) * len(features.Features._fields))
+    args = (_abstract(tables, tables_sh), _abstract(_ints(B, N), b2), _abstract(_ints(B, N), b2))
+    return Program("features", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
+
+
+def build_log_ratio(lay: Layout, pspec: policy.PolicySpec, st: StateLayout, scfg: sampling.SamplingConfig, B: int,
+                    T: int, N: int, layout: str = "stacked") -> Program:
+    """``(trainable, frozen, ids_BxS, mask_BxS) -> f32[B]``: each response's summed log pi - log pi_ref under the
+    sampling settings ``scfg`` (``sampled_kl``: the RL curves' distance, scored by ``rre-eval``)."""
+    def fn(trainable, frozen, ids_BxS, mask_BxS):
+        return sampled_kl.log_ratio(pspec, trainable, frozen, ids_BxS, mask_BxS, T, scfg)
+    frozen, frozen_sh = _weights(lay, pspec.cfg, layout)
+    in_sh = (st.shardings["trainable"], frozen_sh, lay.batch(2), lay.batch(2))
+    args = (st.target()["trainable"], frozen, *_ids_and_mask(lay, B, T + N))
+    out_sh = lay.batch(1)
+    return Program("log_ratio", jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), args, in_sh, out_sh)
+
+
 # =================================================================================== a run's programs
 
-class RunPrograms:
-    """The programs a training run calls, built on first use and compiled ahead of their first call
-    (``compiled.AheadOfTime``): one executable per program and prompt bucket ``T``.
+class ProgramSet:
+    """Executables of a family of programs: one per key, compiled ahead of its first call
+    (``compiled.AheadOfTime``), each kept with the `Program` it was built from (``programs()``).
 
     Inputs are brought to each program's input shardings before the call (a no-op when they already are), so an
-    array laid out differently by an earlier op never costs a recompilation.
+    array laid out differently by an earlier op never costs a recompilation."""
+
+    def __init__(self):
+        self._exes: dict = {}
+        self._built: dict = {}
+
+    def _get(self, key, build: Callable[[], Program]):
+        if key not in self._exes:
+            prog = build()
+            self._built[key] = prog
+            self._exes[key] = compiled.AheadOfTime(prog.jitted, prog.in_shardings)
+        return self._exes[key]
+
+    def programs(self) -> dict:
+        """``{key: Program}`` of every program built so far."""
+        return dict(self._built)
+
+    def executables(self) -> dict:
+        """``{key: compiled.AheadOfTime}`` of every program built so far."""
+        return dict(self._exes)
+
+    def compiled_counts(self) -> dict:
+        """Executables per program name (a rise after warm-up means a recompilation)."""
+        out: dict = {}
+        for key, exe in self._exes.items():
+            out[key[0]] = out.get(key[0], 0) + exe._cache_size()
+        return out
+
+
+class FeaturePrograms(ProgramSet):
+    """The white-box features of one tokenizer's byte table (``vocab`` x ``token_bytes``) and stop strings."""
+
+    def __init__(self, lay: Layout, vocab: int, token_bytes: int, stop_strings: tuple[str, ...]):
+        super().__init__()
+        self.layout, self.vocab, self.token_bytes, self.stop_strings = lay, vocab, token_bytes, tuple(stop_strings)
+
+    def features(self, B: int, N: int, max_bytes: int | None = None, total_bytes: int | None = None):
+        return self._get(("features", B, N, max_bytes, total_bytes), lambda: build_features(
+            self.layout, self.vocab, self.token_bytes, self.stop_strings, B, N, max_bytes, total_bytes))
+
+
+class RelevancePrograms(ProgramSet):
+    """The relevance encoder's forward: ``packed`` streams on one device (XLA:CPU's fastest layout, a text's
+    embedding the same bits whatever else is scored) or padded rows split over the layout's batch axes."""
+
+    def __init__(self, lay: Layout, cfg: bert.BertConfig, *, packed: bool, windows: tuple[int, ...],
+                 dtype=jnp.float32, precision=None, looped: bool = False):
+        super().__init__()
+        if packed and lay.mesh.size != 1:
+            raise ValueError("relevance: packed streams run on one device; give a one-device layout or use padded "
+                             "batches (packed=False)")
+        self.layout, self.cfg, self.packed, self.windows = lay, cfg, packed, tuple(windows)
+        self.dtype, self.precision, self.looped = dtype, precision, looped
+
+    def stream(self, n: int):
+        return self._get(("relevance", "packed", n), lambda: build_relevance_packed(
+            self.layout, self.cfg, n, self.windows, self.dtype, self.precision))
+
+    def padded(self, R: int, L: int):
+        return self._get(("relevance", "padded", R, L), lambda: build_relevance(
+            self.layout, self.cfg, R, L, self.dtype, self.precision, self.looped))
+
+
+class GoldPrograms(ProgramSet):
+    """The gold RM's scoring of ``G`` rows of ``L`` tokens, rows split over the batch axes."""
+
+    def __init__(self, lay: Layout, cfg: llama.LlamaConfig, pooling: str):
+        super().__init__()
+        self.layout, self.cfg, self.pooling = lay, cfg, pooling
+
+    def score(self, G: int, L: int):
+        return self._get(("gold", G, L), lambda: build_gold(self.layout, self.cfg, self.pooling, G, L))
+
+
+class RunPrograms(ProgramSet):
+    """The one list of a run's programs: every program the trainer, the evaluation commands and
+    ``--compile_only`` (``rre_jax.aot``) compile for a run comes from here, built from shapes with explicit
+    shardings on first use (``catalogue`` builds them all at the run's largest shapes, for the compiler).
+
+    ``init``, ``cache``, ``sampler``, ``experience``, ``update`` (the algorithm's, ``rre_jax.algorithms``) and
+    ``log_ratio`` (``rre-eval``'s sampled KL) here; ``features``, ``relevance`` and ``gold`` in the families
+    ``self.features``, ``self.relevance`` and ``self.gold`` the reward engine, the relevance encoder and the gold
+    RM call (None when the run has no such model).
     """
 
     def __init__(self, mesh, rules, pspec: policy.PolicySpec, algo: algorithms.Algorithm, pcfg: ppo.PPOConfig,
-                 frozen, *, eos_id: int, pad_id: int, experience_rows: int | None = None):
+                 frozen, *, eos_id: int, pad_id: int, experience_rows: int | None = None,
+                 features: FeaturePrograms | None = None, relevance: RelevancePrograms | None = None,
+                 gold: GoldPrograms | None = None):
+        super().__init__()
         self.layout = Layout(mesh, rules)
         self.pspec, self.algo, self.pcfg, self.rows = pspec, algo, pcfg, experience_rows
         self.eos_id, self.pad_id = eos_id, pad_id
         self.frozen_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
         self.state = state_layout(self.layout, pspec, algo, pcfg, self.frozen_abstract)
-        self._programs: dict = {}
+        self.features, self.relevance, self.gold = features, relevance, gold
 
-    def _get(self, key, build: Callable[[], Program]):
-        if key not in self._programs:
-            prog = build()
-            self._programs[key] = compiled.AheadOfTime(prog.jitted, prog.in_shardings)
-        return self._programs[key]
+    @property
+    def _lora_cfg(self):
+        return self.pspec.lora_cfg if self.pspec.mode == "lora" else None
 
     def init_state(self, frozen, rng):
         return self._get(("init",), lambda: build_init(self.layout, self.pspec, self.algo, self.pcfg,
@@ -337,29 +480,79 @@ class RunPrograms:
 
     def sampler(self, scfg: sampling.SamplingConfig, group: int = 1) -> Callable:
         """``(params, ids_BxT, mask_BxT, rng, lora) -> Rollout`` with a fresh sharded KV cache per call; ``group``:
-        rows come in groups of that many copies of one prompt (prefilled once)."""
-        lora_cfg = self.pspec.lora_cfg if self.pspec.mode == "lora" else None
+        rows come in groups of that many copies of one prompt (prefilled once). The training rollout's grouping
+        is ``sampler``; another (a group method's dev eval, ``rre-bon``) is ``eval_sampler``."""
+        name = "sampler" if group == self.algo.samples_per_prompt else "eval_sampler"
 
         def call(params, ids_BxT, mask_BxT, rng, lora):
             B, T = ids_BxT.shape
             cache = self._get(("cache", B, T + scfg.max_new_tokens), lambda: build_cache(
                 self.layout, self.pspec.cfg, B, T + scfg.max_new_tokens))()
-            exe = self._get(("sampler", scfg, group), lambda: build_sampler(
-                self.layout, self.pspec.cfg, scfg, self.eos_id, self.pad_id, lora_cfg, B, T, group=group))
+            exe = self._get((name, scfg, group, B, T), lambda: build_sampler(
+                self.layout, self.pspec.cfg, scfg, self.eos_id, self.pad_id, self._lora_cfg, B, T, group=group,
+                name=name))
             return exe(params, ids_BxT, mask_BxT, rng, lora, cache)[0]
         return call
 
     def experience(self, T: int, N: int):
-        return self._get(("experience", T), lambda: build_experience(
+        return self._get(("experience", T, N), lambda: build_experience(
             self.layout, self.pspec, self.algo, self.state, self.pcfg.batch_size, T, N, self.rows))
 
     def update(self, T: int, N: int):
-        return self._get(("update", T), lambda: build_update(self.layout, self.pspec, self.algo, self.state,
-                                                             self.pcfg.batch_size, T, N))
+        return self._get(("update", T, N), lambda: build_update(self.layout, self.pspec, self.algo, self.state,
+                                                                self.pcfg.batch_size, T, N))
+
+    def log_ratio(self, scfg: sampling.SamplingConfig, B: int, T: int, N: int):
+        return self._get(("log_ratio", scfg, B, T, N), lambda: build_log_ratio(
+            self.layout, self.pspec, self.state, scfg, B, T, N))
+
+    def families(self) -> list[ProgramSet]:
+        return [self] + [f for f in (self.features, self.relevance, self.gold) if f is not None]
+
+    def programs(self) -> dict:
+        """``{key: Program}`` of every program built so far, the families' included."""
+        out: dict = {}
+        for family in self.families():
+            out.update(ProgramSet.programs(family))
+        return out
+
+    def executables(self) -> dict:
+        """``{key: compiled.AheadOfTime}`` of every program built so far, the families' included."""
+        out: dict = {}
+        for family in self.families():
+            out.update(ProgramSet.executables(family))
+        return out
 
     def compiled_counts(self) -> dict:
-        """Executables per program (a rise after warm-up means a recompilation)."""
         out: dict = {}
-        for key, prog in self._programs.items():
-            out[key[0]] = out.get(key[0], 0) + prog._cache_size()
+        for family in self.families():
+            for name, n in ProgramSet.compiled_counts(family).items():
+                out[name] = out.get(name, 0) + n
+        return out
+
+    def catalogue(self, T: int, N: int, scfg: sampling.SamplingConfig, *, dev_eval: bool = True,
+                  relevance_shape=None, gold_shape=None) -> dict:
+        """``{name: Program}``: every program of the run at prompt bucket ``T`` and ``N`` new tokens, built by
+        the builders the run calls (nothing compiled, nothing allocated): what ``--compile_only`` compiles.
+        ``dev_eval``: the run samples a dev set (a group method's dev eval then has an ``eval_sampler``: one
+        response per prompt). ``relevance_shape`` / ``gold_shape``: the largest batch each scorer runs (a packed
+        stream's tokens, or ``(rows, tokens)``)."""
+        B, lay, G = self.pcfg.batch_size, self.layout, self.algo.samples_per_prompt
+        sampler = lambda group, name: build_sampler(lay, self.pspec.cfg, scfg, self.eos_id, self.pad_id,  # noqa: E731
+                                                    self._lora_cfg, B, T, group=group, name=name)
+        out = {"init": build_init(lay, self.pspec, self.algo, self.pcfg, self.frozen_abstract),
+               "cache": build_cache(lay, self.pspec.cfg, B, T + N), "sampler": sampler(G, "sampler"),
+               **({"eval_sampler": sampler(1, "eval_sampler")} if dev_eval and G > 1 else {}),
+               "experience": build_experience(lay, self.pspec, self.algo, self.state, B, T, N, self.rows),
+               "update": build_update(lay, self.pspec, self.algo, self.state, B, T, N)}
+        if self.features is not None:
+            f = self.features
+            out["features"] = build_features(f.layout, f.vocab, f.token_bytes, f.stop_strings, B, N)
+        if self.relevance is not None:
+            r = self.relevance
+            out["relevance"] = (build_relevance_packed(r.layout, r.cfg, relevance_shape, r.windows, r.dtype,
+                                                       r.precision) if r.packed else
+                                build_relevance(r.layout, r.cfg, *relevance_shape, r.dtype, r.precision, r.looped))
+        if self.gold is not None:
+            out["gold"] = build_gold(self.gold.layout, self.gold.cfg, self.gold.pooling, *gold_shape)
         return out

@@ -33,9 +33,13 @@ import json
 import os
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from rre_jax import reward, tokenizer as tok_lib
 from rre_jax.data import batching, prompts as prompts_lib, templates
+from rre_jax.models import causal_lm_logits, from_pretrained
 
 PROMPT = (
     "Decide whether a request to an AI assistant is constrained or open.\n"
@@ -80,11 +84,7 @@ class ZeroShotLabeller:
     """Scores `LABEL_WORDS` after `PROMPT` with a causal LM checkpoint (any Llama-family HF directory)."""
 
     def __init__(self, model_dir: str, tokenizer_dir: str = "", *, batch_size: int = 8, max_length: int = 1024):
-        import jax
-        import jax.numpy as jnp
 
-        from rre_jax import tokenizer as tok_lib
-        from rre_jax.models import causal_lm_logits, from_pretrained
         tok_dir = tokenizer_dir or model_dir
         if not any(os.path.exists(os.path.join(tok_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
             raise FileNotFoundError(f"labeller tokenizer not found in {tok_dir!r}; pass --tokenizer DIR")
@@ -128,7 +128,6 @@ def labels_from_scores(scores_Q, threshold: float = 0.0) -> list[str]:
 
 def random_labels(n: int, seed: int) -> list[str]:
     """The ``random`` qtype source of `reward.qtype_labels` as label names (same seed, same labels)."""
-    from rre_jax import reward
     flags = reward.qtype_labels(reward.preset("rer_random_qtype"), np.zeros(n, np.int32), seed)
     return ["CONSTRAINED" if f else "OPENENDED" for f in flags]
 

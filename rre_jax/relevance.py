@@ -25,16 +25,16 @@ Shapes: N texts, B batch rows, T tokens (bucketed), D hidden size.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
-from rre_jax import backend
+from rre_jax import backend, mesh as mesh_lib, programs as programs_lib
 from rre_jax.data import batching
 from rre_jax.models import bert
 
@@ -156,7 +156,6 @@ def encoder_path(value: str, field: str) -> str:
 
 def load_tokenizer(path: str):
     """The encoder's HF tokenizer from ``path``, truncating on the left, as the reference does."""
-    from transformers import AutoTokenizer
     names = ("tokenizer.json", "vocab.txt")
     if not any(os.path.exists(os.path.join(path, n)) for n in names):
         raise FileNotFoundError(f"{path}: no tokenizer files ({', '.join(names)}); the relevance encoder "
@@ -177,19 +176,38 @@ def _check_texts(texts):
         raise TypeError("texts must be a sequence of strings, got a single str (wrap it in a list)")
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_packed(cfg: bert.BertConfig, windows: tuple[int, ...], precision):
-    """One jitted ``embed_packed`` per encoder shape: encoders of one checkpoint (a run's reward engine,
-    its counterfactual presets, its evals, a second run in the same process) share their executables."""
-    return jax.jit(lambda p, *stream: bert.embed_packed(p, cfg, *stream, windows=windows, precision=precision))
+def encoder_mesh(mesh, process: int | None = None):
+    """Where a run's relevance encoder runs: None -- one CPU device, packed (``encoder_programs``' default, the
+    layout XLA:CPU runs fastest) -- when the run's devices are CPUs; else the run's mesh, or in a multi-process
+    run a mesh over ``process``'s own devices (default: this process): each host scores its own share of the
+    responses, so the encoder never waits on another host."""
+    first = mesh.devices.flat[0]
+    if first.platform == "cpu":
+        return None
+    process = jax.process_index() if process is None else process
+    mine = [d for d in mesh.devices.flat if d.process_index == process]
+    if len(mine) == mesh.size:
+        return mesh
+    return mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(-1, 1, 1)), mine)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_padded(cfg: bert.BertConfig, precision, mesh, batch_axes, in_sh, looped: bool):
-    """As ``_compiled_packed``, for padded batches (with their mesh, input shardings and attention layout)."""
-    return jax.jit(lambda p, ids, mask: bert.embed(p, cfg, ids, mask, precision=precision, mesh=mesh,
-                                                   batch_axes=batch_axes, looped_attention=looped),
-                   in_shardings=None if in_sh is None else (None, in_sh, in_sh))
+def encoder_programs(cfg: bert.BertConfig, *, mesh=None, rules=None, packed: bool | None = None, max_length: int = 512,
+                     min_length: int = 16, dtype=jnp.float32, precision=None) -> programs_lib.RelevancePrograms:
+    """The encoder's programs (``programs.RelevancePrograms``): packed streams on one device -- the default on CPU
+    devices without a multi-device ``mesh`` -- or padded rows over ``mesh`` (default: one local device), with
+    the params in their logical shardings and rows split over the ``batch`` axis; XLA:CPU's attention layout
+    (looped) on CPU devices."""
+    single = mesh is None or mesh.size == 1
+    if packed and not single:
+        raise ValueError("relevance: packed streams run on one device; use padded batches (packed=False) "
+                         "with a multi-device mesh")
+    on_cpu = backend.on_xla_cpu() if mesh is None else mesh.devices.flat[0].platform == "cpu"
+    packed = (on_cpu and single) if packed is None else bool(packed)
+    if mesh is None:
+        mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 1, 1)), jax.local_devices()[:1])
+    lay = programs_lib.Layout(mesh, rules if rules is not None else mesh_lib.DEFAULT_RULES)
+    return programs_lib.RelevancePrograms(lay, cfg, packed=packed, windows=windows(max_length, min(min_length,
+                                          max_length)), dtype=dtype, precision=precision, looped=on_cpu)
 
 
 def pair_dot(a_NxD, b_NxD) -> np.ndarray:
@@ -211,11 +229,14 @@ class RelevanceEncoder:
     ``mesh`` / ``rules``: params in their logical shardings, batch rows split over the ``batch`` axis.
     ``precision``: matmul precision (``jax.lax.Precision.HIGHEST`` for float32 parity on TPU).
     ``progress``: tqdm bar over batches (default: only when there are more than 8 batches).
+    ``programs``: the compiled forwards to run (a run's ``programs.RunPrograms.relevance``); default: built here
+    by `encoder_programs` from ``mesh`` / ``rules`` / ``packed`` / ``precision``.
     """
 
     def __init__(self, tokenizer, cfg: bert.BertConfig, params, *, max_length: int = 512, tokens_per_batch: int = 2048,
                  min_length: int = 16, mesh=None, rules=None, precision=None, progress: bool | None = None,
-                 packed: bool | None = None, one_stream_size: bool = False):
+                 packed: bool | None = None, one_stream_size: bool = False,
+                 programs: programs_lib.RelevancePrograms | None = None):
         if max_length > cfg.max_position_embeddings:
             raise ValueError(f"relevance max_length {max_length} exceeds the encoder's max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
@@ -223,27 +244,12 @@ class RelevanceEncoder:
             raise ValueError(f"relevance max_length must leave room for [CLS] and [SEP], got {max_length}")
         self.tokenizer, self.cfg, self.params = tokenizer, cfg, params
         self.max_length, self.min_length, self.progress = max_length, min(min_length, max_length), progress
-        self.row_multiple = 1
-        in_sh = batch_axes = None
-        if mesh is not None:
-            from rre_jax import mesh as mesh_lib
-            rules = rules if rules is not None else mesh_lib.DEFAULT_RULES
-            spec = mesh_lib.logical_to_mesh_spec(("batch", None), rules)
-            in_sh = NamedSharding(mesh, spec)
-            batch_axes = spec[0]
-            axes = () if spec[0] is None else (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
-            for a in axes:
-                self.row_multiple *= mesh.shape[a]
         self.tokens_per_batch, self.one_stream_size = tokens_per_batch, one_stream_size
-        single = mesh is None or mesh.size == 1
-        if packed and not single:
-            raise ValueError("relevance: packed streams run on one device; use padded batches (packed=False) "
-                             "with a multi-device mesh")
-        on_cpu = backend.on_xla_cpu()  # the layouts XLA:CPU wants, chosen once here
-        self.packed = (on_cpu and single) if packed is None else bool(packed)
-        self.windows = windows(max_length, self.min_length)
-        self._embed_packed = _compiled_packed(cfg, self.windows, precision)
-        self._embed = _compiled_padded(cfg, precision, mesh, batch_axes, in_sh, on_cpu)
+        dtype = jax.tree.leaves(params)[0].dtype
+        self.programs = programs or encoder_programs(cfg, mesh=mesh, rules=rules, packed=packed, max_length=max_length,
+                                                     min_length=min_length, dtype=dtype, precision=precision)
+        self.packed, self.windows = self.programs.packed, self.programs.windows
+        self.row_multiple = self.programs.layout.batch_shards
 
     @classmethod
     def from_pretrained(cls, path: str, *, mesh=None, rules=None, dtype=jnp.float32, **kwargs) -> "RelevanceEncoder":
@@ -281,10 +287,10 @@ class RelevanceEncoder:
         lengths = [len(r) for r in rows]
         if self.packed:
             return [([i for i, _ in items],
-                     lambda n=n, items=items: self._embed_packed(self.params, *self._stream(rows, n, items)))
+                     lambda n=n, items=items: self.programs.stream(n)(self.params, *self._stream(rows, n, items)))
                     for n, items in plan_streams(lengths, self.tokens_per_batch, self.max_length, self.min_length,
                                                  halve=not self.one_stream_size)]
-        return [(idx, lambda idx=idx, T=T, B=B: self._embed(self.params, *batching.pad_right(
+        return [(idx, lambda idx=idx, T=T, B=B: self.programs.padded(B, T)(self.params, *batching.pad_right(
                     [rows[i] for i in idx], T, B, self.tokenizer.pad_token_id)))
                 for idx, T, B in plan_batches(lengths, self.tokens_per_batch, self.max_length, self.row_multiple,
                                               self.min_length)]
@@ -297,7 +303,6 @@ class RelevanceEncoder:
             return np.zeros((0, self.cfg.hidden_size), np.float32)
         launches = self._launches(self.tokenize(unique))
         out_UxD = np.zeros((len(unique), self.cfg.hidden_size), np.float32)
-        from tqdm.auto import tqdm
         show = self.progress if self.progress is not None else len(launches) > 8
         bar = tqdm(total=len(launches), desc="relevance", unit="batch", disable=not show)
         in_flight = None  # one forward on the device while the host prepares the next

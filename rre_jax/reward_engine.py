@@ -19,12 +19,10 @@ Stores and reports record which one scored them.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 
-from rre_jax import features, relevance
+from rre_jax import features, mesh as mesh_lib, programs as programs_lib, relevance
 from rre_jax.reward import RewardSpec, compose, qtype_labels
 
 # What the relevance encoder embeds: the response as sampled or given (the paper's), or cut at its first stop string.
@@ -39,24 +37,29 @@ def check_relevance_text(value: str, field: str = "relevance_text") -> str:
     return value
 
 
-@functools.lru_cache(maxsize=None)
-def _features_program(stop_strings: tuple[str, ...]):
-    """The jitted features for one set of stop strings, shared by every engine in the process (so a second
-    engine -- a counterfactual run, a notebook re-run -- reuses the compiled shapes)."""
-    return jax.jit(lambda t, ids, m, max_bytes=None, total_bytes=None: features.text_features(
-        ids, m, t, stop_strings, max_bytes, total_bytes), static_argnames=("max_bytes", "total_bytes"))
+def feature_programs(tables: features.FeatureTables, stop_strings, *, mesh=None, rules=None
+                     ) -> programs_lib.FeaturePrograms:
+    """The features' programs for ``tables`` (its byte table's shape) and ``stop_strings``, on ``mesh`` (default:
+    one local device)."""
+    if mesh is None:
+        mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 1, 1)), jax.local_devices()[:1])
+    vocab, width = tables.bytes_VxL.shape
+    return programs_lib.FeaturePrograms(programs_lib.Layout(mesh, rules if rules is not None else
+                                                            mesh_lib.DEFAULT_RULES), vocab, width, tuple(stop_strings))
 
 
 class RewardEngine:
     """Scores rollouts of one prompt set under a training spec and counterfactual specs.
 
-    ``features`` is jitted (token ids -> LI, RP, cut index, on device). ``score`` adds relevance (response
-    text re-tokenized on the host for the encoder; query and reference embeddings are computed once per
-    prompt set and cached) and composes every spec. Every component is returned as its own array.
+    ``features`` runs a program of ``programs`` (token ids -> LI, RP, cut index, on device; default:
+    `feature_programs` on one device). ``score`` adds relevance (response text re-tokenized on the host for the
+    encoder; query and reference embeddings are computed once per prompt set and cached) and composes every
+    spec. Every component is returned as its own array.
     """
 
     def __init__(self, spec: RewardSpec, counterfactual, tables, *, stop_strings, queries, references,
-                 qtype_P, encoder=None, seed: int = 0, relevance_text: str = "response"):
+                 qtype_P, encoder=None, seed: int = 0, relevance_text: str = "response",
+                 programs: programs_lib.FeaturePrograms | None = None):
         self.relevance_text = check_relevance_text(relevance_text)
         self.spec, self.specs = spec, {"proxy": spec, **dict(counterfactual)}
         self.needs_relevance = any(s.needs_relevance for s in self.specs.values())
@@ -67,7 +70,10 @@ class RewardEngine:
                              "--config.relevance.path=<BERT checkpoint dir> (or 'minilm'), or pick 'li'/'li_rp'")
         self.encoder, self.tables, self.stop_strings = encoder, tables, tuple(stop_strings)
         self.constrained = {n: qtype_labels(s, qtype_P, seed) for n, s in self.specs.items()}
-        self.features_fn = _features_program(self.stop_strings)
+        self.programs = programs or feature_programs(tables, self.stop_strings)
+        if self.programs.stop_strings != self.stop_strings:
+            raise ValueError(f"reward engine: stop strings {self.stop_strings} but its feature programs cut at "
+                             f"{self.programs.stop_strings}")
         self._q_PxD = encoder.embed_texts(list(queries)) if self.needs_relevance else None
         self._y_PxD = encoder.embed_texts(list(references)) if self.needs_answer else None
 
@@ -75,7 +81,8 @@ class RewardEngine:
         """LI, RP, cut index (``features.Features``) on device. ``max_bytes`` (static; default N * L, which never
         truncates) bounds each response's bytes and ``total_bytes`` (static; default B * (max_bytes + 1)) the
         packed stream of all of them: the batch's real byte total, bucketed, is the main lever on the cost."""
-        return self.features_fn(self.tables, tokens_BxN, mask_BxN, max_bytes=max_bytes, total_bytes=total_bytes)
+        B, N = tokens_BxN.shape
+        return self.programs.features(B, N, max_bytes, total_bytes)(self.tables, tokens_BxN, mask_BxN)
 
     def relevance_inputs(self, response_texts) -> list[str]:
         """The texts the relevance encoder embeds for ``response_texts``: themselves, or their cut."""

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rre_jax import compiled, mesh as mesh_lib, sampling
+from rre_jax import mesh as mesh_lib, sampling
 from rre_jax.models import llama
 
 
@@ -114,25 +114,20 @@ def cut_mask(mask_BxN, cut_B):
     return mask_BxN * (jnp.arange(mask_BxN.shape[1])[None] < cut_B[:, None]).astype(mask_BxN.dtype)
 
 
-_SAMPLERS: dict = {}
-
-
-def samplers() -> list:
-    """Every sampler compiled so far (for recompilation checks)."""
-    return list(_SAMPLERS.values())
+_sample_jit = jax.jit(sample, static_argnums=(0, 5),
+                      static_argnames=("eos_id", "pad_id", "lora_cfg", "mesh", "rules", "return_cache", "group"))
 
 
 def jitted_sampler(cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id: int | None, pad_id: int,
                    lora_cfg=None, group: int = 1):
-    """The jitted ``(params, ids, mask, rng, lora) -> Rollout`` for one model and sampling setting (cached);
-    ``group``: rows come in groups of that many copies of one prompt (prefilled once)."""
-    key = (cfg, scfg, eos_id, pad_id, lora_cfg, group)
-    if key not in _SAMPLERS:
-        def fn(params, ids_BxT, mask_BxT, rng, lora):
-            return sample(cfg, params, ids_BxT, mask_BxT, rng, scfg, eos_id=eos_id, pad_id=pad_id, lora=lora,
-                          lora_cfg=lora_cfg, group=group)
-        _SAMPLERS[key] = compiled.AheadOfTime(jax.jit(fn))
-    return _SAMPLERS[key]
+    """The jitted ``(params, ids, mask, rng, lora) -> Rollout`` for one model and sampling setting on the
+    arguments' devices (``jax.jit``'s own cache keys the executables on those settings): the library form of the
+    sampler; a run's sampler, with its shardings, is ``programs.build_sampler``. ``group``: rows come in groups of
+    that many copies of one prompt (prefilled once)."""
+    def call(params, ids_BxT, mask_BxT, rng, lora):
+        return _sample_jit(cfg, params, ids_BxT, mask_BxT, rng, scfg, eos_id=eos_id, pad_id=pad_id, lora=lora,
+                           lora_cfg=lora_cfg, group=group)
+    return call
 
 
 def greedy(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, max_new_tokens: int, *, eos_id: int | None = None,

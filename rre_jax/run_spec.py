@@ -3,7 +3,8 @@ dataclasses, one per section, before anything is loaded, written or compiled.
 
 Every error is a ``UserError`` that names the config field and the fix. With ``files`` the inputs a run reads are
 checked too: the policy source (a checkpoint directory, or the tiny built-in model of configs that ask for it),
-every prompt file (read and validated record by record: file, line, column, field) and the relevance encoder.
+the prompt source (its records are checked where they are parsed, once: ``assemble.load_prompt_sources``) and
+the relevance encoder.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rre_jax import algorithms, mesh as mesh_lib, policy, ppo, reward, reward_engine, sampling
-from rre_jax.data import prompts as prompts_lib
+from rre_jax import algorithms, mesh as mesh_lib, policy, ppo, relevance, reward, reward_engine, sampling
 from rre_jax.errors import UserError
 from rre_jax.models import llama, lora as lora_lib
 
@@ -47,7 +47,7 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
 
     ``num_devices``: the devices the run is for (default: every device here; a TPU topology's when compiling
     ahead of time). With ``files`` (the default) the inputs a run reads are checked too, before anything is
-    written: the policy source, every prompt file (read and validated record by record) and the relevance encoder.
+    written: the policy source, the prompt source and the relevance encoder.
     """
     def dtype(field):
         name = config.model[field]
@@ -116,7 +116,6 @@ def _check_model_source(config) -> None:
 
 
 def _check_relevance(config) -> None:
-    from rre_jax import relevance
     try:
         relevance.encoder_path(config.relevance.path, "config.relevance.path")
     except ValueError as e:
@@ -125,8 +124,9 @@ def _check_relevance(config) -> None:
 
 
 def _check_prompt_source(config) -> None:
-    """json: every prompt file is read and checked record by record (file, line, column, field) before anything
-    is built; tfds: ``<field> = '<builder name>:<split>'`` in ``data.tfds_dir``."""
+    """The prompt source a run reads, named right (json: the files exist; tfds: ``'<builder name>:<split>'`` in
+    ``data.tfds_dir``). Their records are read and checked record by record where they are loaded, once
+    (``assemble.load_prompt_sources``), before anything is written."""
     data = config.data
     if data.source not in ("json", "tfds"):
         raise UserError(f"config.data.source={data.source!r}; choose 'json' (JSON / JSONL files) or 'tfds'")
@@ -136,13 +136,8 @@ def _check_prompt_source(config) -> None:
                         "the tiny built-in model (configs/tiny.py)")
     for field in ("train_file", "dev_file"):
         path = data[field]
-        if path and data.source == "json":
-            if not os.path.exists(path):
-                raise UserError(f"config.data.{field}={path!r} does not exist")
-            try:
-                prompts_lib.load_prompts(path, missing_qtype=data.missing_qtype)
-            except prompts_lib.PromptFileError as e:
-                raise UserError(f"config.data.{field}: {e}") from None
+        if path and data.source == "json" and not os.path.exists(path):
+            raise UserError(f"config.data.{field}={path!r} does not exist")
         if data.source == "tfds" and (path or field == "train_file") and not (":" in path and data.tfds_dir):
             raise UserError(f"config.data.source='tfds': set config.data.{field}='<builder>:<split>' (e.g. "
                             "'alpaca_farm_prompts:alpacafarm_val') and config.data.tfds_dir to the prepared "

@@ -19,7 +19,6 @@ The reference: LoRA mode -- the same network with adapters off; full mode -- the
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -57,13 +56,11 @@ def sequence_logps(spec: policy.PolicySpec, trainable, frozen, ids_BxS, mask_BxS
     return total(logp_pi), total(logp_ref)
 
 
-@functools.lru_cache(maxsize=None)
-def jitted_log_ratio(spec: policy.PolicySpec, T: int, scfg: sampling.SamplingConfig):
-    """The jitted ``(trainable, frozen, ids_BxS, mask_BxS) -> log_ratio_B`` for one prompt bucket ``T``."""
-    def fn(trainable, frozen, ids_BxS, mask_BxS):
-        logp_pi, logp_ref = sequence_logps(spec, trainable, frozen, ids_BxS, mask_BxS, T, scfg)
-        return logp_pi - logp_ref
-    return jax.jit(fn)
+def log_ratio(spec: policy.PolicySpec, trainable, frozen, ids_BxS, mask_BxS, T: int, scfg: sampling.SamplingConfig):
+    """``f32[B]``: each row's summed ``log pi_s - log ref_s`` of its response tokens (jittable with ``spec``, ``T``
+    and ``scfg`` static; ``programs.build_log_ratio`` is the run's program)."""
+    logp_pi, logp_ref = sequence_logps(spec, trainable, frozen, ids_BxS, mask_BxS, T, scfg)
+    return logp_pi - logp_ref
 
 
 def estimate(log_ratio_B) -> dict:

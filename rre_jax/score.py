@@ -38,11 +38,12 @@ import time
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from rre_jax import gold_rm, reward, reward_engine, text_scoring
+from rre_jax import features, gold_rm, relevance, reward, reward_engine, text_scoring, tokenizer as tok_lib
+from rre_jax.data import prompts as prompts_lib, templates
 from rre_jax.errors import UserError
-from rre_jax.data import prompts as prompts_lib
-from rre_jax.data import templates
+from rre_jax.evaluate.store import write_atomic
 
 MEANS_OF = ("n_words", "li", "rp", "qr", "ar", "relevance", "proxy", "gold")
 _SHOW = 80  # characters of a text quoted in an error
@@ -91,7 +92,6 @@ def summary_path(out: str) -> pathlib.Path:
 
 def encoder_dir(value: str) -> str:
     """The relevance-encoder directory for ``--relevance-encoder`` ('minilm': the packaged weights)."""
-    from rre_jax import relevance
     try:
         return relevance.encoder_path(value, "--relevance-encoder")
     except ValueError as e:
@@ -154,7 +154,6 @@ class Utf8Bytes:
 
 def features_tokenizer(path: str):
     """(tokenizer, byte table, description) for the features: the policy's, or raw UTF-8 bytes."""
-    from rre_jax import tokenizer as tok_lib
     if not path:
         return Utf8Bytes(), tok_lib.identity_byte_table(), "utf-8 bytes (identity table)"
     tok = tok_lib.load_tokenizer(path)
@@ -213,7 +212,6 @@ def prepare(args: ScoreRequest) -> Job:
                               max_length=args.gold_rm_max_length, batch_size=args.gold_rm_batch_size)
     encoder = None
     if enc:
-        from rre_jax import relevance
         try:
             encoder = relevance.RelevanceEncoder.from_pretrained(enc, max_length=args.relevance_max_length,
                                                                  progress=not args.quiet, one_stream_size=True)
@@ -237,7 +235,6 @@ def scored_presets(reward_name: str, have_encoder: bool) -> tuple[dict, dict]:
 
 def compute(job: Job) -> dict:
     """``{component: f32[N]}`` (li, rp, n_words, qr, ar, proxy, one per preset) plus ``gold`` when given."""
-    from rre_jax import features
     args, encoder = job.args, job.encoder
     counterfactual, _ = scored_presets(args.reward, encoder is not None)
     qtype_P = np.array([r.qtype_id for r in job.records])
@@ -256,7 +253,6 @@ def compute(job: Job) -> dict:
 
 def gold_scores(gold, instructions, responses, quiet: bool) -> np.ndarray:
     """Gold RM scores in chunks (for the progress bar); raw instructions, as the reference's eval does."""
-    from tqdm.auto import tqdm
     step = 16 * gold.batch_size
     chunks = [gold.score(instructions[s:s + step], responses[s:s + step])
               for s in tqdm(range(0, len(responses), step), desc="gold RM", unit="chunk", disable=quiet)]
@@ -315,7 +311,6 @@ def summarize(job: Job, rows: list[dict], seconds: float) -> dict:
 
 def write_json(path: pathlib.Path, obj) -> None:
     """Atomic: a temporary sibling renamed over ``path``, so a crash never leaves half a file."""
-    from rre_jax.evaluate.store import write_atomic
     write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1, allow_nan=False) + "\n")
 
 

@@ -10,6 +10,7 @@ rollout's (they cut at the stop strings themselves); relevance embeds each text 
 from __future__ import annotations
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from rre_jax.data import batching
 from rre_jax.reward_engine import RewardEngine
@@ -47,7 +48,6 @@ def score_texts(engine: RewardEngine, tokenizer, index_B, texts, batch_size: int
     features once: for a one-shot command a compile costs far more than the padding of the shorter batches.
     Texts are scored longest first.
     """
-    from tqdm.auto import tqdm
     index_B = np.asarray(index_B)
     if len(index_B) != len(texts):
         raise ValueError(f"score_texts: {len(index_B)} prompt indices for {len(texts)} texts")

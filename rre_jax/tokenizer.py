@@ -35,6 +35,9 @@ import re
 from typing import Iterable, Sequence
 
 import numpy as np
+import transformers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 SP_SPACE = "\u2581"  # '▁', SentencePiece's word-boundary mark
 KINDS = ("sentencepiece", "bytelevel")
@@ -102,7 +105,6 @@ def load_tokenizer(directory: str | os.PathLike):
             f"no tokenizer in {str(path)!r}: expected one of {', '.join(_TOKENIZER_FILES)} there. Point the "
             "tokenizer path at a saved Hugging Face tokenizer directory (or build one with "
             "rre_jax.tokenizer.train_tokenizer).")
-    import transformers  # heavy import, only when a tokenizer is loaded
 
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
@@ -112,7 +114,6 @@ def load_tokenizer(directory: str | os.PathLike):
 
 def _sentencepiece_style(texts: Sequence[str], vocab_size: int):
     """Llama-style BPE: specials, 256 ``<0xNN>`` byte-fallback tokens, then learnt pieces."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
@@ -141,7 +142,6 @@ def _sentencepiece_style(texts: Sequence[str], vocab_size: int):
 
 def _bytelevel(texts: Sequence[str], vocab_size: int):
     """GPT-2 / Llama-3 style byte-level BPE (no prefix space)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
     tok = Tokenizer(models.BPE())
@@ -163,7 +163,6 @@ def train_tokenizer(texts: Sequence[str], kind: str, vocab_size: int, out_dir: s
     """
     if kind not in KINDS:
         raise ValueError(f"train_tokenizer: kind={kind!r}, expected one of {KINDS}")
-    from transformers import PreTrainedTokenizerFast
 
     build = _sentencepiece_style if kind == "sentencepiece" else _bytelevel
     tok, special = build(list(texts), int(vocab_size))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rre_jax import alignment_tax as at, checkpoint_eval, metrics, programs, rollout, text_scoring, train
+from rre_jax import alignment_tax as at, assemble, checkpoint_eval, metrics, programs, rollout, run_spec
+from rre_jax import text_scoring, train
 from rre_jax.cli import alignment_tax as tax_cmd, common as cli_common, eval as eval_cmd
 from rre_jax.data import load_prompts
 
@@ -116,9 +117,10 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
     from rre_jax import checkpoint, evaluate
     ckpt = checkpoint.CheckpointManager(str(workdir))
     config = checkpoint_eval.config_from_checkpoint(ckpt, 10)
-    spec, mesh, paths, tokenizer = train.open_basics(config, str(workdir))
+    spec, mesh, paths, tokenizer = assemble.open_basics(config, run_spec.validate(config), str(workdir))
     assert "cf/rer" in spec.counterfactual or config.reward.preset == "rer"  # validate adds RER
-    engine = train.reward_engine(config, spec, mesh, tokenizer, len(tokenizer), load_prompts(EVAL_SET))
+    engine = assemble.reward_engine(config, spec, assemble.feature_tables(tokenizer, len(tokenizer)),
+                                    load_prompts(EVAL_SET), encoder=assemble.relevance_encoder(config, spec, mesh))
     for stored in evaluate.load_steps(workdir / "eval"):
         got = text_scoring.score_texts(engine, tokenizer, np.arange(16), stored.response, batch_size=16)
         np.testing.assert_array_equal(got["li"], stored.features["li"].astype(np.float32))
@@ -202,7 +204,7 @@ def fixed_sampler(tok):
 def stop_text_scores(workdir, tmp_path_factory):
     """Step 10 scored with every row sampling a STOP_TEXTS response: ``{path: (instructions, references,
     qtypes, responses, {component: f64[n]}, max_new_tokens)}`` for rre-eval's store, the dev eval's store,
-    rre-score on rre-eval's model_outputs.json, and a training step's reward (``train.sample_and_score`` at the
+    rre-score on rre-eval's model_outputs.json, and a training step's reward (``assemble.sample_and_score`` at the
     training sampling settings, as ``train.train_step`` calls it) on one dev batch."""
     import dataclasses
 
@@ -214,7 +216,7 @@ def stop_text_scores(workdir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stop_texts")
     plan = checkpoint_eval.plan_eval(str(workdir), str(EVAL_SET), steps=[10], out=str(tmp / "eval"),
                                      batch_size=8, max_new_tokens=RUN_MAX_NEW_TOKENS, n_boot=10)
-    state, _ = train.restore(plan.run, plan.ckpt, 10)  # before run_eval, which closes the checkpoints
+    state, _ = assemble.restore(plan.run, plan.ckpt, 10)  # before run_eval, which closes the checkpoints
     records = plan.run.dev.records
     out = {}
     with pytest.MonkeyPatch.context() as mp:
@@ -223,7 +225,7 @@ def stop_text_scores(workdir, tmp_path_factory):
         train.dev_eval(dataclasses.replace(plan.run, workdir=str(tmp / "run")), state, 10)
         b = next(iter(batching.eval_batches(plan.run.dev.prompts, plan.run.dev.batching)))
         glob = plan.run.to_global
-        _, _, comps, texts, _ = train.sample_and_score(plan.run, state, glob(b.ids_BxT), glob(b.mask_BxT),
+        _, _, comps, texts, _ = assemble.sample_and_score(plan.run, state, glob(b.ids_BxT), glob(b.mask_BxT),
                                                        b.index_B, jax.random.key(0), plan.run.spec.sampling)
     for name, root in (("rre-eval", tmp / "eval"), ("dev eval", tmp / "run" / "dev_eval")):
         s = evaluate.load_step(root, 10)

@@ -19,9 +19,10 @@ import jax
 import numpy as np
 import pytest
 
-from rre_jax import checkpoint, metrics, train
+from rre_jax import assemble, checkpoint, metrics, train
 from rre_jax.configs import tiny as tiny_config
 from rre_jax.data import batching, tiny_prompts_path
+from test_train import build
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
@@ -160,7 +161,7 @@ def test_pair_checkpoint_restores_in_one_process(runs):
     """The state the pair saved at the last step restores here (8 devices, one process) and equals the
     single-process run's state; the data-iterator position travels with it."""
     cfg = _cfg(runs["overrides"], **{"reward.preset": "li", "reward.counterfactual": ("li",)})
-    target = train.init_state(train.build(cfg, str(runs["root"] / "restore")), jax.random.key(0))
+    target = assemble.init_state(build(cfg, runs["root"] / "restore"), jax.random.key(0))
     restored = {}
     for name in ("pair", "single"):
         ckpt = checkpoint.CheckpointManager(str(runs["root"] / name))

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from rre_jax import metrics, train
+from rre_jax import assemble, metrics, run_spec, train
 from rre_jax.configs import tiny as tiny_config
 from rre_jax.data import tiny_prompts_path
 
@@ -37,6 +37,11 @@ def tiny_cfg(assets, preset="rer", **overrides):
             node = node[p]
         node[last] = value
     return cfg
+
+
+def build(cfg, workdir):
+    """The run ``train.run`` would assemble for ``cfg`` (validated, prompt files parsed) in ``workdir``."""
+    return assemble.for_training(cfg, run_spec.validate(cfg), str(workdir), assemble.load_prompt_sources(cfg))
 
 
 def rows_by_step(workdir):

@@ -11,7 +11,7 @@ from rre_jax import programs, run_spec, train
 from rre_jax.configs import tiny as tiny_config
 from rre_jax.errors import UserError
 
-from test_train import REPO, train_command, check_resume_after_sigkill, rows_by_step, tiny_cfg
+from test_train import REPO, build, train_command, check_resume_after_sigkill, rows_by_step, tiny_cfg
 
 GOLDEN = {algo: REPO / "tests" / "golden" / f"tiny_{algo}_step1.json" for algo in ("grpo", "rloo")}
 KEYS = ("reward/proxy", "reward/li", "reward/rp", "reward/qr", "reward/ar", "response/tokens_mean", "{a}/reward",
@@ -69,7 +69,7 @@ def test_beta_zero_runs_no_reference_pass(assets, tmp_path):
     """The experience program at beta 0 computes the policy's log-probs only: half the FLOPs of the program with
     the reference pass (LoRA: the reference is the same network with adapters off, so the two passes cost about
     the same), and no reference log-probs come out."""
-    run = train.build(group_cfg(assets, "grpo"), str(tmp_path))
+    run = build(group_cfg(assets, "grpo"), tmp_path)
     B, T, N = run.config.ppo.batch_size, 32, 32
     flops = {}
     for beta in (0.0, 0.04):

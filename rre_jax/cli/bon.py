@@ -1,4 +1,4 @@
-"""``rre-bon``: best-of-n overoptimization curves of one policy (`rre_jax.evaluate.best_of_n`).
+"""``rre-bon``: best-of-n overoptimization curves of one policy (`rre_jax.best_of_n`).
 
     rre-bon --workdir DIR --eval-set alpaca_eval.json --n 16 [--k 1,2,4,8,16] [--step N | --config FILE[:arg]]
             [--config.a.b=VALUE ...] [--out DIR] [--overwrite] [--temperature 0.7 --top-p 1 --max-new-tokens 512]
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rre-bon`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
-    from rre_jax.evaluate import best_of_n
+    from rre_jax import best_of_n
+    from rre_jax.evaluate import bon_report
     try:
         args, config, overrides = common.start(build_parser(), argv)
         plan = best_of_n.plan_best_of_n(
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rre-bon: {name}: best-of-{curves['n']} proxy {v['proxy']['mean'][-1]:+.4g}, gold "
               f"{v['gold']['mean'][-1]:+.4g}; {peak}" + ("; OVEROPTIMIZED" if v["overoptimized"] else ""),
               file=sys.stderr)
-    print(f"rre-bon: report {plan.out_dir / best_of_n.REPORT_FILE}", file=sys.stderr)
+    print(f"rre-bon: report {plan.out_dir / bon_report.REPORT_FILE}", file=sys.stderr)
     return 0
 
 

@@ -49,19 +49,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compile_only:
             from rre_jax import aot
             return aot.main(config, args.compile_report)
-        from rre_jax import distributed, run_spec  # after parsing: keeps --help fast
+        from rre_jax import assemble, distributed, run_spec  # after parsing: keeps --help fast
         distributed.maybe_initialize(config.distributed)
-        run_spec.validate(config)  # every config error surfaces here, before anything is loaded or compiled
+        spec = run_spec.validate(config)  # every config error surfaces here, before anything is loaded or compiled
+        sources = assemble.load_prompt_sources(config)  # each prompt file parsed once, before anything is written
     except _config_errors() as e:
         return errors.report("rre-train", e.args[0] if isinstance(e, KeyError) and e.args else e)
     try:
-        _run(config, args.workdir)
+        _run(config, args.workdir, spec, sources)
     except errors.UserError as e:  # found later (e.g. a checkpoint that does not fit the run): still one line
         return errors.report("rre-train", e)
     return 0
 
 
-def _run(config, workdir: str) -> None:
+def _run(config, workdir: str, spec, sources) -> None:
     """Train with the compilation cache on and INFO logs in the workdir; print the closing summary."""
     import jax
     from rre_jax import compile_cache, console, train
@@ -69,7 +70,7 @@ def _run(config, workdir: str) -> None:
     compile_cache.enable()
     name = "rre_train.log" if jax.process_index() == 0 else f"rre_train.process{jax.process_index()}.log"
     log_file = console.log_to_file(console.log_path(workdir, name))
-    train.run(config, workdir)
+    train.run(config, workdir, spec=spec, sources=sources)
     if jax.process_index() == 0:
         eval_set = config.data.dev_file or ("" if config.model.path else str(tiny_prompts_path()))
         print(console.train_summary(workdir, log_file=log_file, eval_set=eval_set))

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from rre_jax import configs
 from rre_jax.errors import UserError
 
 PREFIX = "--config."
@@ -26,7 +27,6 @@ PREFIX = "--config."
 def resolve(spec: str) -> tuple[str, str]:
     """``(file path, argument)`` of ``spec``: a path to a ``.py`` / ``.json`` file or a shipped config's name,
     optionally followed by ``:arg``."""
-    from rre_jax import configs
     path, _, arg = spec.partition(":")
     if os.path.exists(spec):  # a path that itself holds ':' (rare)
         path, arg = spec, ""

@@ -12,9 +12,11 @@ RM, average per checkpoint, and rank-correlate the per-checkpoint proxy means wi
 * `summary`: stored checkpoints -> every number of the report;
 * `plots` and `report`: PNGs and ``report.md``; `refresh_report` rebuilds them from the store;
 * `overoptimization` and `curves`: gold and proxy against d = sqrt(KL) (Gao et al. 2022) for best-of-n
-  (`best_of_n`, the ``rre-bon`` command) and for RL checkpoints (the report's RL section), with the fits.
+  (`bon_report`, the curves of ``rre-bon``'s stored samples) and for RL checkpoints (the report's RL section),
+  with the fits.
 
-Sampling the checkpoints and scoring them live elsewhere; everything here takes plain arrays, lists and dicts::
+Sampling the checkpoints and scoring them live one layer up (``rre_jax.checkpoint_eval``, ``rre_jax.best_of_n``,
+``rre_jax.score``), and call down here; everything here takes plain arrays, lists and dicts::
 
     rollouts = evaluate.StepRollouts(
         step=step, instruction=[r.instruction for r in records], response=texts, qtype=[r.qtype for r in records],

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 
 from rre_jax import mesh as mesh_lib
-from rre_jax.models import hf, llama
+from rre_jax.models import bert, hf, llama
 from rre_jax.models.llama import LlamaConfig
 
 
@@ -34,7 +34,6 @@ def from_pretrained(path: str, *, mesh=None, rules=mesh_lib.DEFAULT_RULES, dtype
     """
     cfg = hf.read_config(path)
     if cfg.get("model_type") == "bert":
-        from rre_jax.models import bert  # owned by the relevance encoder; imported only when needed
         loaded = bert.load_pretrained(path, mesh=mesh, rules=rules)
         if isinstance(loaded, tuple) and len(loaded) == 2:
             return Pretrained("bert", *loaded)

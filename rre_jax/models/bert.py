@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from rre_jax import mesh as mesh_lib
 from rre_jax.models import hf
 
 # HF ``hidden_act`` -> function. 'gelu' is the exact (erf) GELU; the tanh variants are approximations.
@@ -403,7 +404,6 @@ def load_pretrained(path: str, *, mesh=None, rules=None, dtype=jnp.float32):
     cfg = BertConfig.from_hf(hf.read_config(path), os.path.join(path, "config.json"))
     ckpt = hf.SafetensorsDir(path)
     prefix = checkpoint_prefix(ckpt)
-    from rre_jax import mesh as mesh_lib
     abstract, specs = mesh_lib.abstract_params(init_fn(cfg, dtype))
     shardings = None
     if mesh is not None:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 SAFE_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -260,7 +261,6 @@ def export_tensors(params, weight_map: Mapping[tuple[str, ...], Any], dtype=np.f
 def save_safetensors(tensors: Mapping[str, np.ndarray], directory: str, max_shard_bytes: int = 5 << 30,
                      metadata: Mapping[str, str] | None = None):
     """Write ``tensors`` as ``model.safetensors`` or shards + ``model.safetensors.index.json``."""
-    from safetensors.numpy import save_file
     os.makedirs(directory, exist_ok=True)
     shards, cur, size = [], {}, 0
     for name, arr in tensors.items():

@@ -41,7 +41,8 @@ import numpy as np
 from jax import lax
 
 from rre_jax import mesh as mesh_lib
-from rre_jax.models import lora as lora_lib
+from rre_jax.models import hf, lora as lora_lib
+from rre_jax.models.hf import StackedWeightSpec, WeightSpec
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 LAYER_LAYOUTS = ("stacked", "per_layer")
@@ -638,7 +639,6 @@ def weight_map(cfg: LlamaConfig, kind: str = "causal_lm", layer_layout: str = "s
     HF Linear weights are ``(out, in)``; ours are ``(in, out)``. ``layer_layout='stacked'`` maps each
     layer weight to a ``StackedWeightSpec`` under ``layers``; ``'per_layer'`` to one tensor per ``layers_{i}``.
     """
-    from rre_jax.models.hf import StackedWeightSpec, WeightSpec
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; one of {KINDS}")
     _check_layout(layer_layout)
@@ -683,7 +683,6 @@ def load_pretrained(path: str, *, mesh=None, rules=mesh_lib.DEFAULT_RULES, dtype
     instead puts every tensor on that one device: host memory for a model brought in only for eval.
     ``layer_layout='per_layer'`` gives one array per layer weight (``layers_{i}``): the layout for
     generation, which then never copies the layer weights; training wants the default ``'stacked'``."""
-    from rre_jax.models import hf
     cfg_path = os.path.join(path, "config.json")
     ckpt = hf.SafetensorsDir(path)
     kind = kind or detect_kind(ckpt.keys())
@@ -705,7 +704,6 @@ def load_pretrained(path: str, *, mesh=None, rules=mesh_lib.DEFAULT_RULES, dtype
 def export_pretrained(directory: str, cfg: LlamaConfig, params, *, lora=None, lora_cfg=None,
                       max_shard_bytes: int = 5 << 30):
     """Write a causal-LM policy (LoRA merged when given) as an HF directory transformers loads."""
-    from rre_jax.models import hf
     layout = layer_layout(params)
     if lora is not None:
         if layout != "stacked":

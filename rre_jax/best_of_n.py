@@ -21,22 +21,20 @@ Shapes: ``P`` prompts, ``N`` samples per prompt (``n``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
 from typing import Any, Sequence
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
+from rre_jax import assemble, checkpoint_eval, run_spec, sampling
+from rre_jax.data import prompts as prompts_lib, templates
 from rre_jax.errors import UserError
-from rre_jax.evaluate import curves, overoptimization as oo, store
-from rre_jax.evaluate.report import json_safe
-
-SAMPLES_DIR = "samples"
-CURVES_FILE = "curves.json"
-PLOT_FILE = "curves.png"
-REPORT_FILE = "report.md"
+from rre_jax.evaluate import overoptimization as oo, store
+from rre_jax.evaluate.bon_report import CURVES_FILE, SAMPLES_DIR, report
 
 
 @dataclasses.dataclass
@@ -76,7 +74,7 @@ def check_outputs(out_dir: pathlib.Path, step: int, overwrite: bool) -> None:
 
 
 def repeat_prompts(dev, n: int):
-    """``dev`` (a `train.PromptSet`) with each tokenized prompt repeated ``n`` times in a row, prompt-major (row
+    """``dev`` (an `assemble.PromptSet`) with each tokenized prompt repeated ``n`` times in a row, prompt-major (row
     ``p * n + j`` is sample ``j`` of prompt ``p``); records and batching unchanged."""
     prompts = dev.prompts
     repeat = lambda x: np.repeat(np.asarray(x), n, axis=0)  # noqa: E731
@@ -90,10 +88,7 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
                    top_p: float = 1.0, max_new_tokens: int = 512, batch_size: int | None = None,
                    seed: int | None = None, n_boot: int = 1000) -> BonPlan:
     """Check every input, then load the models; raises (naming the flag, file or item) before any sampling."""
-    import jax
 
-    from rre_jax import checkpoint_eval, run_spec, sampling, train
-    from rre_jax.data import prompts as prompts_lib
     ks = oo.check_ks(ks or (oo.powers_of_two(n) if n >= 1 else [1]), n)
     ckpt = None
     if step is not None:
@@ -116,15 +111,15 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
     out_dir = pathlib.Path(out or os.path.join(workdir, "bon", f"step_{step}"))
     check_outputs(out_dir, step, overwrite)
     bcfg = checkpoint_eval.eval_batching(config, spec, batch_size)
-    basics = train.open_basics(config, workdir)  # the tiny config builds its assets here
-    dev = train.prompt_set(records, basics.tokenizer, bcfg)
-    gold = train.gold_rm(config, spec, basics.paths, basics.mesh)
-    run = train.build_for_eval(config, basics, workdir, repeat_prompts(dev, n), gold=gold)
+    basics = assemble.open_basics(config, spec, workdir)  # the tiny config builds its assets here
+    dev = assemble.prompt_set(records, basics.tokenizer, bcfg)
+    gold = assemble.gold_rm(config, spec, basics.paths, basics.mesh)
+    run = assemble.for_eval(config, basics, workdir, repeat_prompts(dev, n), gold=gold)
     if step:
-        state = train.restore(run, ckpt, step)[0]
+        state = assemble.restore(run, ckpt, step)[0]
         ckpt.close()
     else:
-        state = train.init_state(run, jax.random.key(int(config.seed)))
+        state = assemble.init_state(run, jax.random.key(int(config.seed)))
     extra = {"run": config.name, "split": "best_of_n", "eval_set": os.path.abspath(eval_set),
              "eval_set_sha256": checkpoint_eval.file_sha256(eval_set), "best_of_n": {"n": n, "ks": ks},
              "dropped_prompts": [int(i) for i in dev.prompts.dropped],
@@ -135,11 +130,7 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
 
 def run_best_of_n(plan: BonPlan, progress: bool = True) -> dict:
     """Sample, score and store the P x n responses, then write the curves (`report`); returns the curves."""
-    import jax
-    from tqdm.auto import tqdm
 
-    from rre_jax import checkpoint_eval
-    from rre_jax.data import templates
     records = plan.run.dev.records
     bar = tqdm(total=plan.run.dev.num_batches(), desc="rre-bon", unit="batch",
                disable=not progress or jax.process_index() != 0)
@@ -157,30 +148,3 @@ def run_best_of_n(plan: BonPlan, progress: bool = True) -> dict:
         return {}
     store.write_step(plan.out_dir / SAMPLES_DIR, rollouts, overwrite=plan.overwrite)
     return report(plan.out_dir, plan.step, plan.ks, n_boot=plan.n_boot)
-
-
-def report(out_dir, step: int, ks: Sequence[int] | None = None, *, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Rebuild ``curves.json``, ``curves.png`` and ``report.md`` from ``out_dir/samples/step_<step>``."""
-    out_dir = pathlib.Path(out_dir)
-    r = store.load_step(out_dir / SAMPLES_DIR, step)
-    n = int(r.extra["best_of_n"]["n"])
-    P = len(r) // n
-    grid = lambda x: np.asarray(x, np.float64).reshape(P, n)  # noqa: E731
-    if len(r) != P * n or any(r.instruction[p * n + j] != r.instruction[p * n] for p in range(P) for j in range(n)):
-        raise store.StoreError(f"{out_dir / SAMPLES_DIR}: rows are not {n} samples of each prompt in turn")
-    result = curves.bon_curves({k: grid(v) for k, v in r.proxies.items()}, grid(r.gold), grid(r.n_tokens),
-                               ks or r.extra["best_of_n"]["ks"], n_boot=n_boot, seed=seed)
-    result.update(step=step, gold_rm={"name": r.gold_rm, "random": r.gold_rm_random}, sampling=r.sampling,
-                  train_proxy=r.train_proxy, relevance_text=r.relevance_text)
-    curves.plot_curves(result, out_dir / PLOT_FILE, gold_random=r.gold_rm_random)
-    store.write_atomic(out_dir / CURVES_FILE, json.dumps(json_safe(result), indent=1, allow_nan=False))
-    head = [f"# rre_jax best-of-n report (step {step})", "",
-            f"- policy: {'the initial policy' if step == 0 else f'checkpoint {step}'}; {P} prompts x {n} samples; "
-            f"sampling {r.sampling}", f"- gold RM: `{r.gold_rm or '(none)'}`" + (" **(RANDOM)**" if r.gold_rm_random
-                                                                                  else ""),
-            f"- relevance (QR, AR) embedded: {store.RELEVANCE_TEXT_NAMES.get(r.relevance_text, r.relevance_text)}",
-            ""]
-    text = head + curves.curves_markdown(result, PLOT_FILE, gold_random=r.gold_rm_random)
-    store.write_atomic(out_dir / REPORT_FILE, "\n".join(text))
-    return result
-
