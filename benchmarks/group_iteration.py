@@ -49,7 +49,8 @@ def _algorithm(algo: str, work, group_iterations: int):
 
 def child(algo: str, mode: str, out: str, group_iterations: int) -> None:
     import jax.numpy as jnp
-    from rre_jax import defaults, sampling
+    from rre_jax import sampling
+    from rre_jax.configs import defaults
     mark("imports")
     work = common.Workload()
     cfg, base, pspec, pcfg, progs, state = mid_model_state(work, mode, "shared", defaults.base_config().model.remat,

@@ -187,7 +187,7 @@ def main():
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.remat is None:
-        from rre_jax import defaults
+        from rre_jax.configs import defaults
         a.remat = defaults.base_config().model.remat
     if a.child:
         return child(a.child, a.out, a.critic, a.remat)

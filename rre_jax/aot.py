@@ -141,11 +141,6 @@ def token_facts(config) -> tuple[int, int, int]:
     return int(config.plan.eos_id), int(config.plan.pad_id), int(config.plan.max_token_bytes)
 
 
-def prompt_bucket(config) -> int:
-    """The largest prompt bucket of the run (``data.max_prompt_length`` rounded up to ``data.bucket``)."""
-    return -(-int(config.data.max_prompt_length) // int(config.data.bucket)) * int(config.data.bucket)
-
-
 def run_programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
     """The run's `programs.RunPrograms`, from shapes: the trainer's own list, built as ``train`` builds it (the
     policy, the algorithm, the features of the run's tokenizer, the relevance encoder where the run puts it,
@@ -153,15 +148,15 @@ def run_programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
     pspec = policy.PolicySpec(pcfg, spec.mode, spec.lora, spec.critic, spec.remat, mesh=lay.mesh, rules=lay.rules)
     frozen, _ = programs.llama_params(pcfg)
     eos, pad, width = token_facts(config)
-    feats = programs.FeaturePrograms(lay, pcfg.vocab_size, width, tuple(config.reward.stop_strings))
+    feats = programs.FeaturePrograms(lay, pcfg.vocab_size, width, spec.scoring.stop_strings)
     rel = None
     if needs_relevance:
         where = relevance.encoder_mesh(lay.mesh, lay.mesh.devices.flat[0].process_index)
         rel = relevance.encoder_programs(rcfg, mesh=where, rules=lay.rules,
-                                         max_length=int(config.relevance.max_length))
+                                         max_length=spec.relevance.max_length)
     gold = None
     if gcfg is not None:
-        gold = programs.GoldPrograms(lay, gcfg, "seq_cls" if config.gold_rm.layout == "hf_score" else "starling")
+        gold = programs.GoldPrograms(lay, gcfg, "seq_cls" if spec.gold_rm.layout == "hf_score" else "starling")
     rows = assemble.experience_rows(spec.ppo, lay.batch_shards)
     return programs.RunPrograms(lay.mesh, lay.rules, pspec, spec.algorithm, spec.ppo, frozen, eos_id=eos, pad_id=pad,
                                 experience_rows=rows, features=feats, relevance=rel, gold=gold)
@@ -173,25 +168,25 @@ def _programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
     progs = run_programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance)
     rel_shape = gold_shape = None
     if progs.relevance is not None:
-        L, tokens = int(config.relevance.max_length), 2048  # the encoder's default tokens per batch
+        L, tokens = spec.relevance.max_length, 2048  # the encoder's default tokens per batch
         shards = progs.relevance.layout.batch_shards
         rows = -(-max(1 << (max(1, tokens // L).bit_length() - 1), 1) // shards) * shards
         rel_shape = tokens if progs.relevance.packed else (rows, L)
     if progs.gold is not None:
         shards = lay.batch_shards
-        gold_shape = (-(-int(config.gold_rm.batch_size) // shards) * shards, int(config.gold_rm.max_length))
-    dev_eval = int(config.train.dev_size) > 0 and bool(config.data.dev_file or run_spec.uses_tiny(config))
-    out = progs.catalogue(prompt_bucket(config), spec.sampling.max_new_tokens, spec.sampling, dev_eval=dev_eval,
+        gold_shape = (-(-spec.gold_rm.batch_size // shards) * shards, spec.gold_rm.max_length)
+    dev_eval = spec.train.dev_size > 0 and bool(spec.data.dev_file or spec.tiny)
+    out = progs.catalogue(spec.data.largest_bucket, spec.sampling.max_new_tokens, spec.sampling, dev_eval=dev_eval,
                           relevance_shape=rel_shape, gold_shape=gold_shape)
     return out, progs.state
 
 
-def _resident(progs, st, config) -> dict:
+def _resident(progs, st, spec) -> dict:
     """Per-device bytes of the long-lived arrays: policy weights, train state, relevance and gold weights."""
     out = {"frozen": device_bytes(progs["experience"].args[1]), "state": device_bytes(st.target())}
     if "relevance" in progs:
         out["relevance"] = device_bytes(progs["relevance"].args[0])
-    if "gold" in progs and config.gold_rm.placement == "device":
+    if "gold" in progs and spec.gold_rm.placement == "device":
         out["gold"] = device_bytes(progs["gold"].args[0])
     return out
 
@@ -211,7 +206,7 @@ def compile_run(config, report: str = "") -> int:
     pcfg, gcfg, rcfg = _architectures(config, spec)
     needs_rel = any(s.needs_relevance for s in (spec.reward, *spec.counterfactual.values()))
     progs, st = _programs(config, spec, lay, pcfg, gcfg, rcfg, needs_rel)
-    resident = _resident(progs, st, config)
+    resident = _resident(progs, st, spec)
     chip = chip_of(devices)
     rows = []
     for name, prog in progs.items():
@@ -254,7 +249,7 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
     costed as one row per shard, as each device then computes at least one). The relevance encoder has no loop.
     """
     B, N, pc, algo = spec.ppo.batch_size, spec.sampling.max_new_tokens, spec.ppo, spec.algorithm
-    T = prompt_bucket(config)
+    T = spec.data.largest_bucket
     shards = lay.batch_shards
     group = assemble.experience_rows(pc, shards)
     m_rows = -(-pc.mini_batch_size // shards) * shards  # a micro-batch smaller than the shards: one row each
@@ -276,8 +271,8 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
                                                  T, N, "per_layer")}
         if gcfg is not None:
             g1 = dataclasses.replace(gcfg, num_hidden_layers=L)
-            G = -(-int(config.gold_rm.batch_size) // shards) * shards
-            progs["gold"] = programs.build_gold(lay, g1, "starling", G, int(config.gold_rm.max_length), "per_layer")
+            G = -(-spec.gold_rm.batch_size // shards) * shards
+            progs["gold"] = programs.build_gold(lay, g1, "starling", G, spec.gold_rm.max_length, "per_layer")
         at[L] = {k: cost(v.compile()) for k, v in progs.items()}
     full = lambda k, L: tuple(a + (L - 1) * (b - a) for a, b in zip(at[1][k], at[2][k]))  # noqa: E731
     mul = lambda c, n: (c[0] * n, c[1] * n)  # noqa: E731

@@ -24,7 +24,7 @@ from rre_jax import tokenizer as tok_lib
 from rre_jax.data import batching, prompts as prompts_lib, templates, tfds_builders, tiny_prompts_path
 from rre_jax.errors import UserError
 from rre_jax.models import from_pretrained
-from rre_jax.run_spec import RunSpec, uses_tiny
+from rre_jax.run_spec import DataSpec, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PromptSet:
 @dataclasses.dataclass(frozen=True)
 class PromptSources:
     """The prompt records of a run, each file parsed once (``load_prompt_sources``): the training prompts (and
-    where they came from) and the dev prompts (``config.train.dev_size`` of them)."""
+    where they came from) and the dev prompts (``spec.train.dev_size`` of them)."""
 
     train: list
     train_path: str
@@ -106,60 +106,60 @@ class Run:
 
 # ======================================================================================= inputs
 
-def load_prompt_sources(config) -> PromptSources:
-    """Every prompt file of ``config``, parsed once, before anything is written; a bad file is a `UserError`
+def load_prompt_sources(spec: RunSpec) -> PromptSources:
+    """Every prompt file of the run, parsed once, before anything is written; a bad file is a `UserError`
     naming the field, the file, the line and the column."""
-    train, train_path = _records(config, "train_file")
-    dev, _ = _records(config, "dev_file")
-    return PromptSources(train, train_path, dev[:int(config.train.dev_size)])  # no dev file: no dev eval
+    train, train_path = _records(spec, "train_file")
+    dev, _ = _records(spec, "dev_file")
+    return PromptSources(train, train_path, dev[:spec.train.dev_size])  # no dev file: no dev eval
 
 
-def _records(config, field: str) -> tuple[list, str]:
-    path = config.data[field]
-    if not path and config.data.source == "json" and uses_tiny(config):
+def _records(spec: RunSpec, field: str) -> tuple[list, str]:
+    data = spec.data
+    path = getattr(data, field)
+    if not path and data.source == "json" and spec.tiny:
         path = str(tiny_prompts_path())
     if not path:
         return [], ""
-    if config.data.source == "tfds":
+    if data.source == "tfds":
         name, split = path.split(":", 1)
-        return tfds_builders.load_tfds_prompts(name, split, data_dir=config.data.tfds_dir,
-                                               missing_qtype=config.data.missing_qtype), path
+        return tfds_builders.load_tfds_prompts(name, split, data_dir=data.tfds_dir,
+                                               missing_qtype=data.missing_qtype), path
     try:
-        return prompts_lib.load_prompts(path, missing_qtype=config.data.missing_qtype), path
+        return prompts_lib.load_prompts(path, missing_qtype=data.missing_qtype), path
     except prompts_lib.PromptFileError as e:
         raise UserError(f"config.data.{field}: {e}") from None
 
 
-def asset_paths(config, workdir) -> dict:
+def asset_paths(config, spec: RunSpec, workdir) -> dict:
     """Checkpoint directories (policy, tokenizer, gold RM); the tiny config builds its own in
-    ``<workdir>/assets`` on first use."""
-    if not uses_tiny(config):
-        gold = config.gold_rm.path
-        return {"policy": config.model.path, "tokenizer": config.tokenizer.path or config.model.path,
-                "gold_rm": gold, "gold_rm_random": bool(gold) and gold_rm_lib.marked_random(gold)}
+    ``<workdir>/assets`` on first use (from the config's tiny-model settings)."""
+    given = spec.gold_rm.path
+    if not spec.tiny:
+        return {"policy": spec.model_path, "tokenizer": spec.tokenizer_path, "gold_rm": given,
+                "gold_rm_random": bool(given) and gold_rm_lib.marked_random(given)}
     if jax.process_index() == 0:  # one builder; the other hosts then find the finished directories
         built = tiny.ensure_assets(config, workdir)
     multihost_utils.sync_global_devices("tiny assets")
     if jax.process_index() != 0:
         built = tiny.ensure_assets(config, workdir)
-    gold = config.gold_rm.path or built["gold_rm"]
-    return {"policy": built["policy"], "tokenizer": built["tokenizer"], "gold_rm": gold,
-            "gold_rm_random": not config.gold_rm.path or gold_rm_lib.marked_random(config.gold_rm.path)}
+    return {"policy": built["policy"], "tokenizer": built["tokenizer"], "gold_rm": given or built["gold_rm"],
+            "gold_rm_random": not given or gold_rm_lib.marked_random(given)}
 
 
 def open_basics(config, spec: RunSpec, workdir: str) -> RunBasics:
     """The mesh over the run's devices, the asset directories (the tiny config: built) and the policy's tokenizer
     of a validated ``spec``; nothing is loaded onto devices yet."""
     mesh = mesh_lib.make_mesh(spec.mesh, jax.devices()[:spec.mesh.num_devices or None])
-    paths = asset_paths(config, workdir)
+    paths = asset_paths(config, spec, workdir)
     return RunBasics(spec, mesh, paths, tok_lib.load_tokenizer(paths["tokenizer"]))
 
 
-def batching_config(config, global_batch_size: int) -> batching.BatchingConfig:
-    """The batching of ``config.data`` (prompt length, bucket multiple, shuffle seed) at ``global_batch_size``."""
+def batching_config(data: DataSpec, global_batch_size: int) -> batching.BatchingConfig:
+    """The batching of ``data`` (prompt length, bucket multiple, shuffle seed) at ``global_batch_size``."""
     return batching.BatchingConfig(global_batch_size=int(global_batch_size),
-                                   max_prompt_length=int(config.data.max_prompt_length),
-                                   bucket_multiple=int(config.data.bucket), seed=int(config.data.shuffle_seed))
+                                   max_prompt_length=data.max_prompt_length, bucket_multiple=data.bucket,
+                                   seed=data.shuffle_seed)
 
 
 def prompt_set(records, tokenizer, bcfg: batching.BatchingConfig) -> PromptSet:
@@ -177,13 +177,13 @@ def for_training(config, spec: RunSpec, workdir: str, sources: PromptSources,
     resumes, whose data position is range-checked against the prompts before any model loads."""
     basics = open_basics(config, spec, workdir)
     tokenizer = basics.tokenizer
-    prompts = batching.tokenize_prompts(sources.train, tokenizer, max_prompt_length=int(config.data.max_prompt_length))
+    prompts = batching.tokenize_prompts(sources.train, tokenizer, max_prompt_length=spec.data.max_prompt_length)
     log.info("%d training prompts from %s (%d dropped as too long)", len(prompts), sources.train_path,
              len(prompts.dropped))
-    train_set = PromptSet(sources.train, prompts, batching_config(config, spec.algorithm.prompts_per_step))
+    train_set = PromptSet(sources.train, prompts, batching_config(spec.data, spec.algorithm.prompts_per_step))
     iterator = prompt_iterator(prompts, train_set.batching, saved)
-    dev = prompt_set(sources.dev, tokenizer, batching_config(config, spec.ppo.batch_size))
-    gold = gold_rm(config, spec, basics.paths, basics.mesh)
+    dev = prompt_set(sources.dev, tokenizer, batching_config(spec.data, spec.ppo.batch_size))
+    gold = gold_rm(spec, basics.paths, basics.mesh)
     return _assemble(config, basics, workdir, dev, gold, sources.train + dev.records, train_set=train_set,
                      iterator=iterator)
 
@@ -202,12 +202,12 @@ def _assemble(config, basics: RunBasics, workdir: str, dev: PromptSet, gold, eng
     ``engine_records`` (None: no engine), and hold them with the parts already set up as one `Run`."""
     spec, mesh, paths, tokenizer = basics
     pspec, frozen = load_policy(config, spec, mesh, paths)
-    encoder = relevance_encoder(config, spec, mesh) if engine_records is not None else None
+    encoder = relevance_encoder(spec, mesh) if engine_records is not None else None
     tables = feature_tables(tokenizer, pspec.cfg.vocab_size)
     progs = run_programs(spec, mesh, pspec, frozen, tokenizer, tables=tables,
-                         stop_strings=tuple(config.reward.stop_strings), encoder=encoder, gold=gold)
+                         stop_strings=spec.scoring.stop_strings, encoder=encoder, gold=gold)
     engine = (None if engine_records is None else
-              reward_engine(config, spec, tables, engine_records, encoder=encoder, programs=progs.features))
+              reward_engine(spec, tables, engine_records, encoder=encoder, programs=progs.features))
     return Run(config, spec, workdir, mesh, tokenizer, dev, pspec, frozen, engine, gold, paths, progs,
                train_set=train_set, iterator=iterator)
 
@@ -222,14 +222,14 @@ def load_policy(config, spec: RunSpec, mesh, paths: dict):
                              rules=spec.mesh.rules), base.params
 
 
-def relevance_encoder(config, spec: RunSpec, mesh):
+def relevance_encoder(spec: RunSpec, mesh):
     """The relevance encoder of the run, or None when no reward spec uses relevance; placed where
     ``relevance.encoder_mesh`` says (one device on CPU hosts, the run's mesh or this host's part of it elsewhere)."""
     if not any(s.needs_relevance for s in (spec.reward, *spec.counterfactual.values())):
         return None
-    path = relevance.encoder_path(config.relevance.path, "--config.relevance.path")
+    path = relevance.encoder_path(spec.relevance.path, "--config.relevance.path")
     where = relevance.encoder_mesh(mesh)
-    return relevance.RelevanceEncoder.from_pretrained(path, max_length=int(config.relevance.max_length),
+    return relevance.RelevanceEncoder.from_pretrained(path, max_length=spec.relevance.max_length,
                                                       progress=False, mesh=where,
                                                       rules=None if where is None else spec.mesh.rules)
 
@@ -251,24 +251,24 @@ def feature_tables(tokenizer, vocab_size: int) -> features.FeatureTables:
     return features.feature_tables(_pad_table(tok_lib.byte_table(tokenizer), vocab_size))
 
 
-def reward_engine(config, spec: RunSpec, tables, records, *, encoder=None, programs=None) -> engine_lib.RewardEngine:
+def reward_engine(spec: RunSpec, tables, records, *, encoder=None, programs=None) -> engine_lib.RewardEngine:
     """The reward engine of ``spec`` (training proxy + counterfactuals) over the prompt set ``records``."""
     queries = [templates.relevance_query(templates.alpaca_prompt(r.instruction)) for r in records]
     return engine_lib.RewardEngine(spec.reward, spec.counterfactual, tables,
-                                   stop_strings=tuple(config.reward.stop_strings), queries=queries,
+                                   stop_strings=spec.scoring.stop_strings, queries=queries,
                                    references=[r.reference for r in records],
                                    qtype_P=np.array([r.qtype_id for r in records]), encoder=encoder,
-                                   seed=int(config.seed), relevance_text=spec.relevance_text, programs=programs)
+                                   seed=spec.seed, relevance_text=spec.scoring.relevance_text, programs=programs)
 
 
-def gold_rm(config, spec: RunSpec, paths: dict, mesh):
+def gold_rm(spec: RunSpec, paths: dict, mesh):
     """The gold RM of ``paths['gold_rm']`` (None when the run has none); its tokenizer is checked first."""
     if not paths["gold_rm"]:
         return None
-    return gold_rm_lib.GoldRM(paths["gold_rm"], tokenizer_path=config.gold_rm.tokenizer,
-                              max_length=int(config.gold_rm.max_length), batch_size=int(config.gold_rm.batch_size),
-                              layout=config.gold_rm.layout, mesh=mesh, rules=spec.mesh.rules,
-                              is_random=paths["gold_rm_random"], placement=config.gold_rm.placement)
+    g = spec.gold_rm
+    return gold_rm_lib.GoldRM(paths["gold_rm"], tokenizer_path=g.tokenizer, max_length=g.max_length,
+                              batch_size=g.batch_size, layout=g.layout, mesh=mesh, rules=spec.mesh.rules,
+                              is_random=paths["gold_rm_random"], placement=g.placement)
 
 
 def _pad_table(table, vocab_size: int):
@@ -330,7 +330,7 @@ def sample_and_score(run: Run, state, ids_BxT, mask_BxT, index_B, rng, scfg: sam
     params, adapters = policy.sampling_params(run.policy, state["trainable"], run.frozen)
     roll = run.programs.sampler(scfg, group)(params, ids_BxT, mask_BxT, rng, adapters)
     feats = run.engine.features(roll.tokens_BxN, roll.mask_BxN)
-    mask_BxN = rollout.cut_mask(roll.mask_BxN, feats.cut_token_B) if run.config.reward.cut_at_stop else roll.mask_BxN
+    mask_BxN = rollout.cut_mask(roll.mask_BxN, feats.cut_token_B) if run.spec.scoring.cut_at_stop else roll.mask_BxN
     jax.block_until_ready(mask_BxN)
     t1 = time.perf_counter()
     tokens, raw_mask = run.to_local(roll.tokens_BxN), run.to_local(roll.mask_BxN)

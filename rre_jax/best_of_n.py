@@ -110,10 +110,10 @@ def plan_best_of_n(workdir: str, eval_set: str, *, n: int, ks: Sequence[int] | N
     step = int(step or 0)
     out_dir = pathlib.Path(out or os.path.join(workdir, "bon", f"step_{step}"))
     check_outputs(out_dir, step, overwrite)
-    bcfg = checkpoint_eval.eval_batching(config, spec, batch_size)
+    bcfg = checkpoint_eval.eval_batching(spec, batch_size)
     basics = assemble.open_basics(config, spec, workdir)  # the tiny config builds its assets here
     dev = assemble.prompt_set(records, basics.tokenizer, bcfg)
-    gold = assemble.gold_rm(config, spec, basics.paths, basics.mesh)
+    gold = assemble.gold_rm(spec, basics.paths, basics.mesh)
     run = assemble.for_eval(config, basics, workdir, repeat_prompts(dev, n), gold=gold)
     if step:
         state = assemble.restore(run, ckpt, step)[0]

@@ -55,7 +55,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rre_jax import alignment_tax as at, assemble, checkpoint, evaluate, host_arrays, policy, sampled_kl, sampling
-from rre_jax.configs import loader
+from rre_jax import config_loader as loader
 from rre_jax.data import batching, prompts as prompts_lib, templates
 from rre_jax.run_spec import validate
 
@@ -103,16 +103,15 @@ def resolve_steps(ckpt, steps: Sequence[int] | None) -> list[int]:
 
 # ======================================================================================= set-up
 
-def eval_batching(config, spec, batch_size: int | None):
+def eval_batching(spec, batch_size: int | None):
     """The `batching.BatchingConfig` of an eval at global batch ``batch_size`` (``--batch-size``; default
     ``config.ppo.batch_size``), which must split evenly over the mesh's data x fsdp devices."""
-
     rows = spec.mesh.resolved_shape(spec.mesh.num_devices or jax.device_count())
     batch_size = int(batch_size or spec.ppo.batch_size)
     if batch_size <= 0 or batch_size % (rows[0] * rows[1]):
         raise ValueError(f"--batch-size {batch_size} must be a positive multiple of the mesh's data x fsdp = "
                          f"{rows[0] * rows[1]} devices")
-    return assemble.batching_config(config, batch_size)
+    return assemble.batching_config(spec.data, batch_size)
 
 
 # ======================================================================================= checks
@@ -255,13 +254,13 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
         raise ValueError(f"eval set {eval_set!r} holds no prompts")
     basics = assemble.open_basics(config, validate(config), workdir)
     spec, mesh, paths, tokenizer = basics
-    dev = assemble.prompt_set(records, tokenizer, eval_batching(config, spec, batch_size))
+    dev = assemble.prompt_set(records, tokenizer, eval_batching(spec, batch_size))
     out_dir = pathlib.Path(out or os.path.join(workdir, "eval"))
     todo = check_store(out_dir, steps, [records[i].instruction for i in dev.prompts.index], overwrite=overwrite,
                        skip_existing=skip_existing)
     run = None
     if todo:
-        gold = assemble.gold_rm(config, spec, paths, mesh)  # checks the gold tokenizer before the policy loads
+        gold = assemble.gold_rm(spec, paths, mesh)  # checks the gold tokenizer before the policy loads
         if gold is None:
             log.warning("the run has no gold RM (config.gold_rm.path is empty): gold scores are stored as NaN")
         run = assemble.for_eval(config, basics, workdir, dev, gold=gold)
@@ -363,7 +362,7 @@ def plan_alignment_tax(workdir: str, step: int, tasks_dir: str, *, config=None, 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already holds alignment-tax predictions; pass --overwrite to replace them")
     basics = assemble.open_basics(config, validate(config), workdir)
-    no_prompts = assemble.PromptSet([], None, eval_batching(config, basics.spec, batch_size))  # batch size only
+    no_prompts = assemble.PromptSet([], None, eval_batching(basics.spec, batch_size))  # batch size only
     run = assemble.for_eval(config, basics, workdir, no_prompts, scoring=False)
     state, _ = assemble.restore(run, ckpt, step)
     ckpt.close()

@@ -21,8 +21,80 @@ from rre_jax.models import llama, lora as lora_lib
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """``config.data``: where the prompts come from, their length limit and bucketing, the shuffle seed."""
+
+    source: str
+    train_file: str
+    dev_file: str
+    tfds_dir: str
+    max_prompt_length: int
+    bucket: int
+    missing_qtype: str
+    shuffle_seed: int
+
+    @property
+    def largest_bucket(self) -> int:
+        """``max_prompt_length`` rounded up to a multiple of ``bucket``: the longest prompt bucket."""
+        return -(-self.max_prompt_length // self.bucket) * self.bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """``config.train``: steps, checkpoint cadence and retention, dev-set size, the final export."""
+
+    steps: int
+    save_freq: int
+    max_to_keep: int
+    dev_size: int
+    export_final: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldRMSpec:
+    """``config.gold_rm``: the gold RM's checkpoint, tokenizer, layout, scoring batch and placement."""
+
+    path: str
+    tokenizer: str
+    layout: str
+    max_length: int
+    batch_size: int
+    placement: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RelevanceSpec:
+    """``config.relevance``: the relevance encoder and the tokens it keeps per text."""
+
+    path: str
+    max_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringSpec:
+    """The rest of ``config.reward``: the training preset's name, the stop strings, the cut of the rollouts,
+    the reward baseline and what relevance embeds (``reward_engine.RELEVANCE_TEXTS``)."""
+
+    preset: str
+    stop_strings: tuple
+    cut_at_stop: bool
+    baseline: float
+    relevance_text: str = "response"
+
+
+_CASTS = {"int": int, "str": str, "bool": bool, "float": float, "tuple": tuple}
+
+
+def _section(cls, section, **extra):
+    """``cls`` from the config section of the same fields (each cast to its annotated type)."""
+    values = {f.name: _CASTS[f.type](section[f.name]) for f in dataclasses.fields(cls) if f.name not in extra}
+    return cls(**values, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """Every config section in its validated, frozen form. Built before any model is loaded or compiled."""
+    """Every config section a run reads, in its validated, frozen form. Built before any model is loaded or
+    compiled; what flows after ``validate`` (the raw config is kept only to be saved with each checkpoint)."""
 
     ppo: ppo.PPOConfig
     reward: reward.RewardSpec
@@ -35,8 +107,17 @@ class RunSpec:
     remat: str
     dtype: Any
     param_dtype: Any
-    algorithm: algorithms.Algorithm | None = None  # config.algo with its settings (rre_jax.algorithms)
-    relevance_text: str = "response"  # what QR / AR embed (reward_engine.RELEVANCE_TEXTS)
+    algorithm: algorithms.Algorithm  # config.algo with its settings (rre_jax.algorithms)
+    scoring: ScoringSpec
+    data: DataSpec
+    train: TrainSpec
+    gold_rm: GoldRMSpec
+    relevance: RelevanceSpec
+    name: str
+    seed: int
+    model_path: str  # the policy's checkpoint directory ('' : the tiny built-in policy)
+    tokenizer_path: str  # default: model_path
+    tiny: bool  # the tiny built-in policy, tokenizer and prompts (``uses_tiny``)
 
 
 EVAL_PROXY = "rer"  # scored at every dev eval and checkpoint eval: the reference judges every run with full RER
@@ -94,7 +175,12 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
                    lora=lora_lib.LoraConfig.from_config(config.model.lora),
                    mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
-                   param_dtype=dtype("param_dtype"), algorithm=algorithm, relevance_text=relevance_text)
+                   param_dtype=dtype("param_dtype"), algorithm=algorithm,
+                   scoring=_section(ScoringSpec, config.reward, relevance_text=relevance_text),
+                   data=_section(DataSpec, config.data), train=_section(TrainSpec, config.train),
+                   gold_rm=_section(GoldRMSpec, config.gold_rm), relevance=_section(RelevanceSpec, config.relevance),
+                   name=str(config.name), seed=int(config.seed), model_path=str(config.model.path),
+                   tokenizer_path=str(config.tokenizer.path or config.model.path), tiny=uses_tiny(config))
 
 
 def uses_tiny(config) -> bool:

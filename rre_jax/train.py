@@ -43,20 +43,20 @@ def run(config, workdir: str, *, spec: RunSpec | None = None,
     first). On SIGTERM (spot / preemptible VMs) every host saves at one common step and returns early
     (``preemption``); rerunning resumes there."""
     spec = spec or validate(config)
-    sources = sources or assemble.load_prompt_sources(config)
-    ckpt = checkpoint.CheckpointManager(workdir, max_to_keep=int(config.train.max_to_keep) or None)
+    sources = sources or assemble.load_prompt_sources(spec)
+    ckpt = checkpoint.CheckpointManager(workdir, max_to_keep=spec.train.max_to_keep or None)
     latest = ckpt.latest_step()
     saved = None if latest is None else (ckpt.restore_meta(latest), f"{ckpt.directory}/{latest}")
     r = assemble.for_training(config, spec, workdir, sources, saved)
     writer = metrics_lib.MetricWriter(workdir)
     if latest is None:
-        state = assemble.init_state(r, jax.random.key(int(config.seed)))
+        state = assemble.init_state(r, jax.random.key(spec.seed))
     else:
         state, _ = assemble.restore(r, ckpt, latest)
         writer.truncate_after(latest)
         log.info("resumed from step %d in %s", latest, ckpt.directory)
     state, last = _loop(r, state, ckpt, writer)
-    if bool(config.train.export_final) and int(state["step"]) == int(config.train.steps):  # not after a preemption
+    if spec.train.export_final and int(state["step"]) == spec.train.steps:  # not after a preemption
         export(r, state, os.path.join(workdir, "export"))
     writer.close()
     ckpt.close()
@@ -64,9 +64,9 @@ def run(config, workdir: str, *, spec: RunSpec | None = None,
 
 
 def _loop(r: Run, state, ckpt: checkpoint.CheckpointManager, writer: metrics_lib.MetricWriter):
-    """Steps until ``config.train.steps``, or a preemption; every ``save_freq``: dev eval, then checkpoint."""
-    total, save_freq = int(r.config.train.steps), int(r.config.train.save_freq)
-    bar = tqdm(total=total, initial=int(state["step"]), desc=r.config.name, unit="step",
+    """Steps until ``spec.train.steps``, or a preemption; every ``save_freq``: dev eval, then checkpoint."""
+    total, save_freq = r.spec.train.steps, r.spec.train.save_freq
+    bar = tqdm(total=total, initial=int(state["step"]), desc=r.spec.name, unit="step",
                disable=jax.process_index() != 0)
     last: dict = {}
     with preemption.Watch() as watch:
@@ -131,7 +131,7 @@ def train_step(r: Run, state, batch: batching.Batch):
     attn_BxS = jnp.concatenate([mask_BxT, mask_BxN], axis=1)
     exp = jax.block_until_ready(r.programs.experience(T, N)(state["trainable"], r.frozen, ids_BxS, attn_BxS))
     t1 = time.perf_counter()
-    score_B = comps["proxy"] - float(r.config.reward.baseline)  # this host's share
+    score_B = comps["proxy"] - r.spec.scoring.baseline  # this host's share
     scalars = _reward_metrics(r, comps, mask_BxN, roll)
     if not scalars.pop("finite"):  # global: every host decides alike
         log.warning("step %d: non-finite rewards; batch skipped", step)
@@ -157,7 +157,7 @@ def _reward_metrics(r: Run, comps: dict, mask_BxN, roll) -> dict:
                 "response/words_mean": float(every["n_words"].mean()),
                 "response/cut_frac": float(np.mean(every["n_tok"] < every["n_raw"])),
                 "rollout/decode_steps": float(roll.steps), "new_tokens": float(every["n_raw"].sum()),
-                "finite": bool(np.all(np.isfinite(every["proxy"] - float(r.config.reward.baseline))))})
+                "finite": bool(np.all(np.isfinite(every["proxy"] - r.spec.scoring.baseline)))})
     return out
 
 
@@ -204,7 +204,7 @@ def _dev_rollouts(r: Run, state, step: int) -> tuple[list, list, dict]:
     # the engine's prompt table: the training prompts (none in a run built for evaluation), then the dev prompts
     offset = 0 if r.train_set is None else len(r.train_set.records)
     for i, b in enumerate(r.dev.batches()):
-        rng = jax.random.fold_in(jax.random.key(int(r.config.seed) + 7), step * 1000 + i)
+        rng = jax.random.fold_in(jax.random.key(r.spec.seed + 7), step * 1000 + i)
         _, _, c, t, _ = assemble.sample_and_score(r, state, r.to_global(b.ids_BxT), r.to_global(b.mask_BxT),
                                                   b.index_B + offset, rng, r.spec.sampling)
         every = host_arrays.gather({**c, "index": np.asarray(b.index_B), "valid": np.asarray(b.valid_B)})
@@ -229,4 +229,4 @@ def _dev_step(r: Run, step: int, index, texts, comps: dict, gold) -> evaluate.St
         features={k: np.asarray(v) for k, v in comps.items() if k in ("li", "rp", "qr", "ar")}, train_proxy="train",
         gold_rm=r.paths["gold_rm"] or "", gold_rm_random=bool(r.paths["gold_rm_random"]),
         sampling=dataclasses.asdict(r.spec.sampling), relevance_text=r.engine.relevance_text,
-        extra={"run": r.config.name, "split": "dev"})
+        extra={"run": r.spec.name, "split": "dev"})

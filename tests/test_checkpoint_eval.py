@@ -119,8 +119,8 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
     config = checkpoint_eval.config_from_checkpoint(ckpt, 10)
     spec, mesh, paths, tokenizer = assemble.open_basics(config, run_spec.validate(config), str(workdir))
     assert "cf/rer" in spec.counterfactual or config.reward.preset == "rer"  # validate adds RER
-    engine = assemble.reward_engine(config, spec, assemble.feature_tables(tokenizer, len(tokenizer)),
-                                    load_prompts(EVAL_SET), encoder=assemble.relevance_encoder(config, spec, mesh))
+    engine = assemble.reward_engine(spec, assemble.feature_tables(tokenizer, len(tokenizer)), load_prompts(EVAL_SET),
+                                    encoder=assemble.relevance_encoder(spec, mesh))
     for stored in evaluate.load_steps(workdir / "eval"):
         got = text_scoring.score_texts(engine, tokenizer, np.arange(16), stored.response, batch_size=16)
         np.testing.assert_array_equal(got["li"], stored.features["li"].astype(np.float32))

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from rre_jax.configs import loader
+from rre_jax import config_loader as loader
 from rre_jax.errors import UserError
 
 

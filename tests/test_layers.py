@@ -6,6 +6,7 @@ import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PKG = REPO / "rre_jax"
+CONFIGS = REPO / "configs"  # the package rre_jax.configs (rre_jax/configs links there)
 
 # Third-party libraries a module may import inside a function, each with its reason.
 OPTIONAL_LIBRARIES = {
@@ -18,12 +19,16 @@ OPTIONAL_LIBRARIES = {
 
 
 def module_name(path: pathlib.Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
+    if path.is_relative_to(CONFIGS):
+        parts = ("rre_jax", "configs") + path.relative_to(CONFIGS).with_suffix("").parts
+    else:
+        parts = path.relative_to(REPO).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def modules() -> dict[str, ast.Module]:
-    return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PKG.rglob("*.py"))}
+    files = sorted(PKG.rglob("*.py")) + sorted(CONFIGS.glob("*.py"))
+    return {module_name(p): ast.parse(p.read_text(), str(p)) for p in files}
 
 
 def resolve(node, known: set[str]) -> list[str]:
@@ -126,7 +131,9 @@ def test_function_level_imports_are_command_startup_or_optional_libraries():
 
 
 def test_the_checks_see_cycles_and_nested_imports():
-    """The checks themselves: a two-module cycle is found, and a nested rre_jax import is seen."""
+    """The checks themselves: a two-module cycle is found, a nested rre_jax import is seen, and the shipped
+    configs are read as the package they are installed as."""
+    assert {"rre_jax.configs", "rre_jax.configs.tiny", "rre_jax.configs.defaults", "rre_jax.train"} <= set(modules())
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     tree = ast.parse("def f():\n    from rre_jax import train\n")
     assert [resolve(n, {"rre_jax.train"}) for n in nested_imports(tree)] == [["rre_jax.train"]]

@@ -41,7 +41,8 @@ def tiny_cfg(assets, preset="rer", **overrides):
 
 def build(cfg, workdir):
     """The run ``train.run`` would assemble for ``cfg`` (validated, prompt files parsed) in ``workdir``."""
-    return assemble.for_training(cfg, run_spec.validate(cfg), str(workdir), assemble.load_prompt_sources(cfg))
+    spec = run_spec.validate(cfg)
+    return assemble.for_training(cfg, spec, str(workdir), assemble.load_prompt_sources(spec))
 
 
 def rows_by_step(workdir):

@@ -9,7 +9,7 @@ import sys
 from typing import Callable, Sequence
 
 from rre_jax import errors
-from rre_jax.configs import loader
+from rre_jax import config_loader as loader
 
 # What a user can get wrong before anything is sampled: files, steps, fields (the library raises these with the
 # file, step or field named).
@@ -85,7 +85,8 @@ def start_distributed(config, overrides) -> None:
     ``--config`` (or of the defaults) with the ``--config.distributed.*`` overrides. The checkpoint's saved section
     is not used: it names the training job's coordinator. On a TPU pod: ``--config.distributed.initialize=True``
     on every host (JAX finds the rest)."""
-    from rre_jax import defaults, distributed
+    from rre_jax import distributed
+    from rre_jax.configs import defaults
     cfg = config if config is not None else defaults.base_config()
     for key, raw in overrides:
         if key.startswith("distributed."):

@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from rre_jax import errors
-from rre_jax.configs import loader
+from rre_jax import config_loader as loader
 
 
 def build_parser() -> argparse.ArgumentParser:

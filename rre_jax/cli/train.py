@@ -3,7 +3,7 @@
     rre-train --config configs/tiny.py[:rer] --workdir DIR [--config.ppo.learning_rate=1e-4 ...]
 
 ``--config`` defaults to the shipped tiny config, so ``rre-train --workdir /tmp/x`` runs the tiny job. The
-config is loaded and every ``--config.a.b=v`` override applied by ``rre_jax.configs.loader`` (the loader
+config is loaded and every ``--config.a.b=v`` override applied by ``rre_jax.config_loader`` (the loader
 every command uses); an unknown field, a bad value or an invalid config is reported on one line, with exit
 status 2, before anything is loaded, written or compiled.
 """
@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from rre_jax import errors
-from rre_jax.configs import loader
+from rre_jax import config_loader as loader
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rre_jax import assemble, distributed, run_spec  # after parsing: keeps --help fast
         distributed.maybe_initialize(config.distributed)
         spec = run_spec.validate(config)  # every config error surfaces here, before anything is loaded or compiled
-        sources = assemble.load_prompt_sources(config)  # each prompt file parsed once, before anything is written
+        sources = assemble.load_prompt_sources(spec)  # each prompt file parsed once, before anything is written
     except _config_errors() as e:
         return errors.report("rre-train", e.args[0] if isinstance(e, KeyError) and e.args else e)
     try:

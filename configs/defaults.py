@@ -206,3 +206,13 @@ def tiny_model_config() -> ml_collections.ConfigDict:
     t.num_attention_heads = 4
     t.num_key_value_heads = 2
     return t
+
+
+def plan_section(policy: str, gold_rm: str, chip_memory_gib: float) -> ml_collections.ConfigDict:
+    """What ``rre-params --config`` and ``--compile_only`` need beyond the run's fields when the checkpoint
+    directories are not on the machine: the architectures (names in ``rre_jax.memory.PRESETS``, or checkpoint
+    directories; empty: model.path / gold_rm.path), the chip's memory (0: unknown, e.g. CPU), and the policy
+    tokenizer's facts the programs are built with (``eos_id``, ``pad_id`` and its longest token in UTF-8 bytes:
+    the LLaMA tokenizer's eos 2 and pad 0; read from the tokenizer itself whenever its directory exists)."""
+    return ml_collections.ConfigDict({"policy": policy, "gold_rm": gold_rm, "chip_memory_gib": chip_memory_gib,
+                                      "eos_id": 2, "pad_id": 0, "max_token_bytes": 16})
