@@ -336,7 +336,7 @@ def test_training_logs_monotonicity_so_far(workdir):
 def no_sampling(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("sampled despite bad input")
-    monkeypatch.setattr(train, "sample_and_score", fail)
+    monkeypatch.setattr(assemble, "sample_and_score", fail)
     monkeypatch.setattr(programs.RunPrograms, "sampler", fail)
 
 

@@ -134,29 +134,37 @@ def test_plan_batches_covers_every_text_within_bucketed_shapes(row_multiple):
         assert all(relevance.length_bucket(int(lengths[i]), 512) == T for i in idx)
 
 
+def _executables(enc, layout: str) -> int:
+    """Executables the encoder's programs hold for ``layout`` ('packed' streams or 'padded' rows)."""
+    return sum(exe._cache_size() for key, exe in enc.programs.executables().items() if key[1] == layout)
+
+
 def test_bucketing_reuses_compiled_shapes(tiny_dir):
     """Texts of different lengths in one bucket share one executable: no recompile per batch."""
     enc = relevance.RelevanceEncoder.from_pretrained(tiny_dir, packed=False, max_length=40)
-    before = enc._embed._cache_size()
+    before = _executables(enc, "padded")
     enc.embed_texts(["a b c"])
     enc.embed_texts(["the cats of the poem are with you"])
-    assert enc._embed._cache_size() == before + 1
+    assert _executables(enc, "padded") == before + 1
 
 
 def test_packed_streams_reuse_one_executable_per_stream_size(tiny_dir):
     enc = relevance.RelevanceEncoder.from_pretrained(tiny_dir, tokens_per_batch=256, max_length=48)
     assert enc.packed  # the CPU default
-    padded = enc._embed._cache_size()
     enc.embed_texts(["a b c"])
-    assert enc._embed_packed._cache_size() == 1
+    assert _executables(enc, "packed") == 1
     enc.embed_texts(["the cats of the poem are with you " * 3, "a", "b c"])
-    assert enc._embed_packed._cache_size() == 1  # both fit a 64-token stream
+    assert _executables(enc, "packed") == 1  # both fit a 64-token stream
     enc.embed_texts(["the cats of the poem are with you " * 5] * 9)
-    assert enc._embed_packed._cache_size() == 1  # one text, deduplicated
+    assert _executables(enc, "packed") == 1  # one text, deduplicated
     enc.embed_texts([f"text {i} " * 10 for i in range(40)])
-    assert enc._embed._cache_size() == padded and enc._embed_packed._cache_size() <= 3  # 256 + halvings
-    again = relevance.RelevanceEncoder.from_pretrained(tiny_dir, tokens_per_batch=256, max_length=48)
-    assert again._embed_packed is enc._embed_packed  # a second encoder of the same shape compiles nothing
+    assert _executables(enc, "padded") == 0 and _executables(enc, "packed") <= 3  # 256 + halvings
+    # a second encoder handed the first one's programs (as a run hands its RunPrograms.relevance) compiles nothing
+    again = relevance.RelevanceEncoder.from_pretrained(tiny_dir, tokens_per_batch=256, max_length=48,
+                                                       programs=enc.programs)
+    n = _executables(enc, "packed")
+    again.embed_texts([f"text {i} " * 10 for i in range(40)])
+    assert _executables(enc, "packed") == n
 
 
 def test_sharded_over_batch_axis_matches_single_device(tiny_dir):
