@@ -67,18 +67,29 @@ class GoldRM:
         return [templates.starling_input(templates.starling_query(p), r) for p, r in zip(prompts, responses)]
 
     def score(self, prompts, responses):
-        """Gold scores ``f32[N]`` of (templated or raw) prompts and response texts. The program's input shardings
-        bring host-placed weights onto the mesh for the call (freed when it returns)."""
+        """Gold scores ``f32[N]`` of (templated or raw) prompts and response texts; every host of a multi-host run
+        calls it with the same texts. Host-placed weights are brought onto the mesh for the call (freed when it
+        returns)."""
         texts = self.inputs(prompts, responses)
         rows = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
-        out = np.zeros(len(rows), np.float32)
+        out, params = np.zeros(len(rows), np.float32), None
         for start in range(0, len(rows), self.rows):
             chunk = rows[start:start + self.rows]
             T = batching.pow2_bucket(max(len(r) for r in chunk), 16, self.max_length)
             ids_BxT, mask_BxT = batching.pad_right(chunk, T, self.rows, self.pad_id)
-            scores = self.programs.score(self.rows, T)(self.model.params, ids_BxT, mask_BxT)
+            program = self.programs.score(self.rows, T)
+            params_sh, rows_sh, _ = program.in_shardings
+            if params is None:  # host placement: on the mesh for this call only
+                params = self.model.params if self.placement == "device" else jax.device_put(self.model.params,
+                                                                                            params_sh)
+            scores = program(params, _global(ids_BxT, rows_sh), _global(mask_BxT, rows_sh))
             out[start:start + len(chunk)] = np.asarray(jax.device_get(_whole(scores)))[:len(chunk)]
         return out
+
+
+def _global(x_BxT: np.ndarray, sharding):
+    """A batch every host holds whole -> the global array in ``sharding`` (each host gives its devices' rows)."""
+    return jax.make_array_from_callback(x_BxT.shape, sharding, lambda index: x_BxT[index])
 
 
 def _whole(x):

@@ -70,12 +70,12 @@ def _ndims(tree):
 
 def test_tiny_programs_compile_for_tpu(compiled):
     _, _, progs, exes = compiled
-    assert set(exes) == {"init", "sampler", "experience", "update"}
+    assert set(exes) == {"init", "cache", "sampler", "experience", "update", "features"}
     for name, exe in exes.items():
         m = exe.memory_analysis()
         assert m.argument_size_in_bytes + m.output_size_in_bytes > 0, name
         flops, _ = aot.cost(exe)
-        assert name == "init" or flops > 0, name
+        assert name in ("init", "cache") or flops > 0, name
 
 
 def test_parameter_lora_moment_and_cache_shardings_follow_the_rules(compiled):
@@ -143,7 +143,8 @@ def test_compile_only_cli_writes_nothing_but_the_report(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["W"]
     rep = json.loads((work / "report.json").read_text())
     assert rep["fits"] and rep["devices"] == 4 and rep["chip"]["kind"] == "TPU v5 lite"
-    assert [r["name"] for r in rep["programs"]] == ["init", "sampler", "experience", "update", "relevance", "gold"]
+    assert [r["name"] for r in rep["programs"]] == ["init", "cache", "sampler", "experience", "update", "features",
+                                                    "relevance", "gold"]
     for phase in ("rollout", "experience", "update"):
         assert rep["phases"][phase]["flops"] > 0, phase
         assert re.search(rf"^{phase} .* \d+\.\d+$", out.stdout, re.M), out.stdout

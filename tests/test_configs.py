@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from rre_jax import configs, memory, metrics, reward, run_spec, train
-from rre_jax.configs import alpacafarm_rer, loader, tiny as tiny_config
+from rre_jax import config_loader as loader
+from rre_jax.configs import alpacafarm_rer, tiny as tiny_config
 from rre_jax.data import tiny_prompts_path
 
 SHIPPED = configs.names()

@@ -153,9 +153,11 @@ def test_host_placement_scores_like_device_placement(assets):
     on_host = gold_rm.GoldRM(path, max_length=MAX_LEN, batch_size=4, mesh=mesh, placement="host")
     host = jax.devices("cpu")[0]
     assert all(x.sharding == jax.sharding.SingleDeviceSharding(host) for x in jax.tree.leaves(on_host.model.params))
-    placed = on_host._device_params()
-    assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(placed))  # really sharded over the mesh
     np.testing.assert_allclose(on_host.score(INSTRUCTIONS, RESPONSES), on_device.score(INSTRUCTIONS, RESPONSES),
                                rtol=1e-6, atol=1e-6)
+    for exe in on_host.programs.executables().values():  # the program took the weights sharded over the mesh
+        for compiled in exe._executables.values():
+            assert any(len(s.device_set) > 1 for s in jax.tree.leaves(compiled.input_shardings[0][0]))
+    assert all(x.sharding == jax.sharding.SingleDeviceSharding(host) for x in jax.tree.leaves(on_host.model.params))
     with pytest.raises(ValueError, match="placement"):
         gold_rm.GoldRM(path, placement="disk")

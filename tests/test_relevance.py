@@ -175,7 +175,7 @@ def test_sharded_over_batch_axis_matches_single_device(tiny_dir):
     sharded = relevance.RelevanceEncoder.from_pretrained(tiny_dir, tokens_per_batch=1024, mesh=mesh)
     assert sharded.row_multiple == 8
     ids, mask = batching.pad_right([[2, 5, 3]], 16, 8, sharded.tokenizer.pad_token_id)
-    out = sharded._embed(sharded.params, ids, mask)
+    out = sharded.programs.padded(8, 16)(sharded.params, ids, mask)
     assert len(out.sharding.device_set) == 8
     np.testing.assert_allclose(pairs(sharded, queries, responses), pairs(single, queries, responses),
                                rtol=1e-5, atol=1e-6)
