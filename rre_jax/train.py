@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from rre_jax import checkpoint, features, gold_rm as gold_rm_lib, host_arrays, mesh as mesh_lib, metrics as metrics_lib
 from rre_jax import policy, ppo, preemption, programs as programs_lib, reward_engine as engine_lib, rollout, sampling
+from rre_jax import workdir_lock
 from rre_jax.data import batching, prompts as prompts_lib, templates, tiny_prompts_path
 from rre_jax.errors import UserError
 from rre_jax.models import llama
@@ -437,6 +438,7 @@ def _prompt_iterator(prompts, bcfg, saved: tuple[dict, str] | None) -> batching.
                         "new --workdir") from None
 
 
+@workdir_lock.holding("rre-train")  # issue 23: one workdir, one run (nests under rre-train's own lock)
 def run(config, workdir: str) -> dict:
     """Train (or resume) a run in ``workdir``; returns the last step's metrics. On SIGTERM (spot / preemptible
     VMs) every host saves at one common step and returns early (``preemption``); rerunning resumes there."""

@@ -4,6 +4,7 @@ line, and their console and log set-up."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from typing import Callable, Sequence
@@ -57,12 +58,15 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
     return args, (loader.load(args.config) if args.config else None), overrides
 
 
-def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
-    """What every checkpoint command does first: `parse` ``argv``, `quiet_libraries`, `start_distributed`;
+def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None, held: contextlib.ExitStack):
+    """What every checkpoint command does first: `parse` ``argv``, `quiet_libraries`, `start_distributed`, then
+    take the workdir's lock (`rre_jax.workdir_lock`) into ``held``, so it is released when the command ends;
     returns ``(args, config or None, overrides)``."""
+    from rre_jax import workdir_lock
     args, config, overrides = parse(parser, argv)
     quiet_libraries()
     start_distributed(config, overrides)
+    held.enter_context(workdir_lock.hold(args.workdir, parser.prog))  # one workdir, one command (issue 23)
     return args, config, overrides
 
 
