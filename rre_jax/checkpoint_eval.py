@@ -60,7 +60,14 @@ FEATURES = ("li", "rp", "qr", "ar")
 def config_from_checkpoint(ckpt, step: int):
     """The config ``rre-train`` saved in the meta of checkpoint ``step``."""
     import ml_collections
-    meta = ckpt.restore_meta(step)
+    from rre_jax import checkpoint
+    try:
+        meta = ckpt.restore_meta(step)
+    except Exception as e:  # issue 23: a damaged meta: the config of the newest step whose meta reads
+        saved = ckpt.newest_meta() if checkpoint.damage_of(e, step, str(ckpt.directory / str(step))) else None
+        if saved is None:
+            raise
+        meta = saved[1]
     if "config" not in meta:
         raise ValueError(f"checkpoint {step} in {ckpt.directory} saved no config in its meta; pass --config")
     return ml_collections.ConfigDict(meta["config"])
@@ -284,16 +291,23 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> dict:
     import jax
     from tqdm.auto import tqdm
 
-    from rre_jax import evaluate, train
+    from rre_jax import checkpoint, evaluate, train
     from rre_jax.data import templates
+    damaged: list[int] = []
     if plan.steps:
         records = plan.run.dev.records
         bar = tqdm(total=len(plan.steps) * plan.run.dev.num_batches(), desc="rre-eval", unit="batch",
                    disable=not progress or jax.process_index() != 0)
         for step in plan.steps:
             bar.set_postfix(step=step)
-            state = (train.restore(plan.run, plan.ckpt, step)[0] if step  # 0: the initial policy
-                     else train.init_state(plan.run, jax.random.key(int(plan.run.config.seed))))
+            try:
+                state = (train.restore(plan.run, plan.ckpt, step)[0] if step  # 0: the initial policy
+                         else train.init_state(plan.run, jax.random.key(int(plan.run.config.seed))))
+            except checkpoint.DamagedCheckpoint as e:  # issue 23: skip (and list) a damaged step, not the eval
+                log.warning("%s; skipped", e.damage.describe())
+                damaged.append(e.damage.step)
+                bar.update(plan.run.dev.num_batches())
+                continue
             sampled = sample_step(plan.run, state, step, plan.scfg, plan.seed, bar)
             gold = None
             if plan.run.gold is not None:
@@ -305,7 +319,7 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> dict:
         bar.close()
     summary = evaluate.refresh_report(plan.out_dir, n_boot=plan.n_boot) if jax.process_index() == 0 else {}
     plan.ckpt.close()
-    return summary
+    return {**summary, "damaged_steps": damaged} if damaged else summary
 
 
 def evaluate_checkpoints(workdir: str, eval_set: str, progress: bool = True, **kwargs) -> dict:

@@ -58,4 +58,10 @@ def read_metrics(workdir: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:
+        rows += [json.loads(line) for line in lines[-1:]]
+    except ValueError:  # a last line cut short (the disk filled up mid-write): that step is logged again on resume
+        pass
+    return rows

@@ -444,12 +444,17 @@ def run(config, workdir: str) -> dict:
     VMs) every host saves at one common step and returns early (``preemption``); rerunning resumes there."""
     validate(config)  # before the checkpoint directory is created
     ckpt = checkpoint.CheckpointManager(workdir, max_to_keep=int(config.train.max_to_keep) or None)
-    latest = ckpt.latest_step()
-    r = build(config, workdir, None if latest is None else (ckpt.restore_meta(latest), f"{ckpt.directory}/{latest}"))
+    saved = ckpt.newest_meta()  # issue 23: (step, meta) of the newest step whose meta reads
+    latest = None if saved is None else saved[0]
+    r = build(config, workdir, None if saved is None else (saved[1], f"{ckpt.directory}/{latest}"))
     state = init_state(r, jax.random.key(int(config.seed)))
     writer = metrics_lib.MetricWriter(workdir)
     if latest is not None:
-        state, _ = restore(r, ckpt, latest)
+        # issue 23: damaged newer steps are moved aside (checkpoints/damaged/) and the newest intact one restored
+        latest, state, meta = ckpt.restore_newest_intact(r.programs.state.target())
+        if latest != saved[0]:
+            r.iterator = _prompt_iterator(r.train_set.prompts, r.train_set.batching,
+                                          (meta, f"{ckpt.directory}/{latest}"))
         writer.truncate_after(latest)
         log.info("resumed from step %d in %s", latest, ckpt.directory)
     from tqdm.auto import tqdm

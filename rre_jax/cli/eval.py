@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return common.report_user_error("rre-eval", e)
         common.log_to_workdir(args.workdir, "rre_eval.log")
         summary = checkpoint_eval.run_eval(plan)
+        if summary.get("damaged_steps"):
+            print(f"rre-eval: skipped damaged checkpoint(s) {summary['damaged_steps']} (see the warnings above)",
+                  file=sys.stderr)
         print(f"rre-eval: report {plan.out_dir / 'report.md'} (checkpoints {summary.get('steps')})", file=sys.stderr)
         return 0
 

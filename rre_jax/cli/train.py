@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(config, args.workdir)
     except errors.UserError as e:  # found later (e.g. a checkpoint that does not fit the run): still one line
         return errors.report("rre-train", e)
+    except OSError as e:  # a write the storage refused (disk full, permission, a bucket): the path and what is intact
+        from rre_jax import checkpoint
+        return errors.report("rre-train", checkpoint.write_failure(e, args.workdir))
     return 0
 
 
