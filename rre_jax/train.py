@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from rre_jax import checkpoint, features, gold_rm as gold_rm_lib, host_arrays, mesh as mesh_lib, metrics as metrics_lib
 from rre_jax import policy, ppo, preemption, programs as programs_lib, reward_engine as engine_lib, rollout, sampling
-from rre_jax import workdir_lock
+from rre_jax import tracking, workdir_lock
 from rre_jax.data import batching, prompts as prompts_lib, templates, tiny_prompts_path
 from rre_jax.errors import UserError
 from rre_jax.models import llama
@@ -448,7 +448,7 @@ def run(config, workdir: str) -> dict:
     latest = None if saved is None else saved[0]
     r = build(config, workdir, None if saved is None else (saved[1], f"{ckpt.directory}/{latest}"))
     state = init_state(r, jax.random.key(int(config.seed)))
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, tracker=tracking.open_run(config, workdir))  # issue 23: W&B
     if latest is not None:
         # issue 23: damaged newer steps are moved aside (checkpoints/damaged/) and the newest intact one restored
         latest, state, meta = ckpt.restore_newest_intact(r.programs.state.target())
@@ -475,6 +475,7 @@ def run(config, workdir: str) -> dict:
             if step % int(config.train.save_freq) == 0 or step == total:
                 # Dev eval first: a run killed after the save must not resume without this step's eval.
                 writer.write(step, dev_eval(r, state, step))
+                writer.report(os.path.join(workdir, "dev_eval"), step, "dev_eval")  # issue 23: to W&B, if on
                 ckpt.save(step, state, _meta(r, state, r.iterator.state))
                 log.info("saved checkpoint for step %d", step)
             elif preempted:  # no dev eval: the VM's notice is short, and this step is not on the eval schedule

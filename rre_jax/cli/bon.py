@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except common.USER_ERRORS as e:
             return common.report_user_error("rre-bon", e)
         curves = best_of_n.run_best_of_n(plan)
+        common.log_report("rre-bon", plan.run.config, args.workdir, plan.out_dir, plan.step, "bon")  # issue 23: W&B
         for name, v in curves.get("variants", {}).items():
             fit = v["gold"]["fit"]
             peak = f"gold peak d* {fit['d_star']:.3g}" if math.isfinite(fit["d_star"]) else "gold: no peak"

@@ -97,6 +97,17 @@ def start_distributed(config, overrides) -> None:
     distributed.maybe_initialize(cfg.distributed)
 
 
+def log_report(command: str, config, workdir: str, report_dir, step: int, prefix: str) -> None:
+    """A command's report (tables, figures) to the workdir's W&B run, when ``config.logging.wandb`` is on
+    (`rre_jax.tracking`); ``config`` a ConfigDict or its JSON dict."""
+    import ml_collections
+
+    from rre_jax import tracking
+    config = config if isinstance(config, ml_collections.ConfigDict) else ml_collections.ConfigDict(config)
+    if tracking.log_report_to_run(config, workdir, str(report_dir), step, prefix):
+        print(f"{command}: report logged to the W&B run of {workdir} ({tracking.RUN_FILE})", file=sys.stderr)
+
+
 def report_user_error(command: str, e: Exception) -> int:
     """One line naming the mistake on stderr (a KeyError's message, not its repr); the exit status 2."""
     return errors.report(command, e.args[0] if isinstance(e, KeyError) and e.args else e)

@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return common.report_user_error("rre-eval", e)
         common.log_to_workdir(args.workdir, "rre_eval.log")
         summary = checkpoint_eval.run_eval(plan)
+        if summary.get("steps"):  # issue 23: to the run's W&B run when config.logging.wandb is on
+            common.log_report("rre-eval", plan.extra["config"], args.workdir, plan.out_dir, max(summary["steps"]),
+                              "eval")
         if summary.get("damaged_steps"):
             print(f"rre-eval: skipped damaged checkpoint(s) {summary['damaged_steps']} (see the warnings above)",
                   file=sys.stderr)
