@@ -9,6 +9,7 @@ served from pip's cache). Then the tiny job and a fast subset of the tests run i
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def _run(args, **kw):
 
 def _versions(py, env) -> dict:
     listed = json.loads(_run([py, "-m", "pip", "list", "--format=json"], env=env))
-    return {p["name"].lower(): p["version"] for p in listed}
+    return {re.sub(r"[-_.]+", "-", p["name"]).lower(): p["version"] for p in listed}
 
 
 @pytest.mark.slow
