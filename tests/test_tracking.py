@@ -1,7 +1,6 @@
 """Weights & Biases (`rre_jax.tracking`), for real in W&B's offline mode: the run files it writes are read back
 (W&B's record log: LevelDB-style 32 KiB blocks of protobuf ``Record`` messages) and compared with metrics.jsonl."""
 import json
-import os
 import pathlib
 import struct
 import subprocess
