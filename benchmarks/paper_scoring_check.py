@@ -94,7 +94,7 @@ def rre_components(eval_set: str, outputs_path: str, out: pathlib.Path, relevanc
     from rre_jax import score
     score.run(score.ScoreRequest(eval_set=eval_set, outputs=outputs_path, reward="rer", out=str(out),
                                  relevance_encoder="minilm", relevance_text=relevance_text, overwrite=True,
-                                 quiet=True))
+                                 quiet=True, counterfactual=True))  # QR and AR of every item
     rows = json.loads(out.read_text())
     got = {k: np.array([np.nan if r[k] is None else r[k] for r in rows], np.float64) for k in COMPONENTS[:4]}
     got["rer"] = np.array([r["proxy"] for r in rows], np.float64)

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = _train()  # the run
     c.mesh = _mesh()
     c.distributed = _distributed()
+    c.logging = _logging()
     return c
 
 
@@ -193,6 +194,18 @@ def _distributed() -> ml_collections.ConfigDict:
     s.coordinator_address = ""
     s.num_processes = 0
     s.process_id = -1
+    return s
+
+
+def _logging() -> ml_collections.ConfigDict:
+    """Experiment tracking beside metrics.jsonl and TensorBoard (rre_jax.tracking)."""
+    s = ml_collections.ConfigDict()
+    s.wandb = False  # True: log to Weights & Biases too (pip install 'rre_jax[wandb]')
+    s.wandb_project = "rre_jax"
+    s.wandb_entity = ""  # '': the API key's default entity
+    s.wandb_name = ""  # '': <config.name>-<workdir base name>
+    s.wandb_tags = ()
+    s.wandb_mode = ""  # '' (WANDB_MODE, else online) | online | offline | disabled
     return s
 
 

@@ -9,8 +9,9 @@
 #   host_entry.sh fingerprint [options]                 print the install fingerprint (see below)
 #
 # Install idempotency: the package is installed editable (pip install -e), so code changes need no
-# reinstall; pip runs only when the fingerprint of what the install depends on (setup.cfg, pyproject.toml,
-# extras, --no-deps packages, repository path) differs from the one stamped in the venv.
+# reinstall; pip (with constraints.txt, the tested versions) runs only when the fingerprint of what the
+# install depends on (setup.cfg, pyproject.toml, constraints.txt, extras, --no-deps packages, repository
+# path) differs from the one stamped in the venv.
 set -euo pipefail
 
 usage() {
@@ -137,7 +138,7 @@ fingerprint() {
   command -v sha256sum >/dev/null || sum="shasum -a 256"
   {
     printf 'repo=%s\nextras=%s\nnodeps=%s\n' "$REPO_ROOT" "$EXTRAS" "${NODEPS_PKGS[*]}"
-    cat "$REPO_ROOT/setup.cfg" "$REPO_ROOT/pyproject.toml"
+    cat "$REPO_ROOT/setup.cfg" "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/constraints.txt"
   } | $sum | cut -d' ' -f1
 }
 
@@ -163,7 +164,7 @@ do_setup() {
   [[ -x $VENV/bin/python ]] || make_venv
   [[ -z $EXTRAS ]] || target="${REPO_ROOT}[${EXTRAS}]"
   run_cmd "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  run_cmd "$VENV/bin/python" -m pip install --quiet -e "$target"
+  run_cmd "$VENV/bin/python" -m pip install --quiet -c "$REPO_ROOT/constraints.txt" -e "$target"
   if ((${#NODEPS_PKGS[@]} > 0)); then
     run_cmd "$VENV/bin/python" -m pip install --quiet --no-deps "${NODEPS_PKGS[@]}"
   fi

@@ -68,7 +68,13 @@ FEATURES = ("li", "rp", "qr", "ar")
 
 def config_from_checkpoint(ckpt, step: int):
     """The config ``rre-train`` saved in the meta of checkpoint ``step``."""
-    meta = ckpt.restore_meta(step)
+    try:
+        meta = ckpt.restore_meta(step)
+    except Exception as e:  # a damaged meta: the config of the newest step whose meta reads
+        saved = ckpt.newest_meta() if checkpoint.damage_of(e, step, str(ckpt.directory / str(step))) else None
+        if saved is None:
+            raise
+        meta = saved[1]
     if "config" not in meta:
         raise ValueError(f"checkpoint {step} in {ckpt.directory} saved no config in its meta; pass --config")
     return ml_collections.ConfigDict(meta["config"])
@@ -276,28 +282,41 @@ def plan_eval(workdir: str, eval_set: str, *, steps=None, config=None, overrides
 
 
 def run_eval(plan: EvalPlan, progress: bool = True) -> dict:
-    """Sample, score and store every planned step, then rebuild the report; returns the report's summary."""
-
+    """Sample, score and store every planned step, then rebuild the report; returns the report's summary. A
+    damaged checkpoint is skipped (with a warning) and listed under ``damaged_steps``, not fatal to the eval."""
+    damaged: list[int] = []
     if plan.steps:
-        records = plan.run.dev.records
         bar = tqdm(total=len(plan.steps) * plan.run.dev.num_batches(), desc="rre-eval", unit="batch",
                    disable=not progress or jax.process_index() != 0)
         for step in plan.steps:
             bar.set_postfix(step=step)
-            state = (assemble.restore(plan.run, plan.ckpt, step)[0] if step  # 0: the initial policy
-                     else assemble.init_state(plan.run, jax.random.key(int(plan.run.config.seed))))
-            sampled = sample_step(plan.run, state, step, plan.scfg, plan.seed, bar)
-            gold = None
-            if plan.run.gold is not None:
-                gold = plan.run.gold.score([templates.alpaca_prompt(records[i].instruction) for i in sampled["index"]],
-                                           sampled["texts"])
-            rollouts = step_rollouts(plan.run, step, sampled, gold, plan.scfg, plan.seed, plan.extra)
-            if jax.process_index() == 0:
-                evaluate.write_step(plan.out_dir, rollouts, overwrite=plan.overwrite)
+            if not _eval_step(plan, step, bar):
+                damaged.append(step)
         bar.close()
     summary = evaluate.refresh_report(plan.out_dir, n_boot=plan.n_boot) if jax.process_index() == 0 else {}
     plan.ckpt.close()
-    return summary
+    return {**summary, "damaged_steps": damaged} if damaged else summary
+
+
+def _eval_step(plan: EvalPlan, step: int, bar) -> bool:
+    """Sample, score and store one checkpoint (step 0: the initial policy); False when its checkpoint is damaged."""
+    try:
+        state = (assemble.restore(plan.run, plan.ckpt, step)[0] if step
+                 else assemble.init_state(plan.run, jax.random.key(plan.run.spec.seed)))
+    except checkpoint.DamagedCheckpoint as e:
+        log.warning("%s; skipped", e.damage.describe())
+        bar.update(plan.run.dev.num_batches())
+        return False
+    records = plan.run.dev.records
+    sampled = sample_step(plan.run, state, step, plan.scfg, plan.seed, bar)
+    gold = None
+    if plan.run.gold is not None:
+        gold = plan.run.gold.score([templates.alpaca_prompt(records[i].instruction) for i in sampled["index"]],
+                                   sampled["texts"])
+    rollouts = step_rollouts(plan.run, step, sampled, gold, plan.scfg, plan.seed, plan.extra)
+    if jax.process_index() == 0:
+        evaluate.write_step(plan.out_dir, rollouts, overwrite=plan.overwrite)
+    return True
 
 
 def evaluate_checkpoints(workdir: str, eval_set: str, progress: bool = True, **kwargs) -> dict:

@@ -47,6 +47,7 @@ def log_to_file(path: str) -> str:
         handler._rre_console = True
         root.addHandler(handler)
     root.setLevel(logging.INFO)
+    logging.raiseExceptions = False  # a full disk must not print a traceback per log line; the command reports it
     logging.captureWarnings(True)  # warnings.warn -> the 'py.warnings' logger: file and console
     return path
 

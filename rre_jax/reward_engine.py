@@ -16,6 +16,11 @@ as sampled (decoded) or as given, and
 ``relevance_text='cut'`` (``config.reward.relevance_text``, ``rre-score --relevance-text cut``) is the one
 variant, off by default: relevance embeds ``features.scored_text(r)``, the response cut at its first stop string.
 Stores and reports record which one scored them.
+
+``only_composed=True`` (``rre-score`` without ``--counterfactual``) embeds only the relevance texts some spec
+composes: under a branching spec (RER) the query of an open-ended prompt and the reference answer of a
+constrained one, as the paper's scoring does (two texts per item, not three); the components no spec reads are
+NaN. What is computed is the same number either way: a text's embedding does not depend on what else is embedded.
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ class RewardEngine:
     """
 
     def __init__(self, spec: RewardSpec, counterfactual, tables, *, stop_strings, queries, references,
-                 qtype_P, encoder=None, seed: int = 0, relevance_text: str = "response",
+                 qtype_P, encoder=None, seed: int = 0, relevance_text: str = "response", only_composed: bool = False,
                  programs: programs_lib.FeaturePrograms | None = None):
         self.relevance_text = check_relevance_text(relevance_text)
         self.spec, self.specs = spec, {"proxy": spec, **dict(counterfactual)}
@@ -74,8 +79,28 @@ class RewardEngine:
         if self.programs.stop_strings != self.stop_strings:
             raise ValueError(f"reward engine: stop strings {self.stop_strings} but its feature programs cut at "
                              f"{self.programs.stop_strings}")
-        self._q_PxD = encoder.embed_texts(list(queries)) if self.needs_relevance else None
-        self._y_PxD = encoder.embed_texts(list(references)) if self.needs_answer else None
+        n_prompts = len(self.constrained["proxy"])
+        q_P, y_P = np.full(n_prompts, self.needs_relevance), np.full(n_prompts, self.needs_answer)
+        if only_composed:  # QR where a spec reads it (open-ended prompts under a branching spec), AR likewise
+            q_P, y_P = np.zeros(n_prompts, bool), np.zeros(n_prompts, bool)
+            for name, s in self.specs.items():
+                if s.needs_relevance:
+                    q_P |= ~self.constrained[name] if s.needs_answer_relevance else True
+                    y_P |= self.constrained[name] if s.needs_answer_relevance else False
+        self._q_PxD = self._embed_where(queries, q_P)
+        self._y_PxD = self._embed_where(references, y_P)
+
+    def _embed_where(self, texts, needed_P):
+        """``f32[P, D]``: the embeddings of the texts where ``needed_P``, NaN rows elsewhere (None: none needed)."""
+        if not needed_P.any():
+            return None
+        texts = list(texts)
+        if needed_P.all():
+            return self.encoder.embed_texts(texts)
+        some_KxD = self.encoder.embed_texts([t for t, keep in zip(texts, needed_P) if keep])
+        out_PxD = np.full((len(texts), some_KxD.shape[1]), np.nan, some_KxD.dtype)
+        out_PxD[needed_P] = some_KxD
+        return out_PxD
 
     def features(self, tokens_BxN, mask_BxN, max_bytes: int | None = None, total_bytes: int | None = None):
         """LI, RP, cut index (``features.Features``) on device. ``max_bytes`` (static; default N * L, which never
@@ -101,6 +126,7 @@ class RewardEngine:
             qr = out["qr"] = relevance.pair_dot(self._q_PxD[index_B], r_BxD)
             if self.needs_answer:
                 ar = out["ar"] = relevance.pair_dot(self._y_PxD[index_B], r_BxD)
+            # NaN where only_composed left a component out; compose's branch never selects it there
         for name, s in self.specs.items():
             out[name] = np.asarray(compose(s, out["li"], out["rp"], qr, ar, self.constrained[name][index_B]))
         return out

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from rre_jax import algorithms, mesh as mesh_lib, policy, ppo, relevance, reward, reward_engine, sampling
+from rre_jax import tracking
 from rre_jax.errors import UserError
 from rre_jax.models import llama, lora as lora_lib
 
@@ -166,6 +167,7 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
                         f"data x fsdp = {rows} devices; change it or --config.mesh.shape")
     if config.train.save_freq <= 0 or config.train.steps <= 0:
         raise UserError("config.train.steps and config.train.save_freq must be positive")
+    tracking.WandbConfig.from_config(config)  # config.logging (W&B): its fields, and the package when it is on
     if files:
         _check_model_source(config)
         _check_prompt_source(config)

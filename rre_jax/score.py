@@ -20,11 +20,16 @@ What is scored, item by item, as the paper's ``eval_monotonicity.py`` scores a c
   embeds the cut response instead (``reward_engine``), and the summary says which.
 * ``gold``: the gold RM on ``starling_input(starling_query(instruction), response)`` (``gold_rm.GoldRM``).
 
+What is computed: the components ``--reward`` composes, and nothing else -- under RER, QR for open-ended items
+and AR for constrained ones (two encoded texts per item, as the paper's scoring). ``--counterfactual`` adds
+every other preset that can be computed with what was given (the counterfactual columns; ``rer_predicted_qtype``
+needs predicted labels and is skipped), and with them QR and AR for every item. A value is the same number with
+or without the flag.
+
 Output: ``--out`` is a JSON list aligned with the eval set; each item holds ``index, instruction, qtype,
-n_words, li, rp, qr, ar, relevance, proxy, gold`` and ``presets`` (every preset that can be computed
-with what was given; ``rer_predicted_qtype`` needs predicted labels and is skipped). ``relevance`` is the
-factor the chosen reward uses: AR for CONSTRAINED items when the reward branches, else QR. Values not computed
-are ``null``. Beside it, ``<out minus .json>.summary.json`` holds the run's settings and means overall and per
+n_words, li, rp, qr, ar, relevance, proxy, gold`` and ``presets`` (``--reward``'s, and with
+``--counterfactual`` every other preset's). ``relevance`` is the factor the chosen reward uses: AR for
+CONSTRAINED items when the reward branches, else QR. Values not computed are ``null``. Beside it, ``<out minus .json>.summary.json`` holds the run's settings and means overall and per
 qtype. Both files are written atomically; an existing file is kept unless ``--overwrite``.
 """
 from __future__ import annotations
@@ -74,6 +79,7 @@ class ScoreRequest:
     gold_rm_max_length: int = 2048
     gold_rm_batch_size: int = 4
     relevance_text: str = "response"
+    counterfactual: bool = False  # also every other preset, and QR and AR for every item
     overwrite: bool = False
     quiet: bool = False
 
@@ -220,11 +226,13 @@ def prepare(args: ScoreRequest) -> Job:
     return Job(args, spec, records, responses, n_missing, tok, table, desc, enc, encoder, gold)
 
 
-def scored_presets(reward_name: str, have_encoder: bool) -> tuple[dict, dict]:
-    """(counterfactual specs to compute, {skipped preset: why})."""
+def scored_presets(reward_name: str, have_encoder: bool, counterfactual: bool = True) -> tuple[dict, dict]:
+    """(counterfactual specs to compute, {skipped preset: why}); none without ``counterfactual``."""
     todo, skipped = {}, {}
     for name, spec in reward.PRESETS.items():
-        if spec.qtype_source == "predicted":
+        if name != reward_name and not counterfactual:
+            skipped[name] = "not requested (--counterfactual scores every preset)"
+        elif spec.qtype_source == "predicted":
             skipped[name] = "needs predicted query types (label the eval set, then score with 'rer')"
         elif spec.needs_relevance and not have_encoder:
             skipped[name] = "needs --relevance-encoder"
@@ -236,13 +244,13 @@ def scored_presets(reward_name: str, have_encoder: bool) -> tuple[dict, dict]:
 def compute(job: Job) -> dict:
     """``{component: f32[N]}`` (li, rp, n_words, qr, ar, proxy, one per preset) plus ``gold`` when given."""
     args, encoder = job.args, job.encoder
-    counterfactual, _ = scored_presets(args.reward, encoder is not None)
+    counterfactual, _ = scored_presets(args.reward, encoder is not None, args.counterfactual)
     qtype_P = np.array([r.qtype_id for r in job.records])
     engine = reward_engine.RewardEngine(
         job.spec, counterfactual, features.feature_tables(job.table), stop_strings=features.DEFAULT_STOPS,
         queries=[templates.relevance_query(r.instruction) for r in job.records],
         references=[r.reference for r in job.records], qtype_P=qtype_P, encoder=encoder, seed=args.seed,
-        relevance_text=args.relevance_text)
+        relevance_text=args.relevance_text, only_composed=not args.counterfactual)
     out = text_scoring.score_texts(engine, job.tokenizer, np.arange(len(job.responses)), job.responses,
                                    batch_size=args.batch_size, progress=not args.quiet)
     out["constrained"] = engine.constrained["proxy"]
@@ -266,7 +274,8 @@ def _num(x) -> float | None:
 def rows_of(job: Job, out: dict) -> list[dict]:
     """One JSON item per eval item (module docstring)."""
     branches = job.spec.needs_answer_relevance
-    preset_names = [n for n in reward.PRESETS if n == job.args.reward or n in out]
+    scored, _ = scored_presets(job.args.reward, job.encoder is not None, job.args.counterfactual)
+    preset_names = [n for n in reward.PRESETS if n == job.args.reward or n in scored]
     rows = []
     for i, rec in enumerate(job.records):
         get = lambda k: _num(out[k][i]) if k in out else None  # noqa: E731
@@ -291,13 +300,13 @@ def _means(rows: list[dict]) -> dict:
 
 def summarize(job: Job, rows: list[dict], seconds: float) -> dict:
     """Run settings and means overall and per qtype."""
-    _, skipped = scored_presets(job.args.reward, bool(job.encoder_path))
+    _, skipped = scored_presets(job.args.reward, bool(job.encoder_path), job.args.counterfactual)
     a = job.args
     return {
         "n_items": len(rows), "reward": a.reward, "spec": dataclasses.asdict(job.spec),
         "eval_set": a.eval_set, "outputs": a.outputs, "features_tokenizer": job.tokenizer_desc,
         "relevance_encoder": job.encoder_path or None, "relevance_query": "relevance_query(raw instruction)",
-        "relevance_text": a.relevance_text,
+        "relevance_text": a.relevance_text, "counterfactual": a.counterfactual,
         "gold_rm": a.gold_rm or None, "gold_rm_random": bool(job.gold is not None and job.gold.is_random),
         "qtype_counts": prompts_lib.qtype_counts(job.records),
         "missing_qtype": {"count": job.n_missing_qtype, "filled_as": a.missing_qtype},

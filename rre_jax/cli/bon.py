@@ -11,6 +11,7 @@ rollout store's format, curves.json, curves.png, report.md) and prints the fitte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from typing import Sequence
@@ -33,23 +34,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rre-bon`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
     from rre_jax import best_of_n
     from rre_jax.evaluate import bon_report
-    try:
-        args, config, overrides = common.start(build_parser(), argv)
-        plan = best_of_n.plan_best_of_n(
-            args.workdir, args.eval_set, n=args.n, ks=args.k, step=args.step, config=config, overrides=overrides,
-            out=args.out, overwrite=args.overwrite, temperature=args.temperature, top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, n_boot=args.n_boot)
-    except common.USER_ERRORS as e:
-        return common.report_user_error("rre-bon", e)
-    curves = best_of_n.run_best_of_n(plan)
-    for name, v in curves.get("variants", {}).items():
-        fit = v["gold"]["fit"]
-        peak = f"gold peak d* {fit['d_star']:.3g}" if math.isfinite(fit["d_star"]) else "gold: no peak"
-        print(f"rre-bon: {name}: best-of-{curves['n']} proxy {v['proxy']['mean'][-1]:+.4g}, gold "
-              f"{v['gold']['mean'][-1]:+.4g}; {peak}" + ("; OVEROPTIMIZED" if v["overoptimized"] else ""),
-              file=sys.stderr)
-    print(f"rre-bon: report {plan.out_dir / bon_report.REPORT_FILE}", file=sys.stderr)
-    return 0
+    with contextlib.ExitStack() as held:  # the workdir's lock, until the command ends
+        try:
+            args, config, overrides = common.start(build_parser(), argv, held)
+            plan = best_of_n.plan_best_of_n(
+                args.workdir, args.eval_set, n=args.n, ks=args.k, step=args.step, config=config, overrides=overrides,
+                out=args.out, overwrite=args.overwrite, temperature=args.temperature, top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, n_boot=args.n_boot)
+        except common.USER_ERRORS as e:
+            return common.report_user_error("rre-bon", e)
+        curves = best_of_n.run_best_of_n(plan)
+        common.log_report("rre-bon", plan.run.config, args.workdir, plan.out_dir, plan.step, "bon")  # to W&B, when on
+        for name, v in curves.get("variants", {}).items():
+            fit = v["gold"]["fit"]
+            peak = f"gold peak d* {fit['d_star']:.3g}" if math.isfinite(fit["d_star"]) else "gold: no peak"
+            print(f"rre-bon: {name}: best-of-{curves['n']} proxy {v['proxy']['mean'][-1]:+.4g}, gold "
+                  f"{v['gold']['mean'][-1]:+.4g}; {peak}" + ("; OVEROPTIMIZED" if v["overoptimized"] else ""),
+                  file=sys.stderr)
+        print(f"rre-bon: report {plan.out_dir / bon_report.REPORT_FILE}", file=sys.stderr)
+        return 0
 
 
 if __name__ == "__main__":

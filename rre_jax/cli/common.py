@@ -4,6 +4,7 @@ line, and their console and log set-up."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from typing import Callable, Sequence
@@ -57,12 +58,15 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
     return args, (loader.load(args.config) if args.config else None), overrides
 
 
-def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
-    """What every checkpoint command does first: `parse` ``argv``, `quiet_libraries`, `start_distributed`;
+def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None, held: contextlib.ExitStack):
+    """What every checkpoint command does first: `parse` ``argv``, `quiet_libraries`, `start_distributed`, then
+    take the workdir's lock (`rre_jax.workdir_lock`) into ``held``, so it is released when the command ends;
     returns ``(args, config or None, overrides)``."""
+    from rre_jax import workdir_lock
     args, config, overrides = parse(parser, argv)
     quiet_libraries()
     start_distributed(config, overrides)
+    held.enter_context(workdir_lock.hold(args.workdir, parser.prog))  # one workdir, one command
     return args, config, overrides
 
 
@@ -92,6 +96,17 @@ def start_distributed(config, overrides) -> None:
         if key.startswith("distributed."):
             loader.override(cfg, key, raw)
     distributed.maybe_initialize(cfg.distributed)
+
+
+def log_report(command: str, config, workdir: str, report_dir, step: int, prefix: str) -> None:
+    """A command's report (tables, figures) to the workdir's W&B run, when ``config.logging.wandb`` is on
+    (`rre_jax.tracking`); ``config`` a ConfigDict or its JSON dict."""
+    import ml_collections
+
+    from rre_jax import tracking
+    config = config if isinstance(config, ml_collections.ConfigDict) else ml_collections.ConfigDict(config)
+    if tracking.log_report_to_run(config, workdir, str(report_dir), step, prefix):
+        print(f"{command}: report logged to the W&B run of {workdir} ({tracking.RUN_FILE})", file=sys.stderr)
 
 
 def report_user_error(command: str, e: Exception) -> int:

@@ -9,6 +9,7 @@ proxy, RER, every feature and the gold RM, store them and rebuild the proxy-vs-g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Sequence
 
@@ -28,19 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rre-eval`` on ``argv``; 0 on success, 2 (and one line) on a user's mistake."""
     from rre_jax import checkpoint_eval
-    try:
-        args, config, overrides = common.start(build_parser(), argv)
-        plan = checkpoint_eval.plan_eval(
-            args.workdir, args.eval_set, steps=args.steps, config=config, overrides=overrides, out=args.out,
-            overwrite=args.overwrite, skip_existing=args.skip_existing, temperature=args.temperature,
-            top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-            n_boot=args.n_boot)
-    except common.USER_ERRORS as e:
-        return common.report_user_error("rre-eval", e)
-    common.log_to_workdir(args.workdir, "rre_eval.log")
-    summary = checkpoint_eval.run_eval(plan)
-    print(f"rre-eval: report {plan.out_dir / 'report.md'} (checkpoints {summary.get('steps')})", file=sys.stderr)
-    return 0
+    with contextlib.ExitStack() as held:  # the workdir's lock, until the command ends
+        try:
+            args, config, overrides = common.start(build_parser(), argv, held)
+            plan = checkpoint_eval.plan_eval(
+                args.workdir, args.eval_set, steps=args.steps, config=config, overrides=overrides, out=args.out,
+                overwrite=args.overwrite, skip_existing=args.skip_existing, temperature=args.temperature,
+                top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                n_boot=args.n_boot)
+        except common.USER_ERRORS as e:
+            return common.report_user_error("rre-eval", e)
+        common.log_to_workdir(args.workdir, "rre_eval.log")
+        summary = checkpoint_eval.run_eval(plan)
+        if summary.get("steps"):  # to the run's W&B run when config.logging.wandb is on
+            common.log_report("rre-eval", plan.extra["config"], args.workdir, plan.out_dir, max(summary["steps"]),
+                              "eval")
+        if summary.get("damaged_steps"):
+            print(f"rre-eval: skipped damaged checkpoint(s) {summary['damaged_steps']} (see the warnings above)",
+                  file=sys.stderr)
+        print(f"rre-eval: report {plan.out_dir / 'report.md'} (checkpoints {summary.get('steps')})", file=sys.stderr)
+        return 0
 
 
 if __name__ == "__main__":

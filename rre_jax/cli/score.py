@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relevance-text", default="response", choices=reward_engine.RELEVANCE_TEXTS,
                    help="what QR and AR embed: 'response' = the output as given (default; the paper's scoring "
                         "code); 'cut' = the output cut at its first stop string (LI and RP always clean it)")
+    p.add_argument("--counterfactual", action="store_true",
+                   help="also score every other preset (the counterfactual columns), with QR and AR for every item; "
+                        "default: only what --reward composes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

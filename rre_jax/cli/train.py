@@ -59,18 +59,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(config, args.workdir, spec, sources)
     except errors.UserError as e:  # found later (e.g. a checkpoint that does not fit the run): still one line
         return errors.report("rre-train", e)
+    except OSError as e:  # a write the storage refused (disk full, permission, a bucket): the path and what is intact
+        from rre_jax import checkpoint
+        return errors.report("rre-train", checkpoint.write_failure(e, args.workdir))
     return 0
 
 
 def _run(config, workdir: str, spec, sources) -> None:
     """Train with the compilation cache on and INFO logs in the workdir; print the closing summary."""
     import jax
-    from rre_jax import compile_cache, console, train
+    from rre_jax import compile_cache, console, train, workdir_lock
     from rre_jax.data import tiny_prompts_path
     compile_cache.enable()
-    name = "rre_train.log" if jax.process_index() == 0 else f"rre_train.process{jax.process_index()}.log"
-    log_file = console.log_to_file(console.log_path(workdir, name))
-    train.run(config, workdir, spec=spec, sources=sources)
+    with workdir_lock.hold(workdir, "rre-train"):  # before the log file: a refused run writes nothing
+        name = "rre_train.log" if jax.process_index() == 0 else f"rre_train.process{jax.process_index()}.log"
+        log_file = console.log_to_file(console.log_path(workdir, name))
+        train.run(config, workdir, spec=spec, sources=sources)
     if jax.process_index() == 0:
         eval_set = config.data.dev_file or ("" if config.model.path else str(tiny_prompts_path()))
         print(console.train_summary(workdir, log_file=log_file, eval_set=eval_set))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import struct
 from typing import Any, Callable, Mapping
 
@@ -273,18 +274,28 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], directory: str, max_shar
     shards.append(cur)
     meta = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
-        save_file({k: np.ascontiguousarray(v) for k, v in shards[0].items()},
-                  os.path.join(directory, "model.safetensors"), metadata=meta)
+        _save_file(save_file, shards[0], os.path.join(directory, "model.safetensors"), meta)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: np.ascontiguousarray(v) for k, v in shard.items()}, os.path.join(directory, fname),
-                  metadata=meta)
+        _save_file(save_file, shard, os.path.join(directory, fname), meta)
         weight_map.update({k: fname for k in shard})
     total = sum(v.nbytes for v in tensors.values())
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _save_file(save_file, shard: Mapping[str, np.ndarray], path: str, meta: Mapping[str, str]) -> None:
+    """safetensors' ``save_file``; its I/O errors (a full disk, no permission) raised as the ``OSError`` they are,
+    naming ``path``."""
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in shard.items()}, path, metadata=dict(meta))
+    except Exception as e:
+        code = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(2)), code.group(1), path) from e
 
 
 def read_config(directory: str) -> dict:
