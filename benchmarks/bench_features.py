@@ -5,7 +5,7 @@
 Workload: the first ``--n`` reference answers of ``alpacafarm_val.json``, tokenized (up to ``--max-tokens``)
 with a SentencePiece-style tokenizer trained here on the data. Device path: ``text_features`` on the
 [n, max_tokens] id batch (one jitted call, ``max_bytes`` = the batch's longest response rounded up to 256,
-``total_bytes`` = the packed stream's length bucketed like ``text_scoring.score_texts`` does).
+``total_bytes`` = the packed stream's length bucketed like ``reward_engine.score_texts`` does).
 Python path: ``tokenizer.batch_decode`` of the same ids, then clean() + nltk.wordpunct_tokenize + LI + RP
 (tests/reference_features.py); timed with and without the decode. Both run in one process: each repeat
 times a block of ``--block`` consecutive calls of each path in turn (throughput, as when scoring an eval set
@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's rre_jax, not 
 import reference_features as ref  # noqa: E402
 from rre_jax import features as F  # noqa: E402
 from rre_jax import tokenizer as tk  # noqa: E402
-from rre_jax.text_scoring import packed_bucket  # noqa: E402
+from rre_jax.reward_engine import packed_bucket  # noqa: E402
 
 
 def _seconds_per_call(fn, block: int) -> float:

@@ -39,11 +39,11 @@ def _algorithm(algo: str, work, group_iterations: int):
         return None
 
     def of(pcfg):
-        gcfg = grpo.GroupConfig(algo=algo, num_generations=G, beta=0.05 if algo == "rloo" else 0.0,
+        group_cfg = grpo.GroupConfig(algo=algo, num_generations=G, beta=0.05 if algo == "rloo" else 0.0,
                                 num_iterations=group_iterations, batch_size=work.batch,
                                 mini_batch_size=work.mini_batch, gradient_accumulation_steps=work.grad_accum,
                                 max_completion_length=work.new_tokens)
-        return grpo.GroupMethod(gcfg, pcfg)
+        return grpo.GroupMethod(group_cfg, pcfg)
     return of
 
 

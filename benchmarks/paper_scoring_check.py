@@ -91,8 +91,8 @@ def paper_components(repo: str, encoder: str, items: list[dict], outputs: list[d
 
 
 def rre_components(eval_set: str, outputs_path: str, out: pathlib.Path, relevance_text: str) -> dict:
-    from rre_jax import score
-    score.run(score.ScoreRequest(eval_set=eval_set, outputs=outputs_path, reward="rer", out=str(out),
+    from rre_jax import score_outputs
+    score_outputs.run(score_outputs.ScoreRequest(eval_set=eval_set, outputs=outputs_path, reward="rer", out=str(out),
                                  relevance_encoder="minilm", relevance_text=relevance_text, overwrite=True,
                                  quiet=True, counterfactual=True))  # QR and AR of every item
     rows = json.loads(out.read_text())

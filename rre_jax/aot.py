@@ -122,13 +122,13 @@ def _architectures(config, spec):
     dt = lambda c: dataclasses.replace(c, dtype=spec.dtype, param_dtype=spec.param_dtype)  # noqa: E731
     pcfg = dt(memory.llama_config(config.model.path or config.plan.policy, "float32", "config.plan.policy"))
     gold = config.gold_rm.path or config.plan.gold_rm
-    gcfg = dt(memory.llama_config(gold, "float32", "config.plan.gold_rm")) if gold else None
+    gold_cfg = dt(memory.llama_config(gold, "float32", "config.plan.gold_rm")) if gold else None
     rcfg = bert.BertConfig(30522, 768, 12, 12, 3072, 512)  # BERT-base: facebook/contriever's shape
     if config.relevance.path:
         path = os.path.join(relevance.encoder_path(config.relevance.path, "config.relevance.path"), "config.json")
         with open(path) as f:
             rcfg = bert.BertConfig.from_hf(json.load(f), path)
-    return pcfg, gcfg, rcfg
+    return pcfg, gold_cfg, rcfg
 
 
 def token_facts(config) -> tuple[int, int, int]:
@@ -141,7 +141,7 @@ def token_facts(config) -> tuple[int, int, int]:
     return int(config.plan.eos_id), int(config.plan.pad_id), int(config.plan.max_token_bytes)
 
 
-def run_programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
+def run_programs(config, spec, lay, pcfg, gold_cfg, rcfg, needs_relevance: bool):
     """The run's `programs.RunPrograms`, from shapes: the trainer's own list, built as ``train`` builds it (the
     policy, the algorithm, the features of the run's tokenizer, the relevance encoder where the run puts it,
     the gold RM on the run's mesh)."""
@@ -155,17 +155,17 @@ def run_programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
         rel = relevance.encoder_programs(rcfg, mesh=where, rules=lay.rules,
                                          max_length=spec.relevance.max_length)
     gold = None
-    if gcfg is not None:
-        gold = programs.GoldPrograms(lay, gcfg, "seq_cls" if spec.gold_rm.layout == "hf_score" else "starling")
+    if gold_cfg is not None:
+        gold = programs.GoldPrograms(lay, gold_cfg, "seq_cls" if spec.gold_rm.layout == "hf_score" else "starling")
     rows = assemble.experience_rows(spec.ppo, lay.batch_shards)
     return programs.RunPrograms(lay.mesh, lay.rules, pspec, spec.algorithm, spec.ppo, frozen, eos_id=eos, pad_id=pad,
                                 experience_rows=rows, features=feats, relevance=rel, gold=gold)
 
 
-def _programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
+def _programs(config, spec, lay, pcfg, gold_cfg, rcfg, needs_relevance: bool):
     """``({name: Program}, state layout)``: every program of the run (``RunPrograms.catalogue``) at its largest
     prompt bucket and scoring batches."""
-    progs = run_programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance)
+    progs = run_programs(config, spec, lay, pcfg, gold_cfg, rcfg, needs_relevance)
     rel_shape = gold_shape = None
     if progs.relevance is not None:
         L, tokens = spec.relevance.max_length, 2048  # the encoder's default tokens per batch
@@ -203,9 +203,9 @@ def compile_run(config, report: str = "") -> int:
     mesh, devices = mesh_for(mesh_lib.MeshConfig.from_config(config.mesh), topology)
     spec = run_spec.validate(config, num_devices=len(devices), files=False)  # shapes only: no file is read
     lay = programs.Layout(mesh, spec.mesh.rules)
-    pcfg, gcfg, rcfg = _architectures(config, spec)
+    pcfg, gold_cfg, rcfg = _architectures(config, spec)
     needs_rel = any(s.needs_relevance for s in (spec.reward, *spec.counterfactual.values()))
-    progs, st = _programs(config, spec, lay, pcfg, gcfg, rcfg, needs_rel)
+    progs, st = _programs(config, spec, lay, pcfg, gold_cfg, rcfg, needs_rel)
     resident = _resident(progs, st, spec)
     chip = chip_of(devices)
     rows = []
@@ -228,7 +228,7 @@ def compile_run(config, report: str = "") -> int:
                "programs": [dataclasses.asdict(r) | {"total": r.total} for r in rows], "phases": {}, "fits": ok}
     if report:  # the memory verdict first: the roofline's extra compiles come after
         write_report(report, payload)
-    phases = roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) if chip is not None else {}
+    phases = roofline(config, spec, lay, pcfg, gold_cfg, rcfg, needs_rel, rows) if chip is not None else {}
     print(table(rows, phases, chip, f"{config.name}: mesh {shape} (data,fsdp,tensor) on {where}"))
     if report:
         payload["phases"] = {k: {"flops": f, "bytes": b} for k, (f, b) in phases.items()}
@@ -236,7 +236,7 @@ def compile_run(config, report: str = "") -> int:
     return 0 if ok else 1
 
 
-def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
+def roofline(config, spec, lay, pcfg, gold_cfg, rcfg, needs_rel, rows) -> dict:
     """``{phase: (FLOPs, bytes accessed)}`` per device and training step, from loop-free variants.
 
     XLA counts a loop body once. So each Llama program is compiled with its layers unrolled (per-layer
@@ -269,8 +269,8 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
                  "experience": programs.build_experience(lay, pspec, algo, st, group, T, N, None, "per_layer"),
                  "update": programs.build_update(lay, pspec, micro_algo, st, micro_algo_rows(micro_algo, m_rows),
                                                  T, N, "per_layer")}
-        if gcfg is not None:
-            g1 = dataclasses.replace(gcfg, num_hidden_layers=L)
+        if gold_cfg is not None:
+            g1 = dataclasses.replace(gold_cfg, num_hidden_layers=L)
             G = -(-spec.gold_rm.batch_size // shards) * shards
             progs["gold"] = programs.build_gold(lay, g1, "starling", G, spec.gold_rm.max_length, "per_layer")
         at[L] = {k: cost(v.compile()) for k, v in progs.items()}
@@ -284,8 +284,8 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
            "update": mul(full("update", Lp), algo.micro_steps)}
     if needs_rel:
         out["relevance (per call)"] = next((r.flops, r.bytes_accessed) for r in rows if r.name == "relevance")
-    if gcfg is not None:
-        out["gold (per call)"] = full("gold", gcfg.num_hidden_layers)
+    if gold_cfg is not None:
+        out["gold (per call)"] = full("gold", gold_cfg.num_hidden_layers)
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rre_jax import checkpoint, features, gold_rm as gold_rm_lib, host_arrays, mesh as mesh_lib, policy, ppo
-from rre_jax import programs as programs_lib, relevance, reward_engine as engine_lib, rollout, sampling, tiny
+from rre_jax import programs as programs_lib, relevance, reward_engine as engine_lib, rollout, sampling, tiny_assets
 from rre_jax import tokenizer as tok_lib
 from rre_jax.data import batching, prompts as prompts_lib, templates, tfds_builders, tiny_prompts_path
 from rre_jax.errors import UserError
@@ -139,10 +139,10 @@ def asset_paths(config, spec: RunSpec, workdir) -> dict:
         return {"policy": spec.model_path, "tokenizer": spec.tokenizer_path, "gold_rm": given,
                 "gold_rm_random": bool(given) and gold_rm_lib.marked_random(given)}
     if jax.process_index() == 0:  # one builder; the other hosts then find the finished directories
-        built = tiny.ensure_assets(config, workdir)
+        built = tiny_assets.ensure_assets(config, workdir)
     multihost_utils.sync_global_devices("tiny assets")
     if jax.process_index() != 0:
-        built = tiny.ensure_assets(config, workdir)
+        built = tiny_assets.ensure_assets(config, workdir)
     return {"policy": built["policy"], "tokenizer": built["tokenizer"], "gold_rm": given or built["gold_rm"],
             "gold_rm_random": not given or gold_rm_lib.marked_random(given)}
 

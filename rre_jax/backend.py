@@ -12,7 +12,7 @@ may use it), and says what to put back once the backend catches up:
   positions is re-derived at each read; TPU honours ``lax.optimization_barrier`` for that, XLA:CPU's pipeline
   drops it. Put back: ``lax.optimization_barrier`` (or nothing).
 * ``release_host_memory``: glibc keeps the heap pages the compiler (LLVM, on the host for every backend) frees,
-  so a process peaks at the compiler's leftovers plus the program's buffers (``compiled.AheadOfTime`` calls it
+  so a process peaks at the compiler's leftovers plus the program's buffers (``programs.AheadOfTime`` calls it
   between compiling and running). Put back: nothing, where the allocator returns memory itself.
 
 Two layout choices depend on the backend and are made once, at set-up, from ``on_xla_cpu()`` -- never by asking

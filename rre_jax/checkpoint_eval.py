@@ -14,7 +14,7 @@ AlpacaEval ``model_outputs.json``, ``rollouts.jsonl``, ``meta.json``) under ``<w
 gold RM's path, a fingerprint of its files and whether it is a random stand-in, the sampling settings, the eval
 set and every reward spec. A new proxy is scored later without sampling again, from the stored texts:
 ``rre-score --eval-set EVAL.json --outputs <workdir>/eval/step_<N>/model_outputs.json ...`` or
-``text_scoring.score_texts`` (which reproduce the stored li/rp exactly and relevance to float round-off, because
+``reward_engine.score_texts`` (which reproduce the stored li/rp exactly and relevance to float round-off, because
 every score here is computed on the stored text; the step's meta records ``relevance_text``). Then ``report.md``,
 ``summary.json`` and the plots are rebuilt from every stored step.
 

@@ -109,7 +109,8 @@ def class_bitsets() -> tuple[np.ndarray, np.ndarray]:
 def table_shapes(vocab: int, token_bytes: int) -> FeatureTables:
     """The shapes and dtypes of ``feature_tables`` for a ``vocab`` x ``token_bytes`` byte table (nothing computed)."""
     C = N_CODE_POINTS // 32
-    return FeatureTables(jax.ShapeDtypeStruct((vocab, token_bytes), jnp.uint8), jax.ShapeDtypeStruct((vocab,), jnp.int32),
+    return FeatureTables(jax.ShapeDtypeStruct((vocab, token_bytes), jnp.uint8),
+                         jax.ShapeDtypeStruct((vocab,), jnp.int32),
                          jax.ShapeDtypeStruct((C,), jnp.uint32), jax.ShapeDtypeStruct((C,), jnp.uint32))
 
 

@@ -100,7 +100,7 @@ def _whole(x):
 
 
 def marked_random(path: str) -> bool:
-    """True for checkpoints written by ``rre_jax.tiny`` as random stand-ins (``rre_tiny.json``)."""
+    """True for checkpoints written by ``rre_jax.tiny_assets`` as random stand-ins (``rre_tiny.json``)."""
     marker = os.path.join(path, "rre_tiny.json")
     if not os.path.exists(marker):
         return False

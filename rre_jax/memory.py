@@ -240,7 +240,7 @@ def _trainable_bytes(config, pspec: policy.PolicySpec, base: dict) -> tuple[str,
     return name, per_device, int(nbytes(opt) * per_device / max(nbytes(trainable), 1))
 
 
-def _phases(config, lines: dict, trainable: int, mesh_shape: dict, devices: int, gcfg) -> MemoryPlan:
+def _phases(config, lines: dict, trainable: int, mesh_shape: dict, devices: int, gold_cfg) -> MemoryPlan:
     """The plan's two phases from its lines: train = resident + max(rollout, update); eval = resident +
     max(rollout, gold scoring), the gold RM resident in both when it is placed on the device."""
     resident = sum(lines[k] for k in ("policy params", "optimizer state", "relevance encoder (float32)")) + trainable
@@ -253,7 +253,7 @@ def _phases(config, lines: dict, trainable: int, mesh_shape: dict, devices: int,
         lines=lines, train=resident + (gold if on_device else 0) + max(rollout, update),
         eval=resident + (gold if on_device else 0) + max(rollout, (0 if on_device else gold)
                                                           + lines["gold RM scoring peak"]),
-        host_bytes=0 if on_device else param_report(gcfg, dict.fromkeys(mesh_lib.MESH_AXES, 1), head="score")[
+        host_bytes=0 if on_device else param_report(gold_cfg, dict.fromkeys(mesh_lib.MESH_AXES, 1), head="score")[
             "bytes_total"],
         chip_bytes=int(float(config.plan.chip_memory_gib) * GIB))
 
@@ -279,7 +279,7 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     mesh_shape, devices = _resolved_mesh(config, num_devices)
     batch_shards, tensor = mesh_shape["data"] * mesh_shape["fsdp"], mesh_shape["tensor"]
     pcfg = llama_config(config.plan.policy or config.model.path, config.model.param_dtype, "config.plan.policy")
-    gcfg = llama_config(config.plan.gold_rm or config.gold_rm.path, config.model.param_dtype, "config.plan.gold_rm")
+    gold_cfg = llama_config(config.plan.gold_rm or config.gold_rm.path, config.model.param_dtype, "config.plan.gold_rm")
     pspec = policy.PolicySpec(pcfg, config.model.train_mode, lora_lib.LoraConfig.from_config(config.model.lora),
                               critic=str(config.model.get("critic", "separate")),
                               remat=str(config.model.get("remat", "dots")))
@@ -304,8 +304,8 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
         "activations (update micro-batch)": update_activation_bytes(
             pspec, M if M < batch_shards else rows(M), int(config.data.max_prompt_length),
             int(config.sampling.max_new_tokens), tensor),
-        "gold RM params": param_report(gcfg, mesh_shape, head="score", rules=rules)["bytes_per_device"],
-        "gold RM scoring peak": inference_bytes(gcfg, rows(config.gold_rm.batch_size), int(config.gold_rm.max_length),
+        "gold RM params": param_report(gold_cfg, mesh_shape, head="score", rules=rules)["bytes_per_device"],
+        "gold RM scoring peak": inference_bytes(gold_cfg, rows(config.gold_rm.batch_size), int(config.gold_rm.max_length),
                                                 tensor),
     }
-    return _phases(config, lines, trainable_pd, mesh_shape, devices, gcfg)
+    return _phases(config, lines, trainable_pd, mesh_shape, devices, gold_cfg)

@@ -18,7 +18,7 @@ The proxy, with switches exactly as the reference's ``_combine_scores``::
 ``RewardSpec`` is a frozen, self-validating description; ``PRESETS`` holds the variants the paper compares.
 ``compose`` is a pure jittable function of a *static* spec; ``qtype_labels`` draws the CONSTRAINED flags of a
 prompt set under a spec's ``qtype_source``. The host side lives elsewhere: ``reward_engine`` (features, relevance
-and composition of rollouts), ``gold_rm`` (the black-box judge) and ``text_scoring`` (batches of texts).
+and composition of rollouts), ``gold_rm`` (the black-box judge) and ``reward_engine.score_texts`` (batches of texts).
 """
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ def run(config, workdir: str, *, spec: RunSpec | None = None,
     """Train (or resume) a run in ``workdir``; returns the last step's metrics. ``spec`` / ``sources``: the
     config already validated / its prompt files already parsed (by the command), else done here, before anything
     is written. A resume reads the newest intact checkpoint straight into the sharded state (nothing is
-    initialised first; damaged newer steps are moved aside to ``checkpoints/damaged/``). On SIGTERM (spot / preemptible VMs) every host saves at one common step and returns early
+    initialised first; damaged newer steps are moved aside to ``checkpoints/damaged/``). On SIGTERM (spot /
+    preemptible VMs) every host saves at one common step and returns early
     (``preemption``); rerunning resumes there."""
     spec = spec or validate(config)
     sources = sources or assemble.load_prompt_sources(spec)
@@ -166,7 +167,8 @@ def _reward_metrics(r: Run, comps: dict, mask_BxN, roll) -> dict:
     n_tok, n_raw = r.to_local(mask_BxN).sum(1), r.to_local(roll.mask_BxN).sum(1)
     every = host_arrays.gather({**comps, "n_tok": n_tok, "n_raw": n_raw})  # the global batch, for metrics
     out = {f"reward/{k}": float(np.mean(v)) for k, v in every.items() if k in comps}
-    out.update({"response/tokens_mean": float(every["n_tok"].mean()), "response/tokens_max": float(every["n_tok"].max()),
+    out.update({"response/tokens_mean": float(every["n_tok"].mean()),
+                "response/tokens_max": float(every["n_tok"].max()),
                 "response/words_mean": float(every["n_words"].mean()),
                 "response/cut_frac": float(np.mean(every["n_tok"] < every["n_raw"])),
                 "rollout/decode_steps": float(roll.steps), "new_tokens": float(every["n_raw"].sum()),

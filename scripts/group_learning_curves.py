@@ -2,7 +2,7 @@
 
     python scripts/group_learning_curves.py [--steps 40] [--workdir /tmp/rre_group_curves] [--png FILE]
 
-Builds the tiny assets once (``rre_jax.tiny``), trains ``configs/tiny.py:<preset>,<algo>`` for each of the four
+Builds the tiny assets once (``rre_jax.tiny_assets``), trains ``configs/tiny.py:<preset>,<algo>`` for each of the four
 combinations (seed 0, the tiny config as shipped), prints the mean proxy of the first and last 10 steps of each
 run, and draws the four proxy curves into one PNG (default ``docs/tiny_group_learning_curves.png``). Not a test (minutes on 2 CPU cores); the CI tests run the same
 configs for a step or two.
@@ -32,11 +32,11 @@ def main():
     import numpy as np
     from matplotlib.figure import Figure
 
-    from rre_jax import metrics, tiny, train
+    from rre_jax import metrics, tiny_assets, train
     from rre_jax.configs import tiny as tiny_config
     from rre_jax.data import tiny_prompts_path
 
-    assets = (tiny.ensure_assets(tiny_config.get_config(), os.path.join(a.workdir, "assets")) if not a.plot_only
+    assets = (tiny_assets.ensure_assets(tiny_config.get_config(), os.path.join(a.workdir, "assets")) if not a.plot_only
               else {"policy": "", "tokenizer": "", "gold_rm": ""})
     curves = {}
     for arg in a.runs.split(";"):

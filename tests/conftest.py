@@ -31,9 +31,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    """The tiny tokenizer, SFT-warm-started policy and random gold RM (rre_jax.tiny), built once per session
+    """The tiny tokenizer, SFT-warm-started policy and random gold RM (rre_jax.tiny_assets), built once per session
     and shared by every test that trains or evaluates the tiny config (a module may define its own ``assets``)."""
-    from rre_jax import tiny
+    from rre_jax import tiny_assets
     from rre_jax.configs import tiny as tiny_config
     cfg = tiny_config.get_config()
-    return tiny.ensure_assets(cfg, str(tmp_path_factory.mktemp("tiny_assets")))
+    return tiny_assets.ensure_assets(cfg, str(tmp_path_factory.mktemp("tiny_assets")))

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from rre_jax import alignment_tax as at, assemble, checkpoint_eval, metrics, programs, rollout, run_spec
-from rre_jax import text_scoring, train
+from rre_jax import reward_engine, train
 from rre_jax.cli import alignment_tax as tax_cmd, common as cli_common, eval as eval_cmd
 from rre_jax.data import load_prompts
 
@@ -113,7 +113,7 @@ def test_outputs_load_as_alpaca_eval_model_outputs(workdir):
 
 
 def test_rescoring_the_store_reproduces_every_component(workdir):
-    """The stored responses, re-tokenized and scored by text_scoring.score_texts, give the stored scores back."""
+    """The stored responses, re-tokenized and scored by reward_engine.score_texts, give the stored scores back."""
     from rre_jax import checkpoint, evaluate
     ckpt = checkpoint.CheckpointManager(str(workdir))
     config = checkpoint_eval.config_from_checkpoint(ckpt, 10)
@@ -122,7 +122,7 @@ def test_rescoring_the_store_reproduces_every_component(workdir):
     engine = assemble.reward_engine(spec, assemble.feature_tables(tokenizer, len(tokenizer)), load_prompts(EVAL_SET),
                                     encoder=assemble.relevance_encoder(spec, mesh))
     for stored in evaluate.load_steps(workdir / "eval"):
-        got = text_scoring.score_texts(engine, tokenizer, np.arange(16), stored.response, batch_size=16)
+        got = reward_engine.score_texts(engine, tokenizer, np.arange(16), stored.response, batch_size=16)
         np.testing.assert_array_equal(got["li"], stored.features["li"].astype(np.float32))
         np.testing.assert_array_equal(got["rp"], stored.features["rp"].astype(np.float32))
         for k in ("qr", "ar"):

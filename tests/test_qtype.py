@@ -17,11 +17,11 @@ EVAL_SET = pathlib.Path(__file__).parent / "data" / "eval_prompts.json"
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny random Llama (no SFT: the labeller's maths does not need a trained LM) and its tokenizer."""
-    from rre_jax import tiny
+    from rre_jax import tiny_assets
     from rre_jax.configs import tiny as tiny_config
     cfg = tiny_config.get_config()
     cfg.model.sft_steps = 0
-    return tiny.ensure_assets(cfg, str(tmp_path_factory.mktemp("qtype_assets")))
+    return tiny_assets.ensure_assets(cfg, str(tmp_path_factory.mktemp("qtype_assets")))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reference_features as ref
-from rre_jax import features, relevance, reward, reward_engine, score, text_scoring
+from rre_jax import features, relevance, reward, reward_engine, score_outputs
 from rre_jax import tokenizer as tok_lib
 from test_relevance import ReferenceRelevance, tiny_dir  # noqa: F401  (tiny random BERT fixture)
 
@@ -28,7 +28,7 @@ RESPONSES = [
     "### Response: nothing before the stop",
 ]
 QTYPES = np.array([0, 1, 0, 1, 1, 0, 1, 0])  # 1 = CONSTRAINED
-UTF8 = score.Utf8Bytes()
+UTF8 = score_outputs.Utf8Bytes()
 SPECS = {name: reward.PRESETS[name] for name in ("li", "li_rp", "qr_li_rp", "rer", "rer_random_qtype")}
 
 
@@ -44,7 +44,7 @@ def encoder(tiny_dir):  # noqa: F811
 
 @functools.lru_cache(maxsize=None)
 def _tables(tok):
-    table = tok_lib.byte_table(tok) if not isinstance(tok, score.Utf8Bytes) else tok_lib.identity_byte_table()
+    table = tok_lib.byte_table(tok) if not isinstance(tok, score_outputs.Utf8Bytes) else tok_lib.identity_byte_table()
     return features.feature_tables(table)
 
 
@@ -59,7 +59,7 @@ def test_features_from_policy_tokenizer_ids_match_reference_text(policy_tok):
     stop strings cut, Unicode words, an empty response (LI 0, RP 1)."""
     want = [ref.counts(r) for r in RESPONSES]
     for tok in (policy_tok, UTF8):
-        out = text_scoring.score_texts(make_engine(SPECS["li_rp"], {}, tok), tok, np.arange(8), RESPONSES, batch_size=4)
+        out = reward_engine.score_texts(make_engine(SPECS["li_rp"], {}, tok), tok, np.arange(8), RESPONSES, batch_size=4)
         assert out["n_words"].tolist() == [c.n_words for c in want]
         np.testing.assert_array_equal(out["li"], np.float32([c.li for c in want]))
         np.testing.assert_array_equal(out["rp"], np.float32([c.rp for c in want]))
@@ -73,7 +73,7 @@ def test_relevance_and_rer_match_reference(encoder, tiny_dir, policy_tok, releva
     torch path) or cut at its first stop string (``cut``, the opt-in variant), and RER composed as the
     reference's _combine_scores from reference features (LI / RP clean the text themselves either way)."""
     engine = make_engine(SPECS["rer"], {}, policy_tok, encoder, relevance_text=relevance_text)
-    out = text_scoring.score_texts(engine, policy_tok, np.arange(8), RESPONSES)
+    out = reward_engine.score_texts(engine, policy_tok, np.arange(8), RESPONSES)
     seen = RESPONSES if relevance_text == "response" else [ref.cut(r) for r in RESPONSES]
     assert relevance_text == "response" or sum(a != b for a, b in zip(seen, RESPONSES)) == 3  # the cut matters
     torch_rel = ReferenceRelevance(tiny_dir, batch_size=1)
@@ -89,11 +89,11 @@ def test_counterfactual_specs_at_once_equal_each_spec_alone(encoder, policy_tok)
     """One engine scoring rer plus four counterfactual presets pays each exactly what an engine with that
     preset alone pays (same features, relevance, qtype draws)."""
     cf = {n: s for n, s in SPECS.items() if n != "rer"}
-    together = text_scoring.score_texts(make_engine(SPECS["rer"], cf, policy_tok, encoder, seed=7), policy_tok,
+    together = reward_engine.score_texts(make_engine(SPECS["rer"], cf, policy_tok, encoder, seed=7), policy_tok,
                                   np.arange(8), RESPONSES)
     assert set(together) >= {"proxy", *cf, "li", "rp", "qr", "ar"}
     for name, spec in SPECS.items():
-        alone = text_scoring.score_texts(make_engine(spec, {}, policy_tok, encoder if spec.relevance else None, seed=7),
+        alone = reward_engine.score_texts(make_engine(spec, {}, policy_tok, encoder if spec.relevance else None, seed=7),
                                    policy_tok, np.arange(8), RESPONSES)
         np.testing.assert_array_equal(together["proxy" if name == "rer" else name], alone["proxy"], err_msg=name)
     # the variants really differ on this batch (so equality above is not vacuous)
@@ -104,12 +104,12 @@ def test_counterfactual_specs_at_once_equal_each_spec_alone(encoder, policy_tok)
 def test_score_texts_is_independent_of_batching_and_order(policy_tok):
     engine = make_engine(SPECS["li_rp"], {}, policy_tok)
     perm = np.random.default_rng(0).permutation(8)
-    a = text_scoring.score_texts(engine, policy_tok, np.arange(8), RESPONSES, batch_size=3)
-    b = text_scoring.score_texts(engine, policy_tok, perm, [RESPONSES[i] for i in perm], batch_size=16)
+    a = reward_engine.score_texts(engine, policy_tok, np.arange(8), RESPONSES, batch_size=3)
+    b = reward_engine.score_texts(engine, policy_tok, perm, [RESPONSES[i] for i in perm], batch_size=16)
     for k in ("li", "rp", "n_words", "proxy"):
         np.testing.assert_array_equal(a[k][perm], b[k], err_msg=k)
     with pytest.raises(ValueError, match="3 prompt indices for 8 texts"):
-        text_scoring.score_texts(engine, policy_tok, np.arange(3), RESPONSES)
+        reward_engine.score_texts(engine, policy_tok, np.arange(3), RESPONSES)
 
 
 def test_relevance_spec_without_encoder_and_qtype_sources(policy_tok):

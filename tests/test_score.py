@@ -10,7 +10,7 @@ import torch
 
 import generated_prompts as gen
 import reference_features as ref
-from rre_jax import score
+from rre_jax import score_outputs
 from rre_jax.cli import score as score_cmd
 from rre_jax import tokenizer as tok_lib
 from rre_jax.data import PromptFileError
@@ -118,11 +118,11 @@ def test_existing_output_is_kept_without_overwrite(files):
     score_cmd.run(argv(files))
     before = open(files["out"]).read()
     write(files["dir"] / "outputs.json", [{"instruction": e["instruction"], "output": "x"} for e in EVAL])
-    with pytest.raises(score.ScoreError, match=r"scores.json exists; pass --overwrite"):
+    with pytest.raises(score_outputs.ScoreError, match=r"scores.json exists; pass --overwrite"):
         score_cmd.run(argv(files))
     assert open(files["out"]).read() == before
     os.remove(files["out"])  # a stale summary alone also blocks: both files belong to one run
-    with pytest.raises(score.ScoreError, match=r"scores.summary.json exists"):
+    with pytest.raises(score_outputs.ScoreError, match=r"scores.summary.json exists"):
         score_cmd.run(argv(files))
     score_cmd.run(argv(files, "li_rp", "--overwrite"))
     assert [r["n_words"] for r in json.loads(open(files["out"]).read())] == [1] * 5
@@ -152,16 +152,16 @@ BAD = {
     "malformed outputs": ("outputs.json", '[\n {"instruction": "a"\n "output": "b"}\n]', PromptFileError,
                           r"outputs.json:3:\d+: malformed JSON at line 3"),
     "misaligned": ("outputs.json", [{"instruction": e["instruction"] if i != 2 else "Say something else " * 9,
-                                     "output": "r"} for i, e in enumerate(EVAL)], score.ScoreError,
+                                     "output": "r"} for i, e in enumerate(EVAL)], score_outputs.ScoreError,
                    r"not aligned with .*eval.json: first mismatch at index 2: eval instruction 'Say something about "
                    r"café culture in Zürich — briefly.' vs outputs instruction 'Say something else Say something "
                    r"else Say something else Say something else Say \.\.\.'"),  # the first 80 characters
     "fewer outputs": ("outputs.json", [{"instruction": e["instruction"], "output": "r"} for e in EVAL[:3]],
-                      score.ScoreError, r"outputs.json has 3 items but .*eval.json has 5 \(the first 3 agree\)"),
-    "no output field": ("outputs.json", [{"instruction": e["instruction"]} for e in EVAL], score.ScoreError,
+                      score_outputs.ScoreError, r"outputs.json has 3 items but .*eval.json has 5 \(the first 3 agree\)"),
+    "no output field": ("outputs.json", [{"instruction": e["instruction"]} for e in EVAL], score_outputs.ScoreError,
                         r"outputs.json: item 0 \(line 2\): field 'output' is missing"),
     "non-string output": ("outputs.json", [{"instruction": e["instruction"], "output": 3} for e in EVAL],
-                          score.ScoreError, r"item 0 \(line 2\): field 'output' is a int"),
+                          score_outputs.ScoreError, r"item 0 \(line 2\): field 'output' is a int"),
 }
 
 
@@ -176,7 +176,7 @@ def test_bad_input_is_named(files, case):
 
 def test_empty_eval_set(files):
     _replace(files, "eval.json", [])
-    with pytest.raises(score.ScoreError, match="eval.json holds no items"):
+    with pytest.raises(score_outputs.ScoreError, match="eval.json holds no items"):
         score_cmd.run(argv(files))
 
 
@@ -185,13 +185,13 @@ def test_missing_qtype_policy_error_and_relevance_without_encoder(files, tmp_pat
         score_cmd.run(argv(files, "li", "--missing-qtype", "error"))
     # checked before any file is read or model loaded: the eval set here does not even exist
     for reward in ("qr_li_rp", "rer"):
-        with pytest.raises(score.ScoreError, match=f"--reward {reward} uses relevance .* no --relevance-encoder"):
+        with pytest.raises(score_outputs.ScoreError, match=f"--reward {reward} uses relevance .* no --relevance-encoder"):
             score_cmd.run(["--eval-set", str(tmp_path / "nope.json"), "--outputs", files["outputs"], "--reward", reward,
                        "--out", files["out"]])
-    with pytest.raises(score.ScoreError, match="--relevance-encoder '.*no_such_dir' is not a directory"):
+    with pytest.raises(score_outputs.ScoreError, match="--relevance-encoder '.*no_such_dir' is not a directory"):
         score_cmd.run(argv(files, "rer", "--relevance-encoder", str(tmp_path / "no_such_dir")))
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(score.ScoreError, match="empty_dir': cannot load a BERT encoder there .*no tokenizer files"):
+    with pytest.raises(score_outputs.ScoreError, match="empty_dir': cannot load a BERT encoder there .*no tokenizer files"):
         score_cmd.run(argv(files, "rer", "--relevance-encoder", str(tmp_path / "empty_dir")))
 
 

@@ -1,5 +1,5 @@
 """``rre-score``: score a model's AlpacaEval outputs with the white-box proxy reward (and, optionally, a gold RM),
-item by item as the paper's eval does (``rre_jax.score``).
+item by item as the paper's eval does (``rre_jax.score_outputs``).
 
     rre-score --eval-set alpaca_eval.json --outputs model_outputs.json --reward rer \\
         --relevance-encoder minilm [--gold-rm DIR] [--tokenizer POLICY_TOKENIZER_DIR] --out scores.json
@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
-from rre_jax import errors, reward_engine, score
+from rre_jax import errors, reward_engine, score_outputs
 from rre_jax.data.prompts import MISSING_QTYPE_POLICIES, PromptFileError
 
 _EPILOG = """\
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AlpacaEval-style prompts: instruction, output (reference answer), qtype (.json or .jsonl)")
     p.add_argument("--outputs", required=True, metavar="OUTPUTS.json",
                    help="the model's outputs in AlpacaEval format (instruction, output), in eval-set order")
-    p.add_argument("--reward", required=True, choices=score.reward_choices(),
+    p.add_argument("--reward", required=True, choices=score_outputs.reward_choices(),
                    help="the proxy stored as 'proxy'; every other computable preset is stored under 'presets'")
     p.add_argument("--out", required=True, metavar="SCORES.json", help="where to write the per-item scores")
     p.add_argument("--relevance-encoder", default="", metavar="DIR",
@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse ``argv``, then score and write (``score.run``); returns the summary."""
+    """Parse ``argv``, then score and write (``score_outputs.run``); returns the summary."""
     args = build_parser().parse_args(argv)
-    return score.run(score.ScoreRequest(**{f.name: getattr(args, f.name)
-                                           for f in dataclasses.fields(score.ScoreRequest)}))
+    return score_outputs.run(score_outputs.ScoreRequest(**{f.name: getattr(args, f.name)
+                                           for f in dataclasses.fields(score_outputs.ScoreRequest)}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,9 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (errors.UserError, PromptFileError, FileNotFoundError) as e:
         return errors.report("rre-score", e)
     means = summary["means"]["all"]
-    shown = ", ".join(f"{k} {means[k]:.4f}" for k in score.MEANS_OF if means.get(k) is not None)
+    shown = ", ".join(f"{k} {means[k]:.4f}" for k in score_outputs.MEANS_OF if means.get(k) is not None)
     print(f"rre-score: {summary['n_items']} items, reward {summary['reward']}: {shown}")
-    print(f"  scores   {summary['out']}\n  summary  {score.summary_path(summary['out'])}")
+    print(f"  scores   {summary['out']}\n  summary  {score_outputs.summary_path(summary['out'])}")
     return 0
 
 

@@ -16,7 +16,7 @@ RM, average per checkpoint, and rank-correlate the per-checkpoint proxy means wi
   with the fits.
 
 Sampling the checkpoints and scoring them live one layer up (``rre_jax.checkpoint_eval``, ``rre_jax.best_of_n``,
-``rre_jax.score``), and call down here; everything here takes plain arrays, lists and dicts::
+``rre_jax.score_outputs``), and call down here; everything here takes plain arrays, lists and dicts::
 
     rollouts = evaluate.StepRollouts(
         step=step, instruction=[r.instruction for r in records], response=texts, qtype=[r.qtype for r in records],

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rre_jax import backend, compiled
+from rre_jax import backend, programs
 
 
 def test_one_executable_per_signature_and_same_results_as_jit():
@@ -13,7 +13,7 @@ def test_one_executable_per_signature_and_same_results_as_jit():
         calls.append(1)  # counts traces
         return {"s": x * 2 + y.sum(), "n": y.shape[0]}
 
-    prog = compiled.AheadOfTime(jax.jit(f))
+    prog = programs.AheadOfTime(jax.jit(f))
     x, y = jnp.arange(4.0), jnp.ones(3)
     a = prog(x, y)
     b = prog(x + 1, y * 2)  # same signature: no new executable, no retrace
@@ -26,7 +26,7 @@ def test_one_executable_per_signature_and_same_results_as_jit():
 
 
 def test_donation_survives_ahead_of_time_compilation():
-    prog = compiled.AheadOfTime(jax.jit(lambda s, d: jax.tree.map(lambda v: v + d, s), donate_argnums=0))
+    prog = programs.AheadOfTime(jax.jit(lambda s, d: jax.tree.map(lambda v: v + d, s), donate_argnums=0))
     state = {"w": jnp.ones((64, 64))}
     out = prog(state, 1.0)
     assert state["w"].is_deleted()  # the donated buffer was handed to the program, as with jax.jit
@@ -35,7 +35,7 @@ def test_donation_survives_ahead_of_time_compilation():
 
 def test_sharded_inputs_get_their_own_executable():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
-    prog = compiled.AheadOfTime(jax.jit(lambda x: x * 3))
+    prog = programs.AheadOfTime(jax.jit(lambda x: x * 3))
     x = jnp.arange(8.0)
     xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
     np.testing.assert_array_equal(prog(x), prog(xs))

@@ -10,7 +10,7 @@ What is scored, item by item, as the paper's ``eval_monotonicity.py`` scores a c
   ``OUTPUTS.json`` (AlpacaEval outputs: ``instruction``, ``output`` = the model's response) align by order;
   the instructions must match item by item (an error names the first index that differs). A row without
   ``qtype`` gets ``--missing-qtype`` (default OPENENDED, as ``rre_jax.data``), counted in the summary.
-* LI and RP come from the on-device features (``text_scoring.score_texts``) on token ids of ``--tokenizer`` (the
+* LI and RP come from the on-device features (``reward_engine.score_texts``) on token ids of ``--tokenizer`` (the
   policy's tokenizer; its id -> bytes table). Without ``--tokenizer`` the ids are the raw UTF-8 bytes of the
   response (an identity byte table), i.e. exactly the Python definition (docs/design.md 4.2) on the text as written.
 * QR = E(q) . E(response) with ``q = relevance_query(instruction)``: the reference passes the raw,
@@ -45,7 +45,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from rre_jax import features, gold_rm, relevance, reward, reward_engine, text_scoring, tokenizer as tok_lib
+from rre_jax import features, gold_rm, relevance, reward, reward_engine, tokenizer as tok_lib
 from rre_jax.data import prompts as prompts_lib, templates
 from rre_jax.errors import UserError
 from rre_jax.evaluate.store import write_atomic
@@ -251,7 +251,7 @@ def compute(job: Job) -> dict:
         queries=[templates.relevance_query(r.instruction) for r in job.records],
         references=[r.reference for r in job.records], qtype_P=qtype_P, encoder=encoder, seed=args.seed,
         relevance_text=args.relevance_text, only_composed=not args.counterfactual)
-    out = text_scoring.score_texts(engine, job.tokenizer, np.arange(len(job.responses)), job.responses,
+    out = reward_engine.score_texts(engine, job.tokenizer, np.arange(len(job.responses)), job.responses,
                                    batch_size=args.batch_size, progress=not args.quiet)
     out["constrained"] = engine.constrained["proxy"]
     if job.gold is not None:

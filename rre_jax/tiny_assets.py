@@ -115,12 +115,12 @@ def ensure_assets(config, workdir: str) -> dict[str, str]:
             json.dump({"sft_steps": int(config.model.sft_steps), "sft_final_loss": loss}, f)
 
     def build_gold(d):
-        gcfg = dataclasses.replace(cfg, num_labels=1)
-        params = llama.init_params(gcfg, jax.random.key(config.seed + 1), head="score")
-        tensors = hf.export_tensors(params, llama.weight_map(gcfg, "seq_cls"), np.float32)
+        gold_cfg = dataclasses.replace(cfg, num_labels=1)
+        params = llama.init_params(gold_cfg, jax.random.key(config.seed + 1), head="score")
+        tensors = hf.export_tensors(params, llama.weight_map(gold_cfg, "seq_cls"), np.float32)
         hf.save_safetensors(tensors, d)
         with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump({**gcfg.to_hf("LlamaForSequenceClassification"), "num_labels": 1}, f, indent=2)
+            json.dump({**gold_cfg.to_hf("LlamaForSequenceClassification"), "num_labels": 1}, f, indent=2)
         tokenizer.save_pretrained(d)
         with open(os.path.join(d, "rre_tiny.json"), "w") as f:
             json.dump({"random": True}, f)
