@@ -312,3 +312,54 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
                                                 tensor),
     }
     return _phases(config, lines, trainable_pd, mesh_shape, devices, gcfg)
+
+
+# ============================================================================================ floors
+
+def _leaf_bytes(cfg: llama.LlamaConfig, mesh_shape: dict[str, int], rules) -> dict[str, int]:
+    """One device's bytes of each top-level weight of a Llama (``embedding``, ``lm_head``, ``norm``, the layers)."""
+    abstract, specs = abstract_llama(cfg)
+    return {k: mesh_lib.bytes_per_device(abstract[k], specs[k], mesh_shape, rules) for k in abstract}
+
+
+def decode_floor(cfg: llama.LlamaConfig, lora_cfg: lora_lib.LoraConfig | None, batch: int, length: int,
+                 mesh_shape: dict[str, int], rules) -> dict[str, int]:
+    """The bytes one device must move through HBM in one decode step, from the shapes alone: every weight of its
+    shards read once (of the embedding table only the rows of this step's tokens), its LoRA adapters, its share
+    of the KV cache (``batch`` rows x ``length`` slots, all of which the step attends over) and one token's
+    activations per row (hidden state in, float32 logits out). ``batch`` / ``length``: the rollout's rows and
+    cache slots. The rows of one device are those of the decode rules (``mesh.decode_rules``)."""
+    leaves = _leaf_bytes(cfg, mesh_shape, rules)
+    e = np.dtype(cfg.dtype).itemsize
+    rows = -(-batch // math.prod(mesh_shape[a] for a in _axes(mesh_lib.decode_rules(rules), "batch")))
+    embed_shards = math.prod(mesh_shape[a] for a in _axes(rules, "embed"))
+    vocab = -(-cfg.vocab_size // math.prod(mesh_shape[a] for a in _axes(rules, "vocab")))
+    out = {"weights": sum(v for k, v in leaves.items() if k != "embedding" or cfg.tie_word_embeddings),
+           "embedding rows": 0 if cfg.tie_word_embeddings else batch * cfg.hidden_size * e // embed_shards,
+           "lora": 0, "kv cache": kv_cache_bytes(cfg, batch, length, mesh_shape, rules),
+           "activations (one token)": rows * (2 * cfg.hidden_size * e + 4 * vocab)}
+    if lora_cfg is not None:
+        lora = jax.eval_shape(lambda r: lora_lib.init(cfg, lora_cfg, r, cfg.param_dtype), jax.random.key(0))
+        out["lora"] = mesh_lib.bytes_per_device(lora, lora_lib.logical_specs(cfg, lora_cfg), mesh_shape, rules)
+    return out
+
+
+def _axes(rules, name: str) -> tuple[str, ...]:
+    axes = dict(rules).get(name)
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def update_floor(pspec: policy.PolicySpec, rows: int, prompt_len: int, new_tokens: int, mesh_shape: dict[str, int],
+                 rules, trainable: int, optimizer: int, micro_per_step: int) -> dict[str, int]:
+    """The bytes one device must move through HBM for one PPO micro-batch of ``rows`` sequences, from the shapes:
+    the frozen weights read by the forward and by the backward pass (and once more by a 'full' rematerialisation),
+    the activations the backward pass keeps (``update_activation_bytes``: written once, read once), the gradients
+    (written, and added into the accumulator: read and written) and the optimizer step (parameters and Adam's
+    moments read and written) spread over its ``micro_per_step`` micro-batches. ``trainable`` / ``optimizer``:
+    this device's bytes of the trainable tree and of the optimizer state."""
+    weights = _leaf_bytes(pspec.cfg, mesh_shape, rules)
+    passes = 3 if pspec.remat == "full" else 2
+    act = update_activation_bytes(pspec, rows, prompt_len, new_tokens, mesh_shape["tensor"])
+    return {"weights (forward + backward)": passes * sum(weights.values()), "activations (kept, written + read)":
+            2 * act, "gradients (write + accumulate)": 3 * trainable,
+            "optimizer step (per micro-batch)": (2 * trainable + 2 * optimizer) // max(micro_per_step, 1)}
