@@ -280,13 +280,35 @@ def apply_rope(x_BxTxNxE, cos_BxTxE, sin_BxTxE):
     return x_BxTxNxE * cos_BxTxE[:, :, None] + rot * sin_BxTxE[:, :, None]
 
 
+QUERY_BLOCK = 256  # queries per block of ``attend`` (calls of at least two blocks' worth of tokens)
+
+
 def attend(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS, dtype):
     """Softmax attention of T queries over S key slots where ``allowed``.
 
     Heads-major layout (``B, K, ., E``) keeps (batch, kv head) as the leading batch dims of both
     matmuls, so a cache is read in place, never transposed. Scores of masked pairs are
     ``finfo(float32).min`` (as transformers): a fully masked row (a left-pad query) is uniform, not NaN.
+
+    Long calls (prefill, scoring, the PPO passes) run over blocks of ``QUERY_BLOCK`` queries, one block at a time
+    and each rematerialised for its backward pass, so the float32 scores of a block (``B x H x 256 x S``) are all
+    that exist at once: the whole ``B x H x T x S`` scores of a layer did not fit on chip and went through HBM
+    several times (most of a PPO micro-batch's traffic on v5e-8, docs/tpu_compile.md). Every query still
+    attends over all S keys in one softmax: the values are those of the unblocked computation.
     """
+    T = q_BxKxGxTxE.shape[3]
+    if T < 2 * QUERY_BLOCK or T % QUERY_BLOCK:
+        return _attend(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS, dtype)
+    B, K, G, _, E = q_BxKxGxTxE.shape
+    n = T // QUERY_BLOCK
+    q_NxBxKxGxQxE = jnp.moveaxis(q_BxKxGxTxE.reshape(B, K, G, n, QUERY_BLOCK, E), 3, 0)
+    a_NxBxQxS = jnp.moveaxis(allowed_BxTxS.reshape(allowed_BxTxS.shape[0], n, QUERY_BLOCK, -1), 1, 0)
+    block = jax.checkpoint(lambda qa: _attend(qa[0], k_BxKxSxE, v_BxKxSxE, qa[1], dtype))
+    out_NxBxKxGxQxE = lax.map(block, (q_NxBxKxGxQxE, a_NxBxQxS))
+    return jnp.moveaxis(out_NxBxKxGxQxE, 0, 3).reshape(B, K, G, T, E)
+
+
+def _attend(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS, dtype):
     E = q_BxKxGxTxE.shape[-1]
     q = q_BxKxGxTxE * jnp.asarray(E ** -0.5, dtype)
     s = jnp.einsum("bkgte,bkse->bkgts", q, k_BxKxSxE.astype(dtype), preferred_element_type=jnp.float32)
@@ -479,24 +501,27 @@ def check_remat(remat: str) -> str:
     """``remat`` if it names a rematerialisation policy, else an error naming ``config.model.remat``."""
     if remat not in REMAT:
         raise ValueError(f"config.model.remat={remat!r}; choose one of {REMAT} ('none': keep every activation "
-                         "for the backward pass; 'dots': keep only matmul outputs and recompute the elementwise "
-                         "ops; 'full': keep only each layer's input and recompute the layer)")
+                         "for the backward pass; 'dots': keep only the projections' outputs and recompute attention "
+                         "and the elementwise ops; 'full': keep only each layer's input and recompute the layer)")
     return remat
 
 
 def _layer_class(remat: str):
     """``DecoderLayer``, wrapped in ``nn.remat`` with the policy ``remat`` names.
 
-    'dots' (``jax.checkpoint_policies.checkpoint_dots``) saves the matmul outputs and recomputes norms, RoPE,
-    softmax and SiLU in the backward pass: less update memory at about the same update time, since the
-    recomputed ops are cheap next to the matmuls (docs/benchmark_results.md). 'full' recomputes the whole
-    layer (a third more update FLOPs, least memory).
+    'dots' (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``) saves the outputs of the projections
+    (the matmuls against weights, LoRA's included) and recomputes attention -- its scores and probabilities, batched
+    over rows and heads -- norms, RoPE, softmax and SiLU in the backward pass: the saved activations grow with the
+    sequence, never with its square (saving the float32 scores of every layer was 4.3 GB per device on v5e-8,
+    docs/tpu_compile.md), for about 4% more update FLOPs at 1,024 tokens. 'full' recomputes the whole layer (a
+    third more update FLOPs, least memory).
     """
     check_remat(remat)
     if remat == "full":
         return nn.remat(DecoderLayer, prevent_cse=False)
     if remat == "dots":
-        return nn.remat(DecoderLayer, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        return nn.remat(DecoderLayer, prevent_cse=False, policy=policy)
     return DecoderLayer
 
 
