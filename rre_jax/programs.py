@@ -94,10 +94,8 @@ def trainable_specs(pspec: policy.PolicySpec, base_specs) -> dict:
 
 def cache_specs(cfg: llama.LlamaConfig) -> dict:
     """Logical specs of ``llama.init_cache``: rows over ``cache_batch``, kv heads over ``cache_heads``."""
-    kv = P("cache_batch", "cache_heads", "cache_length", None)
-    L = cfg.num_hidden_layers
-    return {"k": (kv,) * L, "v": (kv,) * L, "mask": P("cache_batch", "cache_length"), "index": P(),
-            "pos": P("cache_batch")}
+    kv = P("layers", "cache_batch", "cache_heads", "cache_length", None)
+    return {"k": kv, "v": kv, "mask": P("cache_batch", "cache_length"), "index": P(), "pos": P("cache_batch")}
 
 
 def _key():

@@ -94,8 +94,8 @@ def prefill_groups(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, cache_len:
     if B % group:
         raise ValueError(f"{B} rows do not split into groups of {group} copies of a prompt")
     logits_PxV, cache_P = llama.prefill(cfg, params, ids_BxT[::group], mask_BxT[::group], cache_len, **kw)
-    rep = lambda x: x if x.ndim == 0 else jnp.repeat(x, group, axis=0)  # noqa: E731
-    full = jax.tree.map(rep, cache_P)
+    rep = lambda x, axis=0: x if x.ndim == 0 else jnp.repeat(x, group, axis=axis)  # noqa: E731
+    full = {n: rep(x, 1 if n in ("k", "v") else 0) for n, x in cache_P.items()}  # k, v: (L, B, K, S, E)
     if cache is not None:  # the caller's buffers (same shapes and dtypes), so a donated cache is reused
         full = jax.tree.map(lambda c, x: x.astype(c.dtype), cache, full)
     return rep(logits_PxV), full
