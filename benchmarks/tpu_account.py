@@ -69,7 +69,7 @@ def decode(run: Run):
     prog = programs.build_sampler(run.lay, run.pcfg, run.spec.sampling, 2, 0, _lora(run), B, run.prompt_len)
     exe = prog.compile()
     rows = hlo_account.account(exe.as_text())
-    loop = next(w for w, n in hlo_account.loops(rows).items() if n == N and w.count("/") == 1)
+    loop = hlo_account.loop_of(rows, N)
     floor = memory.decode_floor(run.pcfg, _lora(run), B, run.prompt_len + N, run.mesh_shape, run.lay.rules)
     return hlo_account.iteration(rows, loop), floor, aot.cost(exe)[1]
 
@@ -82,10 +82,7 @@ def update(run: Run):
     prog = programs.build_update(run.lay, pspec, pc, st, run.prompt_len, run.spec.sampling.max_new_tokens)
     exe = prog.compile()
     rows = hlo_account.account(exe.as_text())
-    micro = pc.ppo_epochs * pc.batch_size // pc.mini_batch_size
-    found = hlo_account.loops(rows)
-    loop = min((w for w, n in found.items() if n == micro and any(v.startswith(w + "/") for v in found)),
-               key=lambda w: w.count("/"))
+    loop = hlo_account.loop_of(rows, pc.ppo_epochs * pc.batch_size // pc.mini_batch_size, nested=True)
     shards = run.mesh_shape["data"] * run.mesh_shape["fsdp"]
     M = pc.mini_batch_size if pc.mini_batch_size < shards else -(-pc.mini_batch_size // shards)
     trainable = aot.device_bytes(st.target()["trainable"])

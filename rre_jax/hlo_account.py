@@ -130,6 +130,7 @@ class Row:
     hbm: float
     flops: float
     trips: int = 1  # how many times the op runs per call: the product of its loops' trip counts
+    hbm_out: float = 0.0  # the part of ``hbm`` the op writes (its outputs that lie in HBM)
 
 
 def _computation_texts(text: str) -> tuple[dict[str, str], str]:
@@ -186,9 +187,10 @@ def _element(ins: Instr, index: str) -> Array | None:
     return arrays[k] if k < len(arrays) else None
 
 
-def _hbm_part(cost: dict, ins: Instr, values: dict[str, Instr]) -> float:
-    """The bytes of an op's cost whose buffers lie in HBM (memory space 0), operand by operand and the output."""
-    hbm = 0.0
+def _hbm_part(cost: dict, ins: Instr, values: dict[str, Instr]) -> tuple[float, float]:
+    """``(read + written, written)``: the bytes of an op's cost whose buffers lie in HBM (memory space 0), operand by
+    operand and the output."""
+    hbm = out = 0.0
     for key, n in cost.items():
         m = re.fullmatch(r"bytes accessed(\d+|out)(\{[0-9,]*\})", key)
         if not m:
@@ -196,8 +198,10 @@ def _hbm_part(cost: dict, ins: Instr, values: dict[str, Instr]) -> float:
         value = ins if m.group(1) == "out" else values.get(ins.operands[int(m.group(1))]) \
             if int(m.group(1)) < len(ins.operands) else None
         arr = _element(value, m.group(2)) if value is not None else None
-        hbm += n if arr is not None and arr.space == 0 else 0.0
-    return hbm
+        if arr is not None and arr.space == 0:
+            hbm += n
+            out += n if m.group(1) == "out" else 0.0
+    return hbm, out
 
 
 def account(text: str, client=None) -> list[Row]:
@@ -228,9 +232,9 @@ def account(text: str, client=None) -> list[Row]:
             if ins.opcode in ("parameter", "get-tuple-element", "bitcast", "constant") and not ins.root:
                 continue
             cost = _op_cost(client, header, texts, ins, values)
+            hbm, hbm_out = _hbm_part(cost, ins, values)
             rows.append(Row(where, ins.name, ins.opcode, _what(comps, ins), _shapes(ins, values),
-                            cost.get("bytes accessed", 0.0), _hbm_part(cost, ins, values), cost.get("flops", 0.0),
-                            trips))
+                            cost.get("bytes accessed", 0.0), hbm, cost.get("flops", 0.0), trips, hbm_out))
 
     walk(entry, "entry", 1)
     return rows
@@ -256,10 +260,12 @@ def trip_count(comps: dict[str, dict[str, Instr]], loop: Instr) -> int:
 
 
 def totals(rows: list[Row]) -> dict:
-    """Per call of the program: XLA's ``bytes`` (each op counted once per run of it), the ``hbm`` part and the
-    ``flops``; ``bytes_once`` is XLA's own figure (``cost_analysis()``: a loop body counted once)."""
+    """Per call of the program: XLA's ``bytes`` (each op counted once per run of it), the ``hbm`` part (and of it
+    the bytes ``hbm_written``) and the ``flops``; ``bytes_once`` is XLA's own figure (``cost_analysis()``: a loop
+    body counted once)."""
     return {"bytes": sum(r.bytes * r.trips for r in rows), "hbm": sum(r.hbm * r.trips for r in rows),
-            "flops": sum(r.flops * r.trips for r in rows), "bytes_once": sum(r.bytes for r in rows)}
+            "hbm_written": sum(r.hbm_out * r.trips for r in rows), "flops": sum(r.flops * r.trips for r in rows),
+            "bytes_once": sum(r.bytes for r in rows)}
 
 
 def _op_cost(client, header: str, texts: dict[str, str], ins: Instr, values: dict[str, Instr]) -> dict:
@@ -326,10 +332,23 @@ def grouped(rows: list[Row]) -> list[Row]:
         g = groups.get(key)
         if g is None:
             groups[key] = dataclasses.replace(r, what=what, name=r.name, bytes=r.bytes * r.trips,
-                                              hbm=r.hbm * r.trips, flops=r.flops * r.trips)
+                                              hbm=r.hbm * r.trips, hbm_out=r.hbm_out * r.trips,
+                                              flops=r.flops * r.trips)
         else:
             g.bytes += r.bytes * r.trips
             g.hbm += r.hbm * r.trips
+            g.hbm_out += r.hbm_out * r.trips
             g.flops += r.flops * r.trips
             g.trips += r.trips
     return sorted(groups.values(), key=lambda g: -g.bytes)
+
+
+def loop_of(rows: list[Row], trips: int, nested: bool = False) -> str:
+    """The outermost loop whose body runs ``trips`` times per call (with ``nested``: one holding loops of its own),
+    e.g. the sampler's decode loop (``max_new_tokens``) or the update's micro-batch loop (epochs x micro-batches);
+    an error naming the loops found when there is none."""
+    found = loops(rows)
+    hits = [w for w, n in found.items() if n == trips and (not nested or any(v.startswith(w + "/") for v in found))]
+    if not hits:
+        raise ValueError(f"no loop runs {trips} times per call; loops and their runs: {found}")
+    return min(hits, key=lambda w: w.count("/"))

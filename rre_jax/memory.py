@@ -325,16 +325,20 @@ def decode_floor(cfg: llama.LlamaConfig, lora_cfg: lora_lib.LoraConfig | None, b
     """The bytes one device must move through HBM in one decode step, from the shapes alone: every weight of its
     shards read once (of the embedding table only the rows of this step's tokens), its LoRA adapters, its share
     of the KV cache (``batch`` rows x ``length`` slots, all of which the step attends over) and one token's
-    activations per row (hidden state in, float32 logits out). ``batch`` / ``length``: the rollout's rows and
-    cache slots. The rows of one device are those of the decode rules (``mesh.decode_rules``)."""
+    activations per row (hidden state in, float32 logits out) -- and, written, the step's new key and value slots.
+    ``batch`` / ``length``: the rollout's rows and cache slots. The rows of one device are those of the decode rules
+    (``mesh.decode_rules``)."""
     leaves = _leaf_bytes(cfg, mesh_shape, rules)
     e = np.dtype(cfg.dtype).itemsize
     rows = -(-batch // math.prod(mesh_shape[a] for a in _axes(mesh_lib.decode_rules(rules), "batch")))
     embed_shards = math.prod(mesh_shape[a] for a in _axes(rules, "embed"))
     vocab = -(-cfg.vocab_size // math.prod(mesh_shape[a] for a in _axes(rules, "vocab")))
+    cache_rows = -(-batch // math.prod(mesh_shape[a] for a in _axes(rules, "cache_batch")))
+    kv_heads = -(-cfg.num_key_value_heads // math.prod(mesh_shape[a] for a in _axes(rules, "cache_heads")))
     out = {"weights": sum(v for k, v in leaves.items() if k != "embedding" or cfg.tie_word_embeddings),
            "embedding rows": 0 if cfg.tie_word_embeddings else batch * cfg.hidden_size * e // embed_shards,
            "lora": 0, "kv cache": kv_cache_bytes(cfg, batch, length, mesh_shape, rules),
+           "kv slots written": cfg.num_hidden_layers * 2 * cache_rows * kv_heads * cfg.head_dim * e,
            "activations (one token)": rows * (2 * cfg.hidden_size * e + 4 * vocab)}
     if lora_cfg is not None:
         lora = jax.eval_shape(lambda r: lora_lib.init(cfg, lora_cfg, r, cfg.param_dtype), jax.random.key(0))
