@@ -91,8 +91,10 @@ def kv_cache_bytes(cfg: llama.LlamaConfig, batch: int, length: int, mesh_shape: 
     """One device's share of the rollout's KV cache (``llama.init_cache`` shapes; rows over the batch axes,
     kv heads over ``tensor``)."""
     cache = jax.eval_shape(lambda: llama.init_cache(cfg, batch, length))
-    kv = P("layers", "cache_batch", "cache_heads", "cache_length", None)
-    specs = {"k": kv, "v": kv, "mask": P("cache_batch", "cache_length"), "index": P(), "pos": P("cache_batch")}
+    kv = P("cache_batch", "cache_heads", "cache_length", None)
+    L = cfg.num_hidden_layers
+    specs = {"k": (kv,) * L, "v": (kv,) * L, "mask": P("cache_batch", "cache_length"), "index": P(),
+             "pos": P("cache_batch")}
     return mesh_lib.bytes_per_device(cache, specs, mesh_shape, rules)
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rre_jax import advantages, compiled, grpo, mesh as mesh_lib, policy, ppo, rollout, sampling
+from rre_jax import advantages, backend, compiled, grpo, mesh as mesh_lib, policy, ppo, rollout, sampling
 from rre_jax.models import bert, llama, lora as lora_lib
 
 
@@ -94,8 +94,10 @@ def trainable_specs(pspec: policy.PolicySpec, base_specs) -> dict:
 
 def cache_specs(cfg: llama.LlamaConfig) -> dict:
     """Logical specs of ``llama.init_cache``: rows over ``cache_batch``, kv heads over ``cache_heads``."""
-    kv = P("layers", "cache_batch", "cache_heads", "cache_length", None)
-    return {"k": kv, "v": kv, "mask": P("cache_batch", "cache_length"), "index": P(), "pos": P("cache_batch")}
+    kv = P("cache_batch", "cache_heads", "cache_length", None)
+    L = cfg.num_hidden_layers
+    return {"k": (kv,) * L, "v": (kv,) * L, "mask": P("cache_batch", "cache_length"), "index": P(),
+            "pos": P("cache_batch")}
 
 
 def _key():
@@ -209,10 +211,12 @@ def build_sampler(lay: Layout, cfg: llama.LlamaConfig, scfg: sampling.SamplingCo
     in_sh = (params_sh, lay.batch(2), lay.batch(2), lay.replicated, lora_sh, cache_sh)
     out_sh = (rollout.Rollout(lay.batch(2), lay.batch(2), lay.batch(2), lay.batch(1), lay.replicated), cache_sh)
 
+    late = not backend.on_xla_cpu(lay.mesh.devices.flat[0].platform)  # the cache's writes: see llama.Llama
+
     def fn(params, ids_BxT, mask_BxT, rng, lora, cache):
         return rollout.sample(cfg, params, ids_BxT, mask_BxT, rng, scfg, eos_id=eos_id, pad_id=pad_id, lora=lora,
                               lora_cfg=lora_cfg, cache=cache, mesh=lay.mesh, rules=lay.rules, return_cache=True,
-                              group=group)
+                              group=group, write_cache_last=late)
     cache = jax.eval_shape(lambda: llama.init_cache(cfg, B, T + scfg.max_new_tokens))
     args = (params, *_ids_and_mask(lay, B, T), _abstract(_key(), lay.replicated), lora, _abstract(cache, cache_sh))
     jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(5,))

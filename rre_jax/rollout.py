@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rre_jax import compiled, mesh as mesh_lib, sampling
+from rre_jax import backend, compiled, mesh as mesh_lib, sampling
 from rre_jax.models import llama
 
 
@@ -43,14 +43,16 @@ class Rollout(NamedTuple):
 
 def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: sampling.SamplingConfig, *,
            eos_id: int | None, pad_id: int, lora=None, lora_cfg=None, cache=None, mesh=None, rules=None,
-           return_cache: bool = False, group: int = 1) -> Rollout:
+           return_cache: bool = False, group: int = 1, write_cache_last: bool = False) -> Rollout:
     """Sample up to ``scfg.max_new_tokens`` tokens per row of a left-padded prompt batch (``eos_id=None``: rows
     never end early). ``params`` / ``lora`` may be stacked or per-layer (``llama.layer_layout``).
 
     ``cache``: an empty KV cache of ``T + N`` slots to decode into (``llama.init_cache``; default: a fresh one);
     ``return_cache`` returns ``(rollout, final cache)``, so that a donated ``cache`` is decoded in place;
     ``mesh`` / ``rules``: activation sharding constraints (``rre_jax.programs`` passes the run's);
-    ``group``: rows come in groups of ``group`` copies of one prompt (see the module docstring)."""
+    ``group``: rows come in groups of ``group`` copies of one prompt (see the module docstring);
+    ``write_cache_last``: each decode step writes its keys into the cache after every layer has read it (on an
+    accelerator; XLA:CPU wants the writes first: ``llama.Llama``)."""
     B, T = ids_BxT.shape
     N = scfg.max_new_tokens
     con = {} if mesh is None else {"mesh": mesh, "rules": rules}
@@ -72,7 +74,8 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
         toks_BxN = lax.dynamic_update_slice(toks_BxN, tok_B[:, None], (0, i))
         logp_BxN = lax.dynamic_update_slice(logp_BxN, jnp.where(done_B, 0.0, lp_B)[:, None], (0, i))
         done_B = done_B if eos_id is None else done_B | (tok_B == eos_id)
-        logits_BxV, cache = llama.decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg, **dcon)
+        logits_BxV, cache = llama.decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg,
+                                              write_cache_last=write_cache_last, **dcon)
         return i + 1, logits_BxV, cache, toks_BxN, logp_BxN, done_B
 
     init = (jnp.zeros((), jnp.int32), logits_BxV, cache, jnp.full((B, N), pad_id, jnp.int32),
@@ -94,8 +97,8 @@ def prefill_groups(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, cache_len:
     if B % group:
         raise ValueError(f"{B} rows do not split into groups of {group} copies of a prompt")
     logits_PxV, cache_P = llama.prefill(cfg, params, ids_BxT[::group], mask_BxT[::group], cache_len, **kw)
-    rep = lambda x, axis=0: x if x.ndim == 0 else jnp.repeat(x, group, axis=axis)  # noqa: E731
-    full = {n: rep(x, 1 if n in ("k", "v") else 0) for n, x in cache_P.items()}  # k, v: (L, B, K, S, E)
+    rep = lambda x: x if x.ndim == 0 else jnp.repeat(x, group, axis=0)  # noqa: E731
+    full = jax.tree.map(rep, cache_P)
     if cache is not None:  # the caller's buffers (same shapes and dtypes), so a donated cache is reused
         full = jax.tree.map(lambda c, x: x.astype(c.dtype), cache, full)
     return rep(logits_PxV), full
@@ -128,9 +131,11 @@ def jitted_sampler(cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id
     ``group``: rows come in groups of that many copies of one prompt (prefilled once)."""
     key = (cfg, scfg, eos_id, pad_id, lora_cfg, group)
     if key not in _SAMPLERS:
+        late = not backend.on_xla_cpu()  # decided here, once, for the default backend the sampler runs on
+
         def fn(params, ids_BxT, mask_BxT, rng, lora):
             return sample(cfg, params, ids_BxT, mask_BxT, rng, scfg, eos_id=eos_id, pad_id=pad_id, lora=lora,
-                          lora_cfg=lora_cfg, group=group)
+                          lora_cfg=lora_cfg, group=group, write_cache_last=late)
         _SAMPLERS[key] = compiled.AheadOfTime(jax.jit(fn))
     return _SAMPLERS[key]
 

@@ -103,8 +103,8 @@ def test_parameter_lora_moment_and_cache_shardings_follow_the_rules(compiled):
     cache_nd = _ndims(progs["sampler"].args[5])
     for tree in (exes["sampler"].input_shardings[0][5], exes["sampler"].output_shardings[1]):
         cache = _expect(lay, tree, cache_specs, cache_nd)
-        # (layers, rows, kv heads, slots, head dim): rows over data x fsdp, kv heads over tensor
-        assert _split(cache, progs["sampler"].args[5], "['k']") == (1, 2, 2, 1, 1)
+        # rows over data x fsdp, kv heads over tensor
+        assert _split(cache, progs["sampler"].args[5], "['k'][0]") == (2, 2, 1, 1)
     assert progs["sampler"].donate == (5,) and progs["update"].donate == (0,)
 
 

@@ -16,7 +16,7 @@ get sharding constraints when the module is given a mesh. Numerics follow transf
 fp32 then cast, ``rotate_half`` RoPE with inverse frequencies computed exactly as its ``rope_init_fn``s,
 masked attention logits set to ``finfo(float32).min``, softmax in fp32.
 
-KV cache: an explicit pytree ``{k, v: (L, B, K, S, E), mask: (B, S), index: (), pos: (B,)}`` -- slots
+KV cache: an explicit pytree ``{k, v: L-tuples of (B, K, S, E), mask: (B, S), index: (), pos: (B,)}`` -- slots
 ``[0, index)`` are written, ``mask`` says which of them are real tokens (left padding stays masked),
 ``pos`` is each row's next RoPE position. ``prefill`` fills it from a (left-padded) prompt batch and
 ``decode_step`` appends one token; both are usable inside ``lax.while_loop`` (``rollout.sample``, the one
@@ -317,18 +317,39 @@ def _attend(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS, dtype):
     return jnp.einsum("bkgts,bkse->bkgte", p, v_BxKxSxE.astype(dtype))
 
 
+def attend_cached(q_BxKxGxTxE, kc_BxKxSxE, vc_BxKxSxE, k_BxKxTxE, v_BxKxTxE, cached_BxTxS, new_BxTxT, dtype):
+    """``attend`` over a KV cache's slots where ``cached`` and this call's own keys where ``new``, in one softmax,
+    the two value sums added in float32. The cache is read as it is stored and not written here: the caller writes
+    the new keys into it after every layer has read it (``Llama._layers``)."""
+    E, S = q_BxKxGxTxE.shape[-1], kc_BxKxSxE.shape[2]
+    q = q_BxKxGxTxE * jnp.asarray(E ** -0.5, dtype)
+    lo = jnp.finfo(jnp.float32).min
+    s_c = jnp.einsum("bkgte,bkse->bkgts", q, kc_BxKxSxE.astype(dtype), preferred_element_type=jnp.float32)
+    s_n = jnp.einsum("bkgte,bkue->bkgtu", q, k_BxKxTxE.astype(dtype), preferred_element_type=jnp.float32)
+    s = jnp.concatenate([jnp.where(cached_BxTxS[:, None, None], s_c, lo),
+                         jnp.where(new_BxTxT[:, None, None], s_n, lo)], axis=-1)
+    p = jax.nn.softmax(s, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bkse->bkgte", p[..., :S], vc_BxKxSxE.astype(dtype), preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bkgtu,bkue->bkgte", p[..., S:], v_BxKxTxE.astype(dtype),
+                           preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm attention + SwiGLU block: ``(x, per-layer xs) -> (x, k/v)``, where k/v are this call's
-    keys/values, or with a cache in ``xs`` the layer's cache buffers with them written at ``index``."""
+    keys/values, or with a cache in ``xs`` the layer's cache buffers with them written at ``index`` -- unless
+    ``write_cache_last``: then the layer attends over the cache's slots and its own keys (``attend_cached``), leaves
+    the cache unwritten and returns its keys/values (``Llama._layers`` writes them after every layer)."""
 
     config: LlamaConfig
     lora: lora_lib.LoraConfig | None = None
     deterministic: bool = True
     mesh: Any = None
     rules: tuple = mesh_lib.DEFAULT_RULES
+    write_cache_last: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, xs, cos_BxTxE, sin_BxTxE, allowed_BxTxS, index):
+    def __call__(self, x_BxTxD, xs, cos_BxTxE, sin_BxTxE, allowed, index):
         cfg, dt = self.config, self.config.dtype
         B, T, _ = x_BxTxD.shape
         H, K, E = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -348,9 +369,13 @@ class DecoderLayer(nn.Module):
         k = con(k.transpose(0, 2, 1, 3), ("batch", "kv_heads", "length", "head_dim"))
         v = con(v.reshape(B, T, K, E).transpose(0, 2, 1, 3), ("batch", "kv_heads", "length", "head_dim"))
         cache = xs.get("cache")
-        if cache is not None:  # write first, then attend over the updated buffer (in place)
-            k, v, kv = _write_cache(cache, k, v, index)
-        att_BxKxGxTxE = attend(q, k, v, allowed_BxTxS, dt)
+        if cache is not None and self.write_cache_last:
+            att_BxKxGxTxE = attend_cached(q, cache["k"], cache["v"], k, v, *allowed, dt)
+        else:
+            if cache is not None:  # write first, then attend over the updated buffer (in place)
+                k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, index, 0))
+                v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, index, 0))
+            att_BxKxGxTxE = attend(q, k, v, allowed, dt)
         att = att_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
         o = proj(cfg.hidden_size, ("heads", "embed"), cfg.o_proj_bias, name="o_proj")(att, ad.get("o_proj"))
         x_BxTxD = con(x_BxTxD + o, ("batch", "length", "embed"))
@@ -361,22 +386,7 @@ class DecoderLayer(nn.Module):
         m = con(nn.silu(g) * u, ("batch", "length", "mlp"))
         m = proj(cfg.hidden_size, ("mlp", "embed"), False, name="down_proj")(m, ad.get("down_proj"))
         x_BxTxD = con(x_BxTxD + m, ("batch", "length", "embed"))
-        return x_BxTxD, ({"k": k, "v": v} if cache is None else kv)
-
-
-def _write_cache(cache, k_BxKxTxE, v_BxKxTxE, index):
-    """``(k, v, written)``: one layer's keys and values written into its cache at ``index``, and the layer's whole
-    cache after the write. ``cache`` is either this layer's buffers (``k, v: (B, K, S, E)``, the scanned layers)
-    or every layer's (``k, v: (L, B, K, S, E)`` and ``layer``: this one's index, the unrolled decode step): the
-    write then updates the stacked buffer in place and the layer attends over its slice of it."""
-    i = cache.get("layer")
-    if i is None:
-        k = lax.dynamic_update_slice(cache["k"], k_BxKxTxE.astype(cache["k"].dtype), (0, 0, index, 0))
-        v = lax.dynamic_update_slice(cache["v"], v_BxKxTxE.astype(cache["v"].dtype), (0, 0, index, 0))
-        return k, v, {"k": k, "v": v}
-    k = lax.dynamic_update_slice(cache["k"], k_BxKxTxE[None].astype(cache["k"].dtype), (i, 0, 0, index, 0))
-    v = lax.dynamic_update_slice(cache["v"], v_BxKxTxE[None].astype(cache["v"].dtype), (i, 0, 0, index, 0))
-    return k[i], v[i], {"k": k, "v": v}
+        return x_BxTxD, {"k": k, "v": v}
 
 
 class Llama(nn.Module):
@@ -388,7 +398,14 @@ class Llama(nn.Module):
     per-layer params (``layers_{i}``: ``load_pretrained(layer_layout='per_layer')`` or ``unstack_layers``),
     the fast form for one-token decode steps on CPU/GPU. ``last_only`` computes heads
     at the last position only (prefill of a generator). Returns a dict with ``hidden`` (post final norm),
-    the head outputs, and ``kv``: the new keys and values ``(L, B, K, T, E)`` (with a cache: the updated cache buffers).
+    the head outputs, and ``kv``: the new keys/values: per layer ``(B, K, T, E)``, for the cache; with a
+    ``cache``, the cache's buffers with them written.
+
+    ``write_cache_last`` (a decode step on an accelerator): every layer reads its cache buffer before any is
+    written, and the writes come last, in place (``_write_cache``). Written before its layer attends over it,
+    a buffer was brought on chip by XLA's TPU compiler, updated there and written back whole at every step (1.8 GB
+    per decode step on v4-8, docs/tpu_compile.md); XLA:CPU instead copies a buffer that is read before it is
+    updated in place, so there each layer writes first (``rre_jax.programs`` / ``rollout`` choose by backend).
     """
 
     config: LlamaConfig
@@ -400,6 +417,7 @@ class Llama(nn.Module):
     scan: bool = True
     mesh: Any = None
     rules: tuple = mesh_lib.DEFAULT_RULES
+    write_cache_last: bool = False
 
     @nn.compact
     def __call__(self, ids_BxT, positions_BxT, mask_BxT, cache=None, lora=None, last_only=False):
@@ -408,7 +426,7 @@ class Llama(nn.Module):
                            (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
         x = self._con(jnp.take(embed, ids_BxT, axis=0).astype(dt), ("batch", "length", "embed"))
         cos, sin = _rope_tables(cfg, positions_BxT)
-        index, allowed = _visible(mask_BxT, cache)
+        index, allowed = _visible(mask_BxT, cache, self.write_cache_last)
         x, kv = self._layers(x, (cos, sin, allowed, index), cache, lora)
         h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="norm")(x)
         if last_only:
@@ -425,21 +443,20 @@ class Llama(nn.Module):
             stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                             length=L, metadata_params={nn.PARTITION_NAME: "layers"})
-            xs = {"cache": None if cache is None else {"k": cache["k"], "v": cache["v"]},
+            xs = {"cache": None if cache is None else {"k": jnp.stack(cache["k"]), "v": jnp.stack(cache["v"])},
                   "lora": None if lora is None else lora["layers"]}
-            return stack(cfg, self.lora, self.deterministic, self.mesh, self.rules, name="layers")(x, xs, *args)
-        ks, vs = [], []  # per-layer params ``layers_{i}`` (see ``unstack_layers``): no per-step weight slicing
-        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        for i in range(L):
-            xs = {"cache": None if cache is None else {**kv, "layer": i},
-                  "lora": None if lora is None else lora[f"layers_{i}"]}
-            x, kv_i = layer(cfg, self.lora, self.deterministic, self.mesh, self.rules, name=f"layers_{i}")(x, xs, *args)
-            if cache is None:
-                ks.append(kv_i["k"])
-                vs.append(kv_i["v"])
-            else:
-                kv = kv_i
-        return x, kv if cache is not None else {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+            x, kv = stack(cfg, self.lora, self.deterministic, self.mesh, self.rules, self.write_cache_last,
+                          name="layers")(x, xs, *args)
+            kv = {n: tuple(kv[n][i] for i in range(L)) for n in ("k", "v")}
+        else:  # per-layer params ``layers_{i}`` (see ``unstack_layers``): no per-step weight slicing
+            kv = {"k": (), "v": ()}
+            for i in range(L):
+                xs = {"cache": None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]},
+                      "lora": None if lora is None else lora[f"layers_{i}"]}
+                x, kv_i = layer(cfg, self.lora, self.deterministic, self.mesh, self.rules, self.write_cache_last,
+                                name=f"layers_{i}")(x, xs, *args)
+                kv = {n: (*kv[n], kv_i[n]) for n in ("k", "v")}
+        return x, (_write_cache(cache, kv, x, args[-1]) if cache is not None and self.write_cache_last else kv)
 
     def _heads(self, h, embed) -> dict:
         """``logits`` (head 'lm') or ``scores`` (head 'score'), and ``values`` with a value head, from ``h``."""
@@ -472,18 +489,33 @@ def _rope_tables(cfg: LlamaConfig, positions_BxT):
     return jnp.cos(emb).astype(cfg.dtype), jnp.sin(emb).astype(cfg.dtype)
 
 
-def _visible(mask_BxT, cache):
-    """``(index, allowed_BxTxS)``: the cache slot of the first new token (0 without a cache) and which keys each
-    new token attends to: causal over the real tokens; with a cache, slot s is visible to new token t if it is
-    real and s <= index + t."""
-    T = mask_BxT.shape[1]
+def _write_cache(cache, kv, x_BxTxD, index):
+    """The layers' cache buffers with this call's keys and values (``kv``: per layer ``(B, K, T, E)``) written at
+    ``index``, in place: the writes wait (``lax.optimization_barrier`` with the last layer's output) until every layer
+    has read its buffer (``Llama.write_cache_last``)."""
+    (ks, vs), _ = lax.optimization_barrier(((cache["k"], cache["v"]), x_BxTxD))
+    upd = lambda c, new: lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, index, 0))  # noqa: E731
+    return {"k": tuple(map(upd, ks, kv["k"])), "v": tuple(map(upd, vs, kv["v"]))}
+
+
+def _visible(mask_BxT, cache, write_cache_last: bool = False):
+    """``(index, allowed)``: the cache slot of the first new token (0 without a cache) and which keys each new token
+    attends to. Without a cache ``allowed_BxTxT``: causal over the real tokens. With one, ``allowed_BxTxS``: slot s is
+    visible to new token t if it is real and s <= index + t (the new keys written first); or with
+    ``write_cache_last`` ``(cached_BxTxS, new_BxTxT)`` (``attend_cached``): a cache slot if it is real and written
+    before this call (s < index), a new token if it is real and not after this one."""
+    B, T = mask_BxT.shape
+    causal_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BxT[:, None, :].astype(bool)
     if cache is None:
-        return 0, jnp.tril(jnp.ones((T, T), bool))[None] & mask_BxT[:, None, :].astype(bool)
+        return 0, causal_BxTxT
     index = cache["index"]
     S = cache["mask"].shape[1]
-    real_BxS = lax.dynamic_update_slice(cache["mask"], mask_BxT.astype(cache["mask"].dtype), (0, index))
-    causal_TxS = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]
-    return index, causal_TxS[None] & real_BxS[:, None, :].astype(bool)
+    if not write_cache_last:
+        real_BxS = lax.dynamic_update_slice(cache["mask"], mask_BxT.astype(cache["mask"].dtype), (0, index))
+        causal_TxS = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]
+        return index, causal_TxS[None] & real_BxS[:, None, :].astype(bool)
+    cached_BxS = cache["mask"].astype(bool) & (jnp.arange(S) < index)[None]
+    return index, (jnp.broadcast_to(cached_BxS[:, None, :], (B, T, S)), causal_BxTxT)
 
 
 # ------------------------------------------------------------------------------------- pure functions
@@ -558,13 +590,12 @@ def forward(cfg: LlamaConfig, params, ids_BxT, mask_BxT, *, head="lm", value_hea
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int):
-    """An empty KV cache for ``batch`` rows and ``length`` slots, in the compute dtype: one ``(L, B, K, S, E)``
-    buffer for the keys and one for the values, which a decode step updates in place one slot per layer and whose
-    layer slices its attention reads straight from HBM. (One buffer per layer let XLA's TPU compiler bring whole
-    buffers on chip, update them there and write them back at every step: 1.8 GB per step on v4-8,
-    docs/tpu_compile.md.)"""
-    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype),
+    """An empty KV cache for ``batch`` rows and ``length`` slots, in the compute dtype (one buffer per
+    layer, so each decode step updates it in place)."""
+    shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
+    L = cfg.num_hidden_layers
+    return {"k": tuple(jnp.zeros(shape, cfg.dtype) for _ in range(L)),
+            "v": tuple(jnp.zeros(shape, cfg.dtype) for _ in range(L)),
             "mask": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32),
             "pos": jnp.zeros((batch,), jnp.int32)}
 
@@ -607,7 +638,7 @@ def _lora_like(params, lora):
 
 
 def _advance(cache, kv, mask_BxT):
-    """The cache after a call that wrote ``kv`` (the updated ``(L, B, K, S, E)`` buffers) at ``cache['index']``."""
+    """The cache after a call that wrote ``kv`` (updated per-layer buffers) at ``cache['index']``."""
     i = cache["index"]
     mask = lax.dynamic_update_slice(cache["mask"], mask_BxT.astype(jnp.int32), (0, i))
     return {"k": kv["k"], "v": kv["v"], "mask": mask, "index": i + mask_BxT.shape[1],
@@ -625,20 +656,21 @@ def prefill(cfg: LlamaConfig, params, ids_BxT, mask_BxT, cache_len: int, *, lora
     out = model.apply({"params": params}, ids_BxT, positions_from_mask(mask_BxT), mask_BxT, lora=lora,
                       last_only=True)
     cache = init_cache(cfg, ids_BxT.shape[0], cache_len) if cache is None else cache
-    kv = {n: lax.dynamic_update_slice(cache[n], out["kv"][n].astype(cache[n].dtype), (0, 0, 0, 0, 0))
-          for n in ("k", "v")}
+    upd = lambda c, new: lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, 0, 0))
+    kv = {n: tuple(upd(c, new) for c, new in zip(cache[n], out["kv"][n])) for n in ("k", "v")}
     return out["logits"][:, -1], _advance(cache, kv, mask_BxT)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "mesh", "rules"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "mesh", "rules", "write_cache_last"),
+                   donate_argnames=("cache",))
 def decode_step(cfg: LlamaConfig, params, token_B, cache, *, lora=None, lora_cfg=None, mesh=None,
-                rules=mesh_lib.DEFAULT_RULES):
+                rules=mesh_lib.DEFAULT_RULES, write_cache_last: bool = False):
     """One new token per row at each row's next position; returns (logits ``BxV``, updated cache).
 
     ``params`` (and ``lora``) may be stacked or per-layer; per-layer is what a loop wants (a stacked
-    weight is sliced, i.e. copied, on every call).
+    weight is sliced, i.e. copied, on every call). ``write_cache_last``: see ``Llama`` (True on accelerators).
     """
-    model = Llama(cfg, head="lm", lora=lora_cfg, scan=False, mesh=mesh, rules=rules)
+    model = Llama(cfg, head="lm", lora=lora_cfg, scan=False, mesh=mesh, rules=rules, write_cache_last=write_cache_last)
     params, lora = unstack_layers(params), unstack_layers(lora)
     mask_Bx1 = jnp.ones((token_B.shape[0], 1), jnp.int32)
     out = model.apply({"params": params}, token_B[:, None], cache["pos"][:, None], mask_Bx1, cache=cache,
