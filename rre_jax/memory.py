@@ -110,7 +110,7 @@ def _shard_config(cfg: llama.LlamaConfig, tensor: int) -> llama.LlamaConfig:
 
 @functools.lru_cache(maxsize=64)  # a trace of a 7B forward takes seconds; plans of one model share it
 def update_activation_bytes(pspec: policy.PolicySpec, rows: int, prompt_len: int, new_tokens: int,
-                            tensor: int = 1) -> int:
+                            tensor: int = 1, embed_shards: int = 1) -> int:
     """Bytes of the activations one device keeps for the backward pass of the PPO update.
 
     Exact for the code as it is: the residuals of ``jax.vjp`` of the real policy forward
@@ -118,6 +118,11 @@ def update_activation_bytes(pspec: policy.PolicySpec, rows: int, prompt_len: int
     ``rows`` sequences of ``prompt_len + new_tokens`` tokens, from an abstract trace (``jax.make_jaxpr``;
     nothing is allocated). Parameters the backward pass reads are not counted again. Under tensor
     parallelism one device computes a ``1/tensor`` slice of heads, MLP and vocabulary (``_shard_config``).
+    ``embed_shards``: the residual stream's hidden dimension is split that many ways (a micro-batch of fewer rows
+    than the batch shards: XLA keeps every row on every device and splits the stream's hidden dimension over the
+    axes of the weights' embed dimension instead, the update's stacked residuals in its buffer assignment). The
+    stream's residuals are those of the hidden size's width, when no projection slice has that width too (else
+    they are counted whole: an upper bound).
     """
     cfg = _shard_config(pspec.cfg, tensor)
     pspec = dataclasses.replace(pspec, cfg=cfg)
@@ -132,12 +137,16 @@ def update_activation_bytes(pspec: policy.PolicySpec, rows: int, prompt_len: int
         return jax.vjp(loss, t)[1]
 
     jaxpr = jax.make_jaxpr(residuals)(trainable, frozen, ids, ids).jaxpr
+    widths = {cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size,
+              cfg.vocab_size}
+    split = embed_shards if cfg.hidden_size not in widths else 1
     inputs, seen, total = set(jaxpr.invars), set(), 0
     for v in jaxpr.outvars:
         if isinstance(v, jax_core.Literal) or v in inputs or v in seen:  # constants, parameters passed through
             continue
         seen.add(v)
-        total += math.prod(v.aval.shape) * np.dtype(v.aval.dtype).itemsize
+        stream = v.aval.ndim >= 2 and v.aval.shape[-1] == cfg.hidden_size
+        total += math.prod(v.aval.shape) * np.dtype(v.aval.dtype).itemsize // (split if stream else 1)
     return total
 
 
@@ -281,6 +290,7 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     rules = tuple(tuple(r) for r in config.mesh.rules)
     mesh_shape, devices = _resolved_mesh(config, num_devices)
     batch_shards, tensor = mesh_shape["data"] * mesh_shape["fsdp"], mesh_shape["tensor"]
+    embed_shards = math.prod(mesh_shape[a] for a in _axes(rules, "embed"))
     pcfg = llama_config(config.plan.policy or config.model.path, config.model.param_dtype, "config.plan.policy")
     gcfg = llama_config(config.plan.gold_rm or config.gold_rm.path, config.model.param_dtype, "config.plan.gold_rm")
     pspec = policy.PolicySpec(pcfg, config.model.train_mode, lora_lib.LoraConfig.from_config(config.model.lora),
@@ -306,7 +316,7 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
         "gradients (accumulator + micro-batch)": 2 * trainable_pd,
         "activations (update micro-batch)": update_activation_bytes(
             pspec, M if M < batch_shards else rows(M), int(config.data.max_prompt_length),
-            int(config.sampling.max_new_tokens), tensor),
+            int(config.sampling.max_new_tokens), tensor, embed_shards if M < batch_shards else 1),
         "gold RM params": param_report(gcfg, mesh_shape, head="score", rules=rules)["bytes_per_device"],
         "gold RM scoring peak": inference_bytes(gcfg, rows(config.gold_rm.batch_size), int(config.gold_rm.max_length),
                                                 tensor),

@@ -15,7 +15,7 @@ is not split) keeps more activations for backward on LLaMA-7B than a 16 GiB chip
 (even with the default ``model.remat = 'dots'``, which recomputes attention and the elementwise ops; the plan
 prints the bytes), so the 16 GiB TPU presets split heads and MLP over ``tensor`` = 2, and where the gold RM does
 not fit beside the policy with room to spare (``v4-8``: XLA's sampler held 26.1 GiB per device with it, the plan
-28.9 of a 28.8 GiB budget; ``v5e-8``: the plan fits with it, 2.6 GiB fuller) it is kept in host memory and
+28.9 of a 28.8 GiB budget; ``v5e-8``: the plan fits with it, 2.2 GiB fuller) it is kept in host memory and
 brought in for each scoring call only (``gold_rm.placement = 'host'``).
 """
 import ml_collections
