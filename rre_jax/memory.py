@@ -370,10 +370,14 @@ def update_floor(pspec: policy.PolicySpec, rows: int, prompt_len: int, new_token
     the activations the backward pass keeps (``update_activation_bytes``: written once, read once), the gradients
     (written, and added into the accumulator: read and written) and the optimizer step (parameters and Adam's
     moments read and written) spread over its ``micro_per_step`` micro-batches. ``trainable`` / ``optimizer``:
-    this device's bytes of the trainable tree and of the optimizer state."""
+    this device's bytes of the trainable tree and of the optimizer state. ``rows``: the rows one device computes
+    (all of the micro-batch's when it has fewer than the batch shards, whose residual stream is then split over
+    the embed axes, as ``plan`` counts it)."""
     weights = _leaf_bytes(pspec.cfg, mesh_shape, rules)
     passes = 3 if pspec.remat == "full" else 2
-    act = update_activation_bytes(pspec, rows, prompt_len, new_tokens, mesh_shape["tensor"])
+    whole = rows < math.prod(mesh_shape[a] for a in _axes(rules, "batch"))  # every row on every device (``plan``)
+    embed_shards = math.prod(mesh_shape[a] for a in _axes(rules, "embed")) if whole else 1
+    act = update_activation_bytes(pspec, rows, prompt_len, new_tokens, mesh_shape["tensor"], embed_shards)
     return {"weights (forward + backward)": passes * sum(weights.values()), "activations (kept, written + read)":
             2 * act, "gradients (write + accumulate)": 3 * trainable,
             "optimizer step (per micro-batch)": (2 * trainable + 2 * optimizer) // max(micro_per_step, 1)}
