@@ -57,7 +57,7 @@ def test_update_micro_batch_moves_its_floor(tmp_path):
     forward and the backward pass, the activations the backward pass keeps (written and read once), the gradients
     and the optimizer step. One row on two batch shards: as the presets' 2 rows on 4 to 16, the micro-batch is not
     split over the devices and the matmuls split their contraction instead (no weight is gathered). (Saving every
-    layer's float32 attention scores, and computing them whole, sent them through HBM several times: 5.2x the
+    layer's float32 attention scores, and computing them whole, sent them through HBM several times: 6.4x the
     floor on v5e-8.)"""
     spec, lay, pcfg, shape = _run(tmp_path, 512, 512)
     M = 1
