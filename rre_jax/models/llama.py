@@ -280,7 +280,7 @@ def apply_rope(x_BxTxNxE, cos_BxTxE, sin_BxTxE):
     return x_BxTxNxE * cos_BxTxE[:, :, None] + rot * sin_BxTxE[:, :, None]
 
 
-QUERY_BLOCK = 256  # queries per block of ``attend`` (calls of at least two blocks' worth of tokens)
+QUERY_BLOCK = 128  # queries per block of ``attend`` (calls of at least two blocks' worth of tokens)
 
 
 def attend(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS, dtype):
@@ -291,10 +291,12 @@ def attend(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS, dtype):
     ``finfo(float32).min`` (as transformers): a fully masked row (a left-pad query) is uniform, not NaN.
 
     Long calls (prefill, scoring, the PPO passes) run over blocks of ``QUERY_BLOCK`` queries, one block at a time
-    and each rematerialised for its backward pass, so the float32 scores of a block (``B x H x 256 x S``) are all
+    and each rematerialised for its backward pass, so the float32 scores of a block (``B x H x 128 x S``) are all
     that exist at once: the whole ``B x H x T x S`` scores of a layer did not fit on chip and went through HBM
     several times (most of a PPO micro-batch's traffic on v5e-8, docs/tpu_compile.md). Every query still
-    attends over all S keys in one softmax: the values are those of the unblocked computation.
+    attends over all S keys in one softmax: the values are those of the unblocked computation. 128 queries: each
+    block reads the keys and values again, and larger blocks' scores spill (a micro-batch's HBM bytes on v4-32 /
+    v5e-8 with blocks of 64 queries: 24.9 GB / -, 128: 27.9 / 12.9, 256: 41.3 / 13.5, 512: 60.9 / 19.6).
     """
     T = q_BxKxGxTxE.shape[3]
     if T < 2 * QUERY_BLOCK or T % QUERY_BLOCK:
