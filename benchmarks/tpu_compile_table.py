@@ -10,7 +10,9 @@ Plan figure per program: resident (policy, trainable, optimizer state, relevance
 the device) plus the program's own phase lines -- sampler: KV cache + prefill peak + the decode loop's per-layer
 weight copy; update: gradients + activations; gold: gold RM (when it lives on the host) + scoring peak; relevance /
 init / experience: resident only (the plan has no line for them). "plan vs XLA" is (plan - XLA) / XLA; beyond
-15% it is marked for an explanation in docs/tpu_compile.md.
+15% it is marked for an explanation in docs/tpu_compile.md. Phases: per device and training step, XLA's bytes and
+the part of them that crosses HBM (``rre_jax.hlo_account``); the roofline is the larger of the compute time and the
+HBM time (a report without ``hbm``, from before it was measured, uses XLA's bytes).
 """
 from __future__ import annotations
 
@@ -64,12 +66,14 @@ def main(paths) -> None:
             print(f"| {r['name']} | {g(r['argument'])} | {g(r['output'])} | {g(r['alias'])} | {g(r['temp'])} "
                   f"| {g(r['code'])} | {g(r['resident_others'])} | {g(r['total'])} | {g(planned)} "
                   f"| {diff(planned, r['total'], r['name'])} | {fits} | {r['seconds']:.0f} |")
-        print("\n| phase (per device) | GFLOP | GB accessed | compute s | memory s | roofline s |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("\n| phase (per device) | GFLOP | XLA GB | HBM GB | compute s | memory s (XLA's bytes) | memory s (HBM) "
+              "| roofline s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for name, c in rep["phases"].items():
-            tc, tm = c["flops"] / (chip["bf16_tflops"] * 1e12), c["bytes"] / (chip["hbm_gbps"] * 1e9)
-            print(f"| {name} | {c['flops'] / 1e9:.0f} | {c['bytes'] / 1e9:.1f} | {tc:.3f} | {tm:.3f} "
-                  f"| {max(tc, tm):.3f} |")
+            bw = chip["hbm_gbps"] * 1e9
+            tc, tx, th = c["flops"] / (chip["bf16_tflops"] * 1e12), c["bytes"] / bw, c.get("hbm", c["bytes"]) / bw
+            print(f"| {name} | {c['flops'] / 1e9:.0f} | {c['bytes'] / 1e9:.1f} | {c.get('hbm', c['bytes']) / 1e9:.1f} "
+                  f"| {tc:.3f} | {tx:.3f} | {th:.3f} | {max(tc, th):.3f} |")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ Each preset's memory plan (``rre-params --config configs/alpacafarm_rer.py:rer,<
 preset by tests/test_memory_plan.py, and compiled for its TPU topology by XLA in docs/tpu_compile.md) fits the
 chip: the PPO mini-batch (2 rows of 1024 tokens, on every device: a micro-batch smaller than the batch shards
 is not split) keeps more activations for backward on LLaMA-7B than a 16 GiB chip holds beside the weights
-(even with the default ``model.remat = 'dots'``, which recomputes the elementwise ops; the plan prints the
-bytes), so the 16 GiB TPU presets split heads and MLP over ``tensor`` = 2, and where the gold RM does not fit
-beside the policy with room to spare (``v4-8``: XLA's sampler holds 26.1 GiB per device with it, the plan 28.9 of
-a 28.8 GiB budget; ``v5e-8``) it is kept in host memory and brought in for each scoring call only
-(``gold_rm.placement = 'host'``).
+(even with the default ``model.remat = 'dots'``, which recomputes attention and the elementwise ops; the plan
+prints the bytes), so the 16 GiB TPU presets split heads and MLP over ``tensor`` = 2, and where the gold RM does
+not fit beside the policy with room to spare (``v4-8``: XLA's sampler held 26.1 GiB per device with it, the plan
+28.9 of a 28.8 GiB budget; ``v5e-8``: the plan fits with it, 2.2 GiB fuller) it is kept in host memory and
+brought in for each scoring call only (``gold_rm.placement = 'host'``).
 """
 import ml_collections
 

@@ -56,9 +56,9 @@ def _model() -> ml_collections.ConfigDict:
     # full mode's value head: 'separate' (a critic with its own trunk copy) or 'shared' (on the policy trunk,
     # as trl 0.7.4's AutoModelForCausalLMWithValueHead; half the weights). LoRA always shares the trunk.
     s.critic = "separate"
-    # What the PPO update's backward pass keeps of each layer: 'dots' (matmul outputs; norms, RoPE, softmax
-    # and SiLU are recomputed: less memory at about the same speed), 'none' (everything) or 'full' (layer
-    # inputs only; recomputes each layer, a third more update work, least memory).
+    # What the PPO update's backward pass keeps of each layer: 'dots' (the projections' outputs; attention,
+    # norms, RoPE, softmax and SiLU are recomputed: less memory at about the same speed), 'none' (everything) or
+    # 'full' (layer inputs only; recomputes each layer, a third more update work, least memory).
     s.remat = "dots"
     s.lora = ml_collections.ConfigDict()
     s.lora.rank = 8

@@ -17,8 +17,8 @@ algorithm is a frozen object with:
 * ``make_update(forward_fn)``: the jittable ``update(params, opt_state, batch, rng, frozen)`` of its losses;
 * ``finish(state, stats) -> state entries``: after the update (PPO: the adaptive KL controller's step);
 * ``next_kl_coef(state)``  the KL coefficient the next step uses (logged);
-* ``micro_steps``          micro-batch forward/backward passes of one update, and ``micro(rows)``: the same
-                           algorithm over one micro-batch of ``rows`` (the loop-free unit of the roofline).
+* ``micro_steps``          micro-batch forward/backward passes of one update (the trip count of the update
+                           program's micro-batch loop: ``benchmarks/tpu_account.py`` reads one trip's bytes).
 
 Adding an algorithm (DAPO, Dr. GRPO as their own classes, ...) is one module defining such a class and one line
 in ``ALGORITHMS``.
@@ -48,8 +48,6 @@ class Algorithm(Protocol):
     def next_kl_coef(self, state) -> float: ...
 
     micro_steps: int
-
-    def micro(self, rows: int) -> "Algorithm": ...
 
 
 def _ppo(config, ppo_cfg: ppo.PPOConfig) -> Algorithm:

@@ -7,9 +7,10 @@ Nothing is read but config files (architectures: ``config.json`` of model.path /
 
 Per program and device: XLA's argument / output / alias / temp / code bytes (``memory_analysis``), plus the
 run's other resident arrays (weights and train state the program does not take), against the chip's memory:
-fits when the sum is within ``memory.HEADROOM`` of it. Per step: FLOPs and bytes accessed (``cost_analysis``)
-and the roofline time they imply at the chip's peak bf16 FLOP/s and HBM bandwidth (``CHIPS``). XLA's cost
-analysis counts a loop body once, so the roofline comes from loop-free variants (``roofline``).
+fits when the sum is within ``memory.HEADROOM`` of it. Per step: FLOPs, bytes accessed and the part of them
+that crosses HBM, and the roofline time they imply at the chip's peak bf16 FLOP/s and HBM bandwidth (``CHIPS``),
+from the compiled programs themselves, op by op (``rre_jax.hlo_account``: XLA's cost analysis of each op, a loop
+body counted once per trip; ``phases``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import time
 import jax
 import numpy as np
 
-from rre_jax import assemble, memory, mesh as mesh_lib, policy, programs, relevance, run_spec, tokenizer as tok_lib
+from rre_jax import (assemble, hlo_account, memory, mesh as mesh_lib, policy, programs, relevance, run_spec,
+                     tokenizer as tok_lib)
 from rre_jax.models import bert
 from rre_jax.topology import Chip, chip_of, parse_topology, quiet_libtpu, topology_devices
 
@@ -90,12 +92,13 @@ def table(rows: list[Compiled], phases: dict, chip: Chip | None, header: str) ->
         out.append(f"{r.name:<12}{g(r.argument)}{g(r.output)}{g(r.alias)}{g(r.temp)}{g(r.code)}"
                    f"{g(r.resident_others)}{g(r.total)}{chip_s}  {fits:<4}{r.seconds:9.1f}")
     if phases:
-        out.append(f"{'phase':<22}{'GFLOP':>12}{'GB accessed':>13}{'compute_s':>11}{'memory_s':>10}{'roofline_s':>11}"
-                   "  (per device, per training step)")
-        for name, (flops, nbytes) in phases.items():
-            tc = flops / (chip.bf16_tflops * 1e12) if chip else math.nan
-            tm = nbytes / (chip.hbm_gbps * 1e9) if chip else math.nan
-            out.append(f"{name:<22}{flops / 1e9:12.1f}{nbytes / 1e9:13.2f}{tc:11.3f}{tm:10.3f}{max(tc, tm):11.3f}")
+        out.append(f"{'phase':<22}{'GFLOP':>12}{'XLA GB':>10}{'HBM GB':>10}{'compute_s':>11}{'memory_s':>10}"
+                   f"{'roofline_s':>11}  (per device, per training step; memory: the HBM bytes)")
+        for name, c in phases.items():
+            tc = c["flops"] / (chip.bf16_tflops * 1e12) if chip else math.nan
+            tm = c["hbm"] / (chip.hbm_gbps * 1e9) if chip else math.nan
+            out.append(f"{name:<22}{c['flops'] / 1e9:12.1f}{c['bytes'] / 1e9:10.2f}{c['hbm'] / 1e9:10.2f}{tc:11.3f}"
+                       f"{tm:10.3f}{max(tc, tm):11.3f}")
     return "\n".join(out)
 
 
@@ -197,6 +200,11 @@ _TAKES = {"init": ("frozen", "state"), "cache": (), "sampler": ("frozen",), "eva
           "update": ("frozen", "state"), "features": (), "relevance": ("relevance",), "gold": ("gold",)}
 
 
+# the training step's phases: one call of each program per step (the relevance encoder and the gold RM: per call)
+PHASES = {"sampler": "rollout", "experience": "experience", "update": "update", "relevance": "relevance (per call)",
+          "gold": "gold (per call)"}
+
+
 def compile_run(config, report: str = "") -> int:
     """Compile every program of ``config`` from shapes; print the table; 0 when every program fits, else 1."""
     topology = str(config.mesh.get("topology", ""))
@@ -208,7 +216,7 @@ def compile_run(config, report: str = "") -> int:
     progs, st = _programs(config, spec, lay, pcfg, gold_cfg, rcfg, needs_rel)
     resident = _resident(progs, st, spec)
     chip = chip_of(devices)
-    rows = []
+    rows, accounts = [], {}
     for name, prog in progs.items():
         # LoRA's init never reads the frozen policy: XLA drops that argument, and the policy stays resident beside it
         takes = ("state",) if name == "init" and spec.mode == "lora" else _TAKES[name]
@@ -218,81 +226,22 @@ def compile_run(config, report: str = "") -> int:
         if name == "update":
             row.stats = sorted(jax.eval_shape(prog.jitted, *prog.args)[1])
         rows.append(row)
+        if chip is not None and name in PHASES:
+            accounts[name] = hlo_account.totals(hlo_account.account(exe.as_text()))
         print(f"compiled {name} in {row.seconds:.1f} s", flush=True)
     where = topology or f"{len(devices)} local {devices[0].platform} devices"
     shape = ",".join(str(mesh.shape[a]) for a in mesh_lib.MESH_AXES)
     ok = fits(rows, chip)
-    payload = {"config": str(config.name), "algorithm": spec.algorithm.name, "topology": topology, "mesh": shape,
-               "devices": len(devices),
+    # per device and call: FLOPs, XLA's bytes accessed and the part of them that crosses HBM, loops at their trips
+    phases = {PHASES[k]: {"flops": a["flops"], "bytes": a["bytes"], "hbm": a["hbm"]} for k, a in accounts.items()}
+    payload = {"config": str(config.name), "algorithm": spec.algorithm.name, "topology": topology,
+               "mesh": shape, "devices": len(devices),
                "chip": None if chip is None else dataclasses.asdict(chip), "resident": resident,
-               "programs": [dataclasses.asdict(r) | {"total": r.total} for r in rows], "phases": {}, "fits": ok}
-    if report:  # the memory verdict first: the roofline's extra compiles come after
-        write_report(report, payload)
-    phases = roofline(config, spec, lay, pcfg, gold_cfg, rcfg, needs_rel, rows) if chip is not None else {}
+               "programs": [dataclasses.asdict(r) | {"total": r.total} for r in rows], "phases": phases, "fits": ok}
     print(table(rows, phases, chip, f"{config.name}: mesh {shape} (data,fsdp,tensor) on {where}"))
     if report:
-        payload["phases"] = {k: {"flops": f, "bytes": b} for k, (f, b) in phases.items()}
         write_report(report, payload)
     return 0 if ok else 1
-
-
-def roofline(config, spec, lay, pcfg, gold_cfg, rcfg, needs_rel, rows) -> dict:
-    """``{phase: (FLOPs, bytes accessed)}`` per device and training step, from loop-free variants.
-
-    XLA counts a loop body once. So each Llama program is compiled with its layers unrolled (per-layer
-    layout) at 1 and 2 layers, ``cost(L) = cost(1) + (L - 1) (cost(2) - cost(1))`` exactly; loops over data
-    are multiplied by their trip counts: the sampler is its prefill plus ``N`` decode steps (sampler minus
-    prefill: one body; a group method's prompts are costed as prefilled on every row, an upper bound), the
-    experience pass one group times the groups, the update one micro-batch step of the run's algorithm
-    (``Algorithm.micro``) times its ``micro_steps`` (the optimizer step and once-per-batch maths, a few percent,
-    are counted that many times too: an upper bound; a micro-batch of fewer rows than the batch shards is
-    costed as one row per shard, as each device then computes at least one). The relevance encoder has no loop.
-    """
-    B, N, pc, algo = spec.ppo.batch_size, spec.sampling.max_new_tokens, spec.ppo, spec.algorithm
-    T = spec.data.largest_bucket
-    shards = lay.batch_shards
-    group = assemble.experience_rows(pc, shards)
-    m_rows = -(-pc.mini_batch_size // shards) * shards  # a micro-batch smaller than the shards: one row each
-    micro = dataclasses.replace(pc, batch_size=m_rows, mini_batch_size=m_rows, gradient_accumulation_steps=1,
-                                ppo_epochs=1)
-    micro_algo = algo.micro(m_rows)
-    eos, pad, _ = token_facts(config)
-    lora_cfg = spec.lora if spec.mode == "lora" else None
-    at = {}
-    for L in (1, 2):
-        p1 = dataclasses.replace(pcfg, num_hidden_layers=L)
-        pspec = policy.PolicySpec(p1, spec.mode, spec.lora, spec.critic, spec.remat, mesh=lay.mesh, rules=lay.rules)
-        frozen, _ = programs.llama_params(p1, layout="per_layer")
-        st = programs.state_layout(lay, pspec, micro_algo, micro, frozen, "per_layer")
-        progs = {"sampler": programs.build_sampler(lay, p1, spec.sampling, eos, pad, lora_cfg, B, T, "per_layer"),
-                 "prefill": programs.build_prefill(lay, p1, lora_cfg, B, T, N, "per_layer"),
-                 "experience": programs.build_experience(lay, pspec, algo, st, group, T, N, None, "per_layer"),
-                 "update": programs.build_update(lay, pspec, micro_algo, st, micro_algo_rows(micro_algo, m_rows),
-                                                 T, N, "per_layer")}
-        if gold_cfg is not None:
-            g1 = dataclasses.replace(gold_cfg, num_hidden_layers=L)
-            G = -(-spec.gold_rm.batch_size // shards) * shards
-            progs["gold"] = programs.build_gold(lay, g1, "starling", G, spec.gold_rm.max_length, "per_layer")
-        at[L] = {k: cost(v.compile()) for k, v in progs.items()}
-    full = lambda k, L: tuple(a + (L - 1) * (b - a) for a, b in zip(at[1][k], at[2][k]))  # noqa: E731
-    mul = lambda c, n: (c[0] * n, c[1] * n)  # noqa: E731
-    add = lambda a, b: (a[0] + b[0], a[1] + b[1])  # noqa: E731
-    Lp = pcfg.num_hidden_layers
-    prefill, sampler = full("prefill", Lp), full("sampler", Lp)
-    out = {"rollout": add(prefill, mul((sampler[0] - prefill[0], sampler[1] - prefill[1]), N)),
-           "experience": mul(full("experience", Lp), B // group),
-           "update": mul(full("update", Lp), algo.micro_steps)}
-    if needs_rel:
-        out["relevance (per call)"] = next((r.flops, r.bytes_accessed) for r in rows if r.name == "relevance")
-    if gold_cfg is not None:
-        out["gold (per call)"] = full("gold", gold_cfg.num_hidden_layers)
-    return out
-
-
-def micro_algo_rows(micro_algo, rows: int) -> int:
-    """Rows of the micro-batch unit ``micro_algo`` was built for (a group method rounds them to whole groups)."""
-    cfg = getattr(micro_algo, "cfg", None)
-    return int(getattr(cfg, "batch_size", rows))
 
 
 def main(config, report: str = "") -> int:

@@ -19,7 +19,10 @@ Two layout choices depend on the backend and are made once, at set-up, from ``on
 ``jax.default_backend()`` inside a traced function: BERT attention as a loop over blocks of one row's heads
 (``bert.attention(looped=True)``; batched over all rows, XLA:CPU writes the whole ``[B, H, T, T]`` score tensor
 to memory between the matmuls and each softmax pass), and relevance texts packed into streams rather than
-padded rows (``relevance.RelevanceEncoder(packed=...)``). Put back: the accelerator layouts (``False``).
+padded rows (``relevance.RelevanceEncoder(packed=...)``). Put back: the accelerator layouts (``False``). A
+third is the order of a decode step's KV-cache writes (``llama.Llama.write_cache_last``): XLA:CPU copies a cache
+buffer that is read before it is updated in place, so there each layer writes its keys before it attends. Put
+back: ``write_cache_last=True``.
 """
 from __future__ import annotations
 

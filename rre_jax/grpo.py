@@ -58,7 +58,6 @@ reward functions (the proxy is one reward).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable
 
 import jax
@@ -377,14 +376,3 @@ class GroupMethod:
         """Micro-batch forward/backward passes of one update: iterations x batch / mini-batch."""
         return self.cfg.num_iterations * self.cfg.batch_size // self.cfg.mini_batch_size
 
-    def micro(self, rows: int) -> "GroupMethod":
-        """This method over one micro-batch of ``rows``: one pass, one optimizer step of one micro-batch. The
-        micro-batch's rows form groups of ``gcd(rows, G)`` (at least 2: a single row is costed as two), which
-        only the once-per-batch advantage maths sees."""
-        rows = max(int(rows), 2)
-        G = max(math.gcd(rows, self.cfg.num_generations), 2)
-        rows = -(-rows // G) * G
-        cfg = dataclasses.replace(self.cfg, num_generations=G, batch_size=rows, mini_batch_size=rows,
-                                  gradient_accumulation_steps=1, num_iterations=1)
-        return GroupMethod(cfg, dataclasses.replace(self.optimizer_cfg, batch_size=rows, mini_batch_size=rows,
-                                                    gradient_accumulation_steps=1))

@@ -109,7 +109,7 @@ def _shard_config(cfg: llama.LlamaConfig, tensor: int) -> llama.LlamaConfig:
 
 @functools.lru_cache(maxsize=64)  # a trace of a 7B forward takes seconds; plans of one model share it
 def update_activation_bytes(pspec: policy.PolicySpec, rows: int, prompt_len: int, new_tokens: int,
-                            tensor: int = 1) -> int:
+                            tensor: int = 1, embed_shards: int = 1) -> int:
     """Bytes of the activations one device keeps for the backward pass of the PPO update.
 
     Exact for the code as it is: the residuals of ``jax.vjp`` of the real policy forward
@@ -117,6 +117,11 @@ def update_activation_bytes(pspec: policy.PolicySpec, rows: int, prompt_len: int
     ``rows`` sequences of ``prompt_len + new_tokens`` tokens, from an abstract trace (``jax.make_jaxpr``;
     nothing is allocated). Parameters the backward pass reads are not counted again. Under tensor
     parallelism one device computes a ``1/tensor`` slice of heads, MLP and vocabulary (``_shard_config``).
+    ``embed_shards``: the residual stream's hidden dimension is split that many ways (a micro-batch of fewer rows
+    than the batch shards: XLA keeps every row on every device and splits the stream's hidden dimension over the
+    axes of the weights' embed dimension instead, the update's stacked residuals in its buffer assignment). The
+    stream's residuals are those of the hidden size's width, when no projection slice has that width too (else
+    they are counted whole: an upper bound).
     """
     cfg = _shard_config(pspec.cfg, tensor)
     pspec = dataclasses.replace(pspec, cfg=cfg)
@@ -131,12 +136,16 @@ def update_activation_bytes(pspec: policy.PolicySpec, rows: int, prompt_len: int
         return jax.vjp(loss, t)[1]
 
     jaxpr = jax.make_jaxpr(residuals)(trainable, frozen, ids, ids).jaxpr
+    widths = {cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size,
+              cfg.vocab_size}
+    split = embed_shards if cfg.hidden_size not in widths else 1
     inputs, seen, total = set(jaxpr.invars), set(), 0
     for v in jaxpr.outvars:
         if isinstance(v, jax_core.Literal) or v in inputs or v in seen:  # constants, parameters passed through
             continue
         seen.add(v)
-        total += math.prod(v.aval.shape) * np.dtype(v.aval.dtype).itemsize
+        stream = v.aval.ndim >= 2 and v.aval.shape[-1] == cfg.hidden_size
+        total += math.prod(v.aval.shape) * np.dtype(v.aval.dtype).itemsize // (split if stream else 1)
     return total
 
 
@@ -278,6 +287,7 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     rules = tuple(tuple(r) for r in config.mesh.rules)
     mesh_shape, devices = _resolved_mesh(config, num_devices)
     batch_shards, tensor = mesh_shape["data"] * mesh_shape["fsdp"], mesh_shape["tensor"]
+    embed_shards = math.prod(mesh_shape[a] for a in _axes(rules, "embed"))
     pcfg = llama_config(config.plan.policy or config.model.path, config.model.param_dtype, "config.plan.policy")
     gold_cfg = llama_config(config.plan.gold_rm or config.gold_rm.path, config.model.param_dtype, "config.plan.gold_rm")
     pspec = policy.PolicySpec(pcfg, config.model.train_mode, lora_lib.LoraConfig.from_config(config.model.lora),
@@ -303,9 +313,68 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
         "gradients (accumulator + micro-batch)": 2 * trainable_pd,
         "activations (update micro-batch)": update_activation_bytes(
             pspec, M if M < batch_shards else rows(M), int(config.data.max_prompt_length),
-            int(config.sampling.max_new_tokens), tensor),
+            int(config.sampling.max_new_tokens), tensor, embed_shards if M < batch_shards else 1),
         "gold RM params": param_report(gold_cfg, mesh_shape, head="score", rules=rules)["bytes_per_device"],
-        "gold RM scoring peak": inference_bytes(gold_cfg, rows(config.gold_rm.batch_size), int(config.gold_rm.max_length),
-                                                tensor),
+        "gold RM scoring peak": inference_bytes(gold_cfg, rows(config.gold_rm.batch_size),
+                                                int(config.gold_rm.max_length), tensor),
     }
     return _phases(config, lines, trainable_pd, mesh_shape, devices, gold_cfg)
+
+
+# ============================================================================================ floors
+
+def _leaf_bytes(cfg: llama.LlamaConfig, mesh_shape: dict[str, int], rules) -> dict[str, int]:
+    """One device's bytes of each top-level weight of a Llama (``embedding``, ``lm_head``, ``norm``, the layers)."""
+    abstract, specs = abstract_llama(cfg)
+    return {k: mesh_lib.bytes_per_device(abstract[k], specs[k], mesh_shape, rules) for k in abstract}
+
+
+def decode_floor(cfg: llama.LlamaConfig, lora_cfg: lora_lib.LoraConfig | None, batch: int, length: int,
+                 mesh_shape: dict[str, int], rules) -> dict[str, int]:
+    """The bytes one device must move through HBM in one decode step, from the shapes alone: every weight of its
+    shards read once (of the embedding table only the rows of this step's tokens), its LoRA adapters, its share
+    of the KV cache (``batch`` rows x ``length`` slots, all of which the step attends over) and one token's
+    activations per row (hidden state in, float32 logits out) -- and, written, the step's new key and value slots.
+    ``batch`` / ``length``: the rollout's rows and cache slots. The rows of one device are those of the decode rules
+    (``mesh.decode_rules``)."""
+    leaves = _leaf_bytes(cfg, mesh_shape, rules)
+    e = np.dtype(cfg.dtype).itemsize
+    rows = -(-batch // math.prod(mesh_shape[a] for a in _axes(mesh_lib.decode_rules(rules), "batch")))
+    embed_shards = math.prod(mesh_shape[a] for a in _axes(rules, "embed"))
+    vocab = -(-cfg.vocab_size // math.prod(mesh_shape[a] for a in _axes(rules, "vocab")))
+    cache_rows = -(-batch // math.prod(mesh_shape[a] for a in _axes(rules, "cache_batch")))
+    kv_heads = -(-cfg.num_key_value_heads // math.prod(mesh_shape[a] for a in _axes(rules, "cache_heads")))
+    out = {"weights": sum(v for k, v in leaves.items() if k != "embedding" or cfg.tie_word_embeddings),
+           "embedding rows": 0 if cfg.tie_word_embeddings else batch * cfg.hidden_size * e // embed_shards,
+           "lora": 0, "kv cache": kv_cache_bytes(cfg, batch, length, mesh_shape, rules),
+           "kv slots written": cfg.num_hidden_layers * 2 * cache_rows * kv_heads * cfg.head_dim * e,
+           "activations (one token)": rows * (2 * cfg.hidden_size * e + 4 * vocab)}
+    if lora_cfg is not None:
+        lora = jax.eval_shape(lambda r: lora_lib.init(cfg, lora_cfg, r, cfg.param_dtype), jax.random.key(0))
+        out["lora"] = mesh_lib.bytes_per_device(lora, lora_lib.logical_specs(cfg, lora_cfg), mesh_shape, rules)
+    return out
+
+
+def _axes(rules, name: str) -> tuple[str, ...]:
+    axes = dict(rules).get(name)
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def update_floor(pspec: policy.PolicySpec, rows: int, prompt_len: int, new_tokens: int, mesh_shape: dict[str, int],
+                 rules, trainable: int, optimizer: int, micro_per_step: int) -> dict[str, int]:
+    """The bytes one device must move through HBM for one PPO micro-batch of ``rows`` sequences, from the shapes:
+    the frozen weights read by the forward and by the backward pass (and once more by a 'full' rematerialisation),
+    the activations the backward pass keeps (``update_activation_bytes``: written once, read once), the gradients
+    (written, and added into the accumulator: read and written) and the optimizer step (parameters and Adam's
+    moments read and written) spread over its ``micro_per_step`` micro-batches. ``trainable`` / ``optimizer``:
+    this device's bytes of the trainable tree and of the optimizer state. ``rows``: the rows one device computes
+    (all of the micro-batch's when it has fewer than the batch shards, whose residual stream is then split over
+    the embed axes, as ``plan`` counts it)."""
+    weights = _leaf_bytes(pspec.cfg, mesh_shape, rules)
+    passes = 3 if pspec.remat == "full" else 2
+    whole = rows < math.prod(mesh_shape[a] for a in _axes(rules, "batch"))  # every row on every device (``plan``)
+    embed_shards = math.prod(mesh_shape[a] for a in _axes(rules, "embed")) if whole else 1
+    act = update_activation_bytes(pspec, rows, prompt_len, new_tokens, mesh_shape["tensor"], embed_shards)
+    return {"weights (forward + backward)": passes * sum(weights.values()), "activations (kept, written + read)":
+            2 * act, "gradients (write + accumulate)": 3 * trainable,
+            "optimizer step (per micro-batch)": (2 * trainable + 2 * optimizer) // max(micro_per_step, 1)}

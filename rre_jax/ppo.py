@@ -372,8 +372,3 @@ class PPO:
         """Micro-batch forward/backward passes of one update: epochs x batch / mini-batch."""
         return self.cfg.ppo_epochs * self.cfg.batch_size // self.cfg.mini_batch_size
 
-    def micro(self, rows: int) -> "PPO":
-        """This algorithm over one micro-batch of ``rows``: one epoch, one optimizer step of one micro-batch (the
-        loop-free unit ``rre_jax.aot``'s roofline multiplies by ``micro_steps``)."""
-        return PPO(dataclasses.replace(self.cfg, batch_size=rows, mini_batch_size=rows,
-                                       gradient_accumulation_steps=1, ppo_epochs=1))

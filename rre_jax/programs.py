@@ -27,6 +27,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rre_jax import algorithms, features, mesh as mesh_lib, policy, ppo, rollout, sampled_kl, sampling
+from rre_jax import backend
 from rre_jax.backend import release_host_memory
 from rre_jax.models import bert, llama, lora as lora_lib, sequence_scores
 
@@ -220,10 +221,12 @@ def build_sampler(lay: Layout, cfg: llama.LlamaConfig, scfg: sampling.SamplingCo
     in_sh = (params_sh, lay.batch(2), lay.batch(2), lay.replicated, lora_sh, cache_sh)
     out_sh = (rollout.Rollout(lay.batch(2), lay.batch(2), lay.batch(2), lay.batch(1), lay.replicated), cache_sh)
 
+    late = not backend.on_xla_cpu(lay.mesh.devices.flat[0].platform)  # the cache's writes: see llama.Llama
+
     def fn(params, ids_BxT, mask_BxT, rng, lora, cache):
         return rollout.sample(cfg, params, ids_BxT, mask_BxT, rng, scfg, eos_id=eos_id, pad_id=pad_id, lora=lora,
                               lora_cfg=lora_cfg, cache=cache, mesh=lay.mesh, rules=lay.rules, return_cache=True,
-                              group=group)
+                              group=group, write_cache_last=late)
     cache = jax.eval_shape(lambda: llama.init_cache(cfg, B, T + scfg.max_new_tokens))
     args = (params, *_ids_and_mask(lay, B, T), _abstract(_key(), lay.replicated), lora, _abstract(cache, cache_sh))
     jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(5,))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rre_jax import mesh as mesh_lib, sampling
+from rre_jax import backend, mesh as mesh_lib, sampling
 from rre_jax.models import llama
 
 
@@ -43,14 +43,16 @@ class Rollout(NamedTuple):
 
 def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: sampling.SamplingConfig, *,
            eos_id: int | None, pad_id: int, lora=None, lora_cfg=None, cache=None, mesh=None, rules=None,
-           return_cache: bool = False, group: int = 1) -> Rollout:
+           return_cache: bool = False, group: int = 1, write_cache_last: bool = False) -> Rollout:
     """Sample up to ``scfg.max_new_tokens`` tokens per row of a left-padded prompt batch (``eos_id=None``: rows
     never end early). ``params`` / ``lora`` may be stacked or per-layer (``llama.layer_layout``).
 
     ``cache``: an empty KV cache of ``T + N`` slots to decode into (``llama.init_cache``; default: a fresh one);
     ``return_cache`` returns ``(rollout, final cache)``, so that a donated ``cache`` is decoded in place;
     ``mesh`` / ``rules``: activation sharding constraints (``rre_jax.programs`` passes the run's);
-    ``group``: rows come in groups of ``group`` copies of one prompt (see the module docstring)."""
+    ``group``: rows come in groups of ``group`` copies of one prompt (see the module docstring);
+    ``write_cache_last``: each decode step writes its keys into the cache after every layer has read it (on an
+    accelerator; XLA:CPU wants the writes first: ``llama.Llama``)."""
     B, T = ids_BxT.shape
     N = scfg.max_new_tokens
     con = {} if mesh is None else {"mesh": mesh, "rules": rules}
@@ -72,7 +74,8 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
         toks_BxN = lax.dynamic_update_slice(toks_BxN, tok_B[:, None], (0, i))
         logp_BxN = lax.dynamic_update_slice(logp_BxN, jnp.where(done_B, 0.0, lp_B)[:, None], (0, i))
         done_B = done_B if eos_id is None else done_B | (tok_B == eos_id)
-        logits_BxV, cache = llama.decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg, **dcon)
+        logits_BxV, cache = llama.decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg,
+                                              write_cache_last=write_cache_last, **dcon)
         return i + 1, logits_BxV, cache, toks_BxN, logp_BxN, done_B
 
     init = (jnp.zeros((), jnp.int32), logits_BxV, cache, jnp.full((B, N), pad_id, jnp.int32),
@@ -115,7 +118,8 @@ def cut_mask(mask_BxN, cut_B):
 
 
 _sample_jit = jax.jit(sample, static_argnums=(0, 5),
-                      static_argnames=("eos_id", "pad_id", "lora_cfg", "mesh", "rules", "return_cache", "group"))
+                      static_argnames=("eos_id", "pad_id", "lora_cfg", "mesh", "rules", "return_cache", "group",
+                                       "write_cache_last"))
 
 
 def jitted_sampler(cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id: int | None, pad_id: int,
@@ -124,9 +128,11 @@ def jitted_sampler(cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id
     arguments' devices (``jax.jit``'s own cache keys the executables on those settings): the library form of the
     sampler; a run's sampler, with its shardings, is ``programs.build_sampler``. ``group``: rows come in groups of
     that many copies of one prompt (prefilled once)."""
+    late = not backend.on_xla_cpu()  # the cache's writes (``llama.Llama``), for the default backend the sampler runs on
+
     def call(params, ids_BxT, mask_BxT, rng, lora):
         return _sample_jit(cfg, params, ids_BxT, mask_BxT, rng, scfg, eos_id=eos_id, pad_id=pad_id, lora=lora,
-                           lora_cfg=lora_cfg, group=group)
+                           lora_cfg=lora_cfg, group=group, write_cache_last=late)
     return call
 
 

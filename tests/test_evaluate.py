@@ -1,7 +1,6 @@
 """rre_jax.evaluate: rollout store, monotonicity statistics (vs SciPy), hacking flag, report and plots."""
 import json
 import math
-import pathlib
 
 import numpy as np
 import pytest

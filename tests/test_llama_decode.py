@@ -11,8 +11,12 @@ from rre_jax import models, rollout
 from rre_jax.models import llama
 
 
+@pytest.mark.parametrize("write_cache_last", [False, True], ids=["writes_first", "writes_last"])
 @pytest.mark.parametrize("variant", ["llama_gqa", "qwen2"])
-def test_cached_steps_equal_full_recompute(variant, tmp_path):
+def test_cached_steps_equal_full_recompute(variant, write_cache_last, tmp_path):
+    """Both orders of a step's cache writes (``llama.Llama.write_cache_last``: each layer writes its keys before it
+    attends, as on XLA:CPU, or every layer attends over the cache and its own keys and the writes come last, as on
+    accelerators) give the full recomputation's logits."""
     loaded = models.from_pretrained(F.save(F.causal_lm(variant), tmp_path))
     cfg, params = loaded.config, loaded.params
     ids, mask = F.left_padded(0, 3, 14, cfg.vocab_size, (0, 2, 5))
@@ -21,7 +25,8 @@ def test_cached_steps_equal_full_recompute(variant, tmp_path):
     logits, cache = llama.prefill(cfg, params, ids[:, :T0], mask[:, :T0], 16)
     np.testing.assert_allclose(logits, full[:, T0 - 1], atol=1e-5, rtol=0)
     for t in range(T0, 14):
-        logits, cache = llama.decode_step(cfg, params, jnp.asarray(ids[:, t]), cache)
+        logits, cache = llama.decode_step(cfg, params, jnp.asarray(ids[:, t]), cache,
+                                          write_cache_last=write_cache_last)
         np.testing.assert_allclose(logits, full[:, t], atol=1e-5, rtol=0, err_msg=f"step {t}")
     assert int(cache["index"]) == 14 and cache["mask"].shape == (3, 16)
     np.testing.assert_array_equal(cache["pos"], mask.sum(-1))

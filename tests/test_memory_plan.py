@@ -72,12 +72,16 @@ def test_activations_are_the_backward_residuals(plans):
     assert act == memory.update_activation_bytes(spec7, 2, 512, 512)
 
 
-def test_gold_rm_on_host_is_what_makes_v5e_8_fit():
+def test_gold_rm_on_host_keeps_v5e_8_its_margin():
+    """v5e-8 keeps the gold RM (7.9 GiB per device) in host memory. Since the update keeps no attention scores for
+    its backward pass (``model.remat = 'dots'``), the plan would fit with the gold RM on the device too, but with
+    more than 2 GiB less room than on the host (it did not fit at all while the scores were kept)."""
     cfg = alpacafarm_rer.get_config("rer,v5e-8")
-    assert cfg.gold_rm.placement == "host" and memory.plan(cfg).fits
+    on_host = memory.plan(cfg)
+    assert cfg.gold_rm.placement == "host" and on_host.fits
     cfg.gold_rm.placement = "device"
     on_device = memory.plan(cfg)
-    assert not on_device.fits, on_device.table()
+    assert on_device.fits and on_device.peak > on_host.peak + 2 * GIB, (on_host.table(), on_device.table())
 
 
 def test_remat_dots_cuts_the_update_activations_in_the_plan():

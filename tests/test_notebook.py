@@ -4,7 +4,6 @@ The kernel imports this checkout's rre_jax (PYTHONPATH), so the install cell tak
 branch; what is tested is everything after it: config overrides, the tiny run, the curves and the
 monotonicity plot.
 """
-import os
 import pathlib
 
 import pytest

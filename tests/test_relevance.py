@@ -3,7 +3,6 @@
 import os
 import string
 
-import jax
 import numpy as np
 import pytest
 import torch

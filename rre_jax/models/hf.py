@@ -19,7 +19,6 @@ import struct
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file

@@ -281,13 +281,37 @@ def apply_rope(x_BxTxNxE, cos_BxTxE, sin_BxTxE):
     return x_BxTxNxE * cos_BxTxE[:, :, None] + rot * sin_BxTxE[:, :, None]
 
 
+QUERY_BLOCK = 128  # queries per block of ``attend`` (calls of at least two blocks' worth of tokens)
+
+
 def attend(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS, dtype):
     """Softmax attention of T queries over S key slots where ``allowed``.
 
     Heads-major layout (``B, K, ., E``) keeps (batch, kv head) as the leading batch dims of both
     matmuls, so a cache is read in place, never transposed. Scores of masked pairs are
     ``finfo(float32).min`` (as transformers): a fully masked row (a left-pad query) is uniform, not NaN.
+
+    Long calls (prefill, scoring, the PPO passes) run over blocks of ``QUERY_BLOCK`` queries, one block at a time
+    and each rematerialised for its backward pass, so the float32 scores of a block (``B x H x 128 x S``) are all
+    that exist at once: the whole ``B x H x T x S`` scores of a layer did not fit on chip and went through HBM
+    several times (most of a PPO micro-batch's traffic on v5e-8, docs/tpu_compile.md). Every query still
+    attends over all S keys in one softmax: the values are those of the unblocked computation. 128 queries: each
+    block reads the keys and values again, and larger blocks' scores spill (a micro-batch's HBM bytes on v4-32 /
+    v5e-8 with blocks of 64 queries: 24.9 GB / -, 128: 27.9 / 12.9, 256: 41.3 / 13.5, 512: 60.9 / 19.6).
     """
+    T = q_BxKxGxTxE.shape[3]
+    if T < 2 * QUERY_BLOCK or T % QUERY_BLOCK:
+        return _attend(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS, dtype)
+    B, K, G, _, E = q_BxKxGxTxE.shape
+    n = T // QUERY_BLOCK
+    q_NxBxKxGxQxE = jnp.moveaxis(q_BxKxGxTxE.reshape(B, K, G, n, QUERY_BLOCK, E), 3, 0)
+    a_NxBxQxS = jnp.moveaxis(allowed_BxTxS.reshape(allowed_BxTxS.shape[0], n, QUERY_BLOCK, -1), 1, 0)
+    block = jax.checkpoint(lambda qa: _attend(qa[0], k_BxKxSxE, v_BxKxSxE, qa[1], dtype))
+    out_NxBxKxGxQxE = lax.map(block, (q_NxBxKxGxQxE, a_NxBxQxS))
+    return jnp.moveaxis(out_NxBxKxGxQxE, 0, 3).reshape(B, K, G, T, E)
+
+
+def _attend(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS, dtype):
     E = q_BxKxGxTxE.shape[-1]
     q = q_BxKxGxTxE * jnp.asarray(E ** -0.5, dtype)
     s = jnp.einsum("bkgte,bkse->bkgts", q, k_BxKxSxE.astype(dtype), preferred_element_type=jnp.float32)
@@ -296,18 +320,39 @@ def attend(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS, dtype):
     return jnp.einsum("bkgts,bkse->bkgte", p, v_BxKxSxE.astype(dtype))
 
 
+def attend_cached(q_BxKxGxTxE, kc_BxKxSxE, vc_BxKxSxE, k_BxKxTxE, v_BxKxTxE, cached_BxTxS, new_BxTxT, dtype):
+    """``attend`` over a KV cache's slots where ``cached`` and this call's own keys where ``new``, in one softmax,
+    the two value sums added in float32. The cache is read as it is stored and not written here: the caller writes
+    the new keys into it after every layer has read it (``Llama._layers``)."""
+    E, S = q_BxKxGxTxE.shape[-1], kc_BxKxSxE.shape[2]
+    q = q_BxKxGxTxE * jnp.asarray(E ** -0.5, dtype)
+    lo = jnp.finfo(jnp.float32).min
+    s_c = jnp.einsum("bkgte,bkse->bkgts", q, kc_BxKxSxE.astype(dtype), preferred_element_type=jnp.float32)
+    s_n = jnp.einsum("bkgte,bkue->bkgtu", q, k_BxKxTxE.astype(dtype), preferred_element_type=jnp.float32)
+    s = jnp.concatenate([jnp.where(cached_BxTxS[:, None, None], s_c, lo),
+                         jnp.where(new_BxTxT[:, None, None], s_n, lo)], axis=-1)
+    p = jax.nn.softmax(s, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bkse->bkgte", p[..., :S], vc_BxKxSxE.astype(dtype), preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bkgtu,bkue->bkgte", p[..., S:], v_BxKxTxE.astype(dtype),
+                           preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm attention + SwiGLU block: ``(x, per-layer xs) -> (x, k/v)``, where k/v are this call's
-    keys/values, or with a cache in ``xs`` the layer's cache buffers with them written at ``index``."""
+    keys/values, or with a cache in ``xs`` the layer's cache buffers with them written at ``index`` -- unless
+    ``write_cache_last``: then the layer attends over the cache's slots and its own keys (``attend_cached``), leaves
+    the cache unwritten and returns its keys/values (``Llama._layers`` writes them after every layer)."""
 
     config: LlamaConfig
     lora: lora_lib.LoraConfig | None = None
     deterministic: bool = True
     mesh: Any = None
     rules: tuple = mesh_lib.DEFAULT_RULES
+    write_cache_last: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, xs, cos_BxTxE, sin_BxTxE, allowed_BxTxS, index):
+    def __call__(self, x_BxTxD, xs, cos_BxTxE, sin_BxTxE, allowed, index):
         cfg, dt = self.config, self.config.dtype
         B, T, _ = x_BxTxD.shape
         H, K, E = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -326,10 +371,14 @@ class DecoderLayer(nn.Module):
         k = apply_rope(k.reshape(B, T, K, E), cos_BxTxE, sin_BxTxE)
         k = con(k.transpose(0, 2, 1, 3), ("batch", "kv_heads", "length", "head_dim"))
         v = con(v.reshape(B, T, K, E).transpose(0, 2, 1, 3), ("batch", "kv_heads", "length", "head_dim"))
-        if xs.get("cache") is not None:  # write first, then attend over the updated buffer (in place)
-            k = lax.dynamic_update_slice(xs["cache"]["k"], k.astype(xs["cache"]["k"].dtype), (0, 0, index, 0))
-            v = lax.dynamic_update_slice(xs["cache"]["v"], v.astype(xs["cache"]["v"].dtype), (0, 0, index, 0))
-        att_BxKxGxTxE = attend(q, k, v, allowed_BxTxS, dt)
+        cache = xs.get("cache")
+        if cache is not None and self.write_cache_last:
+            att_BxKxGxTxE = attend_cached(q, cache["k"], cache["v"], k, v, *allowed, dt)
+        else:
+            if cache is not None:  # write first, then attend over the updated buffer (in place)
+                k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, index, 0))
+                v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, index, 0))
+            att_BxKxGxTxE = attend(q, k, v, allowed, dt)
         att = att_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
         o = proj(cfg.hidden_size, ("heads", "embed"), cfg.o_proj_bias, name="o_proj")(att, ad.get("o_proj"))
         x_BxTxD = con(x_BxTxD + o, ("batch", "length", "embed"))
@@ -352,7 +401,14 @@ class Llama(nn.Module):
     per-layer params (``layers_{i}``: ``load_pretrained(layer_layout='per_layer')`` or ``unstack_layers``),
     the fast form for one-token decode steps on CPU/GPU. ``last_only`` computes heads
     at the last position only (prefill of a generator). Returns a dict with ``hidden`` (post final norm),
-    the head outputs, and ``kv``: the new keys/values: per layer ``(B, K, T, E)``, for the cache.
+    the head outputs, and ``kv``: the new keys/values: per layer ``(B, K, T, E)``, for the cache; with a
+    ``cache``, the cache's buffers with them written.
+
+    ``write_cache_last`` (a decode step on an accelerator): every layer reads its cache buffer before any is
+    written, and the writes come last, in place (``_write_cache``). Written before its layer attends over it,
+    a buffer was brought on chip by XLA's TPU compiler, updated there and written back whole at every step (1.8 GB
+    per decode step on v4-8, docs/tpu_compile.md); XLA:CPU instead copies a buffer that is read before it is
+    updated in place, so there each layer writes first (``rre_jax.programs`` / ``rollout`` choose by backend).
     """
 
     config: LlamaConfig
@@ -364,6 +420,7 @@ class Llama(nn.Module):
     scan: bool = True
     mesh: Any = None
     rules: tuple = mesh_lib.DEFAULT_RULES
+    write_cache_last: bool = False
 
     @nn.compact
     def __call__(self, ids_BxT, positions_BxT, mask_BxT, cache=None, lora=None, last_only=False):
@@ -372,7 +429,7 @@ class Llama(nn.Module):
                            (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
         x = self._con(jnp.take(embed, ids_BxT, axis=0).astype(dt), ("batch", "length", "embed"))
         cos, sin = _rope_tables(cfg, positions_BxT)
-        index, allowed = _visible(mask_BxT, cache)
+        index, allowed = _visible(mask_BxT, cache, self.write_cache_last)
         x, kv = self._layers(x, (cos, sin, allowed, index), cache, lora)
         h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="norm")(x)
         if last_only:
@@ -391,16 +448,18 @@ class Llama(nn.Module):
                             length=L, metadata_params={nn.PARTITION_NAME: "layers"})
             xs = {"cache": None if cache is None else {"k": jnp.stack(cache["k"]), "v": jnp.stack(cache["v"])},
                   "lora": None if lora is None else lora["layers"]}
-            x, kv = stack(cfg, self.lora, self.deterministic, self.mesh, self.rules, name="layers")(x, xs, *args)
-            return x, {n: tuple(kv[n][i] for i in range(L)) for n in ("k", "v")}
-        ks, vs = [], []  # per-layer params ``layers_{i}`` (see ``unstack_layers``): no per-step weight slicing
-        for i in range(L):
-            xs = {"cache": None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]},
-                  "lora": None if lora is None else lora[f"layers_{i}"]}
-            x, kv_i = layer(cfg, self.lora, self.deterministic, self.mesh, self.rules, name=f"layers_{i}")(x, xs, *args)
-            ks.append(kv_i["k"])
-            vs.append(kv_i["v"])
-        return x, {"k": tuple(ks), "v": tuple(vs)}
+            x, kv = stack(cfg, self.lora, self.deterministic, self.mesh, self.rules, self.write_cache_last,
+                          name="layers")(x, xs, *args)
+            kv = {n: tuple(kv[n][i] for i in range(L)) for n in ("k", "v")}
+        else:  # per-layer params ``layers_{i}`` (see ``unstack_layers``): no per-step weight slicing
+            kv = {"k": (), "v": ()}
+            for i in range(L):
+                xs = {"cache": None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]},
+                      "lora": None if lora is None else lora[f"layers_{i}"]}
+                x, kv_i = layer(cfg, self.lora, self.deterministic, self.mesh, self.rules, self.write_cache_last,
+                                name=f"layers_{i}")(x, xs, *args)
+                kv = {n: (*kv[n], kv_i[n]) for n in ("k", "v")}
+        return x, (_write_cache(cache, kv, x, args[-1]) if cache is not None and self.write_cache_last else kv)
 
     def _heads(self, h, embed) -> dict:
         """``logits`` (head 'lm') or ``scores`` (head 'score'), and ``values`` with a value head, from ``h``."""
@@ -433,18 +492,33 @@ def _rope_tables(cfg: LlamaConfig, positions_BxT):
     return jnp.cos(emb).astype(cfg.dtype), jnp.sin(emb).astype(cfg.dtype)
 
 
-def _visible(mask_BxT, cache):
-    """``(index, allowed_BxTxS)``: the cache slot of the first new token (0 without a cache) and which keys each
-    new token attends to: causal over the real tokens; with a cache, slot s is visible to new token t if it is
-    real and s <= index + t."""
-    T = mask_BxT.shape[1]
+def _write_cache(cache, kv, x_BxTxD, index):
+    """The layers' cache buffers with this call's keys and values (``kv``: per layer ``(B, K, T, E)``) written at
+    ``index``, in place: the writes wait (``lax.optimization_barrier`` with the last layer's output) until every layer
+    has read its buffer (``Llama.write_cache_last``)."""
+    (ks, vs), _ = lax.optimization_barrier(((cache["k"], cache["v"]), x_BxTxD))
+    upd = lambda c, new: lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, index, 0))  # noqa: E731
+    return {"k": tuple(map(upd, ks, kv["k"])), "v": tuple(map(upd, vs, kv["v"]))}
+
+
+def _visible(mask_BxT, cache, write_cache_last: bool = False):
+    """``(index, allowed)``: the cache slot of the first new token (0 without a cache) and which keys each new token
+    attends to. Without a cache ``allowed_BxTxT``: causal over the real tokens. With one, ``allowed_BxTxS``: slot s is
+    visible to new token t if it is real and s <= index + t (the new keys written first); or with
+    ``write_cache_last`` ``(cached_BxTxS, new_BxTxT)`` (``attend_cached``): a cache slot if it is real and written
+    before this call (s < index), a new token if it is real and not after this one."""
+    B, T = mask_BxT.shape
+    causal_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BxT[:, None, :].astype(bool)
     if cache is None:
-        return 0, jnp.tril(jnp.ones((T, T), bool))[None] & mask_BxT[:, None, :].astype(bool)
+        return 0, causal_BxTxT
     index = cache["index"]
     S = cache["mask"].shape[1]
-    real_BxS = lax.dynamic_update_slice(cache["mask"], mask_BxT.astype(cache["mask"].dtype), (0, index))
-    causal_TxS = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]
-    return index, causal_TxS[None] & real_BxS[:, None, :].astype(bool)
+    if not write_cache_last:
+        real_BxS = lax.dynamic_update_slice(cache["mask"], mask_BxT.astype(cache["mask"].dtype), (0, index))
+        causal_TxS = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]
+        return index, causal_TxS[None] & real_BxS[:, None, :].astype(bool)
+    cached_BxS = cache["mask"].astype(bool) & (jnp.arange(S) < index)[None]
+    return index, (jnp.broadcast_to(cached_BxS[:, None, :], (B, T, S)), causal_BxTxT)
 
 
 # ------------------------------------------------------------------------------------- pure functions
@@ -480,24 +554,27 @@ def check_remat(remat: str) -> str:
     """``remat`` if it names a rematerialisation policy, else an error naming ``config.model.remat``."""
     if remat not in REMAT:
         raise ValueError(f"config.model.remat={remat!r}; choose one of {REMAT} ('none': keep every activation "
-                         "for the backward pass; 'dots': keep only matmul outputs and recompute the elementwise "
-                         "ops; 'full': keep only each layer's input and recompute the layer)")
+                         "for the backward pass; 'dots': keep only the projections' outputs and recompute attention "
+                         "and the elementwise ops; 'full': keep only each layer's input and recompute the layer)")
     return remat
 
 
 def _layer_class(remat: str):
     """``DecoderLayer``, wrapped in ``nn.remat`` with the policy ``remat`` names.
 
-    'dots' (``jax.checkpoint_policies.checkpoint_dots``) saves the matmul outputs and recomputes norms, RoPE,
-    softmax and SiLU in the backward pass: less update memory at about the same update time, since the
-    recomputed ops are cheap next to the matmuls (docs/benchmark_results.md). 'full' recomputes the whole
-    layer (a third more update FLOPs, least memory).
+    'dots' (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``) saves the outputs of the projections
+    (the matmuls against weights, LoRA's included) and recomputes attention -- its scores and probabilities, batched
+    over rows and heads -- norms, RoPE, softmax and SiLU in the backward pass: the saved activations grow with the
+    sequence, never with its square (saving the float32 scores of every layer was 4.3 GB per device on v5e-8,
+    docs/tpu_compile.md), for about 4% more update FLOPs at 1,024 tokens. 'full' recomputes the whole layer (a
+    third more update FLOPs, least memory).
     """
     check_remat(remat)
     if remat == "full":
         return nn.remat(DecoderLayer, prevent_cse=False)
     if remat == "dots":
-        return nn.remat(DecoderLayer, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        return nn.remat(DecoderLayer, prevent_cse=False, policy=policy)
     return DecoderLayer
 
 
@@ -587,15 +664,16 @@ def prefill(cfg: LlamaConfig, params, ids_BxT, mask_BxT, cache_len: int, *, lora
     return out["logits"][:, -1], _advance(cache, kv, mask_BxT)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "mesh", "rules"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "mesh", "rules", "write_cache_last"),
+                   donate_argnames=("cache",))
 def decode_step(cfg: LlamaConfig, params, token_B, cache, *, lora=None, lora_cfg=None, mesh=None,
-                rules=mesh_lib.DEFAULT_RULES):
+                rules=mesh_lib.DEFAULT_RULES, write_cache_last: bool = False):
     """One new token per row at each row's next position; returns (logits ``BxV``, updated cache).
 
     ``params`` (and ``lora``) may be stacked or per-layer; per-layer is what a loop wants (a stacked
-    weight is sliced, i.e. copied, on every call).
+    weight is sliced, i.e. copied, on every call). ``write_cache_last``: see ``Llama`` (True on accelerators).
     """
-    model = Llama(cfg, head="lm", lora=lora_cfg, scan=False, mesh=mesh, rules=rules)
+    model = Llama(cfg, head="lm", lora=lora_cfg, scan=False, mesh=mesh, rules=rules, write_cache_last=write_cache_last)
     params, lora = unstack_layers(params), unstack_layers(lora)
     mask_Bx1 = jnp.ones((token_B.shape[0], 1), jnp.int32)
     out = model.apply({"params": params}, token_B[:, None], cache["pos"][:, None], mask_Bx1, cache=cache,
