@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rre_jax import algorithms, mesh as mesh_lib, policy, ppo, relevance, reward, reward_engine, sampling
+from rre_jax import algorithms, mesh as mesh_lib, policy, ppo, relevance, reward, reward_engine, sampling, sweep
 from rre_jax.errors import UserError
 from rre_jax.models import llama, lora as lora_lib
 
@@ -37,6 +37,7 @@ class RunSpec:
     param_dtype: Any
     algorithm: algorithms.Algorithm | None = None  # config.algo with its settings (rre_jax.algorithms)
     relevance_text: str = "response"  # what QR / AR embed (reward_engine.RELEVANCE_TEXTS)
+    sweep: sweep.SweepConfig | None = None  # config.sweep's members (rre_jax.sweep); None: a single run
 
 
 EVAL_PROXY = "rer"  # scored at every dev eval and checkpoint eval: the reference judges every run with full RER
@@ -85,6 +86,7 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
                         f"data x fsdp = {rows} devices; change it or --config.mesh.shape")
     if config.train.save_freq <= 0 or config.train.steps <= 0:
         raise UserError("config.train.steps and config.train.save_freq must be positive")
+    members = sweep.SweepConfig.from_config(config)  # LoRA only; presets and seeds checked
     if files:
         _check_model_source(config)
         _check_prompt_source(config)
@@ -94,7 +96,8 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
                    sampling=sampling.SamplingConfig.from_config(config.sampling), mesh=mesh_cfg,
                    lora=lora_lib.LoraConfig.from_config(config.model.lora),
                    mode=config.model.train_mode, critic=critic, remat=remat, dtype=dtype("dtype"),
-                   param_dtype=dtype("param_dtype"), algorithm=algorithm, relevance_text=relevance_text)
+                   param_dtype=dtype("param_dtype"), algorithm=algorithm, relevance_text=relevance_text,
+                   sweep=members)
 
 
 def uses_tiny(config) -> bool:

@@ -63,13 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config, workdir: str, spec, sources) -> None:
-    """Train with the compilation cache on and INFO logs in the workdir; print the closing summary."""
+    """Train (a run, or a sweep: ``config.sweep``) with the compilation cache on and INFO logs in the workdir;
+    print the closing summary."""
     import jax
-    from rre_jax import compile_cache, console, train
+    from rre_jax import compile_cache, console, sweep_run, train
     from rre_jax.data import tiny_prompts_path
     compile_cache.enable()
     name = "rre_train.log" if jax.process_index() == 0 else f"rre_train.process{jax.process_index()}.log"
     log_file = console.log_to_file(console.log_path(workdir, name))
+    if spec.sweep is not None:
+        sweep_run.run(config, workdir, spec=spec, sources=sources)
+        if jax.process_index() == 0:
+            print(sweep_run.summary(workdir))
+        return
     train.run(config, workdir, spec=spec, sources=sources)
     if jax.process_index() == 0:
         eval_set = config.data.dev_file or ("" if config.model.path else str(tiny_prompts_path()))
