@@ -22,7 +22,8 @@ import time
 import jax
 import numpy as np
 
-from rre_jax import assemble, memory, mesh as mesh_lib, policy, programs, relevance, run_spec, tokenizer as tok_lib
+from rre_jax import assemble, memory, mesh as mesh_lib, policy, programs, relevance, run_spec, sweep_programs
+from rre_jax import tokenizer as tok_lib
 from rre_jax.models import bert
 from rre_jax.topology import Chip, chip_of, parse_topology, quiet_libtpu, topology_devices
 
@@ -149,7 +150,7 @@ def prompt_bucket(config) -> int:
 def run_programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
     """The run's `programs.RunPrograms`, from shapes: the trainer's own list, built as ``train`` builds it (the
     policy, the algorithm, the features of the run's tokenizer, the relevance encoder where the run puts it,
-    the gold RM on the run's mesh)."""
+    the gold RM on the run's mesh); a sweep's `sweep_programs.SweepPrograms` over them (``config.sweep``)."""
     pspec = policy.PolicySpec(pcfg, spec.mode, spec.lora, spec.critic, spec.remat, mesh=lay.mesh, rules=lay.rules)
     frozen, _ = programs.llama_params(pcfg)
     eos, pad, width = token_facts(config)
@@ -163,8 +164,11 @@ def run_programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
     if gcfg is not None:
         gold = programs.GoldPrograms(lay, gcfg, "seq_cls" if config.gold_rm.layout == "hf_score" else "starling")
     rows = assemble.experience_rows(spec.ppo, lay.batch_shards)
-    return programs.RunPrograms(lay.mesh, lay.rules, pspec, spec.algorithm, spec.ppo, frozen, eos_id=eos, pad_id=pad,
-                                experience_rows=rows, features=feats, relevance=rel, gold=gold)
+    progs = programs.RunPrograms(lay.mesh, lay.rules, pspec, spec.algorithm, spec.ppo, frozen, eos_id=eos,
+                                 pad_id=pad, experience_rows=rows, features=feats, relevance=rel, gold=gold)
+    if spec.sweep is None:
+        return progs
+    return sweep_programs.SweepPrograms(progs, spec.sweep.size, spec.sweep.update_chunk)  # a sweep's (sweep_run)
 
 
 def _programs(config, spec, lay, pcfg, gcfg, rcfg, needs_relevance: bool):
@@ -199,7 +203,8 @@ def _resident(progs, st, config) -> dict:
 # which resident arrays each program takes as arguments (the others stay resident beside it)
 _TAKES = {"init": ("frozen", "state"), "cache": (), "sampler": ("frozen",), "eval_sampler": ("frozen",),
           "experience": ("frozen",),
-          "update": ("frozen", "state"), "features": (), "relevance": ("relevance",), "gold": ("gold",)}
+          "update": ("frozen", "state"), "features": (), "relevance": ("relevance",), "gold": ("gold",),
+          "split": ("state",), "join": ("state",)}
 
 
 def compile_run(config, report: str = "") -> int:
@@ -252,6 +257,8 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
     (``Algorithm.micro``) times its ``micro_steps`` (the optimizer step and once-per-batch maths, a few percent,
     are counted that many times too: an upper bound; a micro-batch of fewer rows than the batch shards is
     costed as one row per shard, as each device then computes at least one). The relevance encoder has no loop.
+    A sweep (``config.sweep``): the sampler and the experience pass are the sweep's (every member's rows), the
+    update unit is one chunk of members' micro-batch step, times the chunks.
     """
     B, N, pc, algo = spec.ppo.batch_size, spec.sampling.max_new_tokens, spec.ppo, spec.algorithm
     T = prompt_bucket(config)
@@ -269,11 +276,8 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
         pspec = policy.PolicySpec(p1, spec.mode, spec.lora, spec.critic, spec.remat, mesh=lay.mesh, rules=lay.rules)
         frozen, _ = programs.llama_params(p1, layout="per_layer")
         st = programs.state_layout(lay, pspec, micro_algo, micro, frozen, "per_layer")
-        progs = {"sampler": programs.build_sampler(lay, p1, spec.sampling, eos, pad, lora_cfg, B, T, "per_layer"),
-                 "prefill": programs.build_prefill(lay, p1, lora_cfg, B, T, N, "per_layer"),
-                 "experience": programs.build_experience(lay, pspec, algo, st, group, T, N, None, "per_layer"),
-                 "update": programs.build_update(lay, pspec, micro_algo, st, micro_algo_rows(micro_algo, m_rows),
-                                                 T, N, "per_layer")}
+        progs = _loop_free(spec, lay, p1, pspec, st, micro_algo, micro_algo_rows(micro_algo, m_rows), B, T, N, group,
+                           eos, pad, lora_cfg)
         if gcfg is not None:
             g1 = dataclasses.replace(gcfg, num_hidden_layers=L)
             G = -(-int(config.gold_rm.batch_size) // shards) * shards
@@ -286,12 +290,30 @@ def roofline(config, spec, lay, pcfg, gcfg, rcfg, needs_rel, rows) -> dict:
     prefill, sampler = full("prefill", Lp), full("sampler", Lp)
     out = {"rollout": add(prefill, mul((sampler[0] - prefill[0], sampler[1] - prefill[1]), N)),
            "experience": mul(full("experience", Lp), B // group),
-           "update": mul(full("update", Lp), algo.micro_steps)}
+           "update": mul(full("update", Lp), algo.micro_steps * (  # a sweep: chunks of members one after another
+               1 if spec.sweep is None else -(-spec.sweep.size // spec.sweep.update_chunk)))}
     if needs_rel:
         out["relevance (per call)"] = next((r.flops, r.bytes_accessed) for r in rows if r.name == "relevance")
     if gcfg is not None:
         out["gold (per call)"] = full("gold", gcfg.num_hidden_layers)
     return out
+
+
+def _loop_free(spec, lay, p1, pspec, st, micro_algo, rows: int, B: int, T: int, N: int, group: int, eos: int,
+               pad: int, lora_cfg) -> dict:
+    """The loop-free Llama programs of `roofline` (layers unrolled): a run's; or a sweep's, whose sampler and
+    experience pass hold every member's rows and whose update unit is one chunk of members (``update_chunk``)."""
+    if spec.sweep is None:
+        return {"sampler": programs.build_sampler(lay, p1, spec.sampling, eos, pad, lora_cfg, B, T, "per_layer"),
+                "prefill": programs.build_prefill(lay, p1, lora_cfg, B, T, N, "per_layer"),
+                "experience": programs.build_experience(lay, pspec, spec.algorithm, st, group, T, N, None,
+                                                        "per_layer"),
+                "update": programs.build_update(lay, pspec, micro_algo, st, rows, T, N, "per_layer")}
+    K, chunk, sp = spec.sweep.size, spec.sweep.update_chunk, sweep_programs
+    return {"sampler": sp.build_sampler(lay, p1, spec.sampling, eos, pad, lora_cfg, K, B, T, "per_layer"),
+            "prefill": sp.build_prefill(lay, p1, lora_cfg, K, B, T, N, "per_layer"),
+            "experience": sp.build_experience(lay, pspec, spec.algorithm, st, K, group, T, N, None, "per_layer"),
+            "update": sp.build_update(lay, pspec, micro_algo, st, chunk, rows, T, N, chunk, "per_layer")}
 
 
 def micro_algo_rows(micro_algo, rows: int) -> int:
