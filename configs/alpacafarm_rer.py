@@ -6,7 +6,10 @@ white-box proxy, Starling-RM-34B as gold RM, facebook/contriever as relevance en
         --config.relevance.path=/ckpt/contriever --config.data.train_file=/data/alpacafarm_train.json
 
 Argument: ``<reward>[,<mesh preset>]``. Rewards (docs/design.md 4.2): ``li``, ``li_rp``, ``qr_li_rp`` (R3 without
-branching), ``rer`` (default), ``rer_random_qtype``, ``rer_predicted_qtype``. Mesh presets (``MESH_PRESETS``):
+branching), ``rer`` (default), ``rer_random_qtype``, ``rer_predicted_qtype``; or ``sweep``: the paper's five
+variants (``rre_jax.sweep.PAPER_PRESETS``) trained together as LoRA adapters over one frozen trunk, each member in
+``<workdir>/<preset>-s<seed>`` (``--config.sweep.seeds=0,1,2`` adds seeds; ``--compile_only`` compiles it).
+Mesh presets (``MESH_PRESETS``):
 ``cpu`` (default: all local devices on ``data``), ``v4-8``, ``v5e-8``, ``v4-32``, ``v5e-32``, ``gpu-8``.
 Each preset's memory plan (``rre-params --config configs/alpacafarm_rer.py:rer,<preset>``; checked for every
 preset by tests/test_memory_plan.py, and compiled for its TPU topology by XLA in docs/tpu_compile.md) fits the
@@ -20,7 +23,7 @@ brought in for each scoring call only (``gold_rm.placement = 'host'``).
 """
 import ml_collections
 
-from rre_jax import reward
+from rre_jax import reward, sweep
 from rre_jax.configs import defaults
 
 # name: (mesh shape (data, fsdp, tensor), gold RM placement, chip memory in GiB, TPU topology for
@@ -38,14 +41,17 @@ MESH_PRESETS = {
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     parts = (arg or "rer").split(",")
     reward_name, mesh_name = parts[0], (parts[1] if len(parts) > 1 else "cpu")
-    reward.preset(reward_name)  # validates the name early, with the list of choices
+    if reward_name != "sweep":
+        reward.preset(reward_name)  # validates the name early, with the list of choices
     if mesh_name not in MESH_PRESETS:
         raise KeyError(f"unknown mesh preset {mesh_name!r}; choose one of {sorted(MESH_PRESETS)}")
     shape, placement, chip_gib, topology = MESH_PRESETS[mesh_name]
 
     config = defaults.base_config()
     config.name = f"alpacafarm_{reward_name}"
-    config.reward.preset = reward_name
+    if reward_name == "sweep":
+        config.sweep.presets = sweep.PAPER_PRESETS
+    config.reward.preset = "rer" if reward_name == "sweep" else reward_name
     config.model.path = ""  # AlpacaFarm SFT10k LLaMA-7B (HF layout); required
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "bfloat16"

@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     # gradient_accumulation_steps, learning_rate and max_grad_norm set the update; the other ppo fields are unused.
     c.algo = "ppo"
     c.group = _group()
+    c.sweep = _sweep()  # rre_jax.sweep: reward presets x seeds as LoRA runs over one frozen trunk
     c.train = _train()  # the run
     c.mesh = _mesh()
     c.distributed = _distributed()
@@ -163,6 +164,17 @@ def _group() -> ml_collections.ConfigDict:
     s.loss_type = "dapo"  # grpo: grpo | bnpo | dr_grpo | dapo
     s.num_iterations = 1  # passes over each batch with frozen old log-probs
     s.normalize_advantages = False  # rloo
+    return s
+
+
+def _sweep() -> ml_collections.ConfigDict:
+    """A sweep (``rre_jax.sweep``): one member per reward preset and seed, trained together over one frozen trunk."""
+    s = ml_collections.ConfigDict()
+    s.presets = ()  # empty: a single run; e.g. ('li', 'li_rp', 'qr_li_rp', 'rer', 'rer_random_qtype')
+    s.seeds = ()  # empty: (config.seed,)
+    # Members per pass of the update: 1 (one after another: one member's activations at a time), n (n at a time),
+    # 0 (all together): more members per pass, fewer passes and more activations alive at once.
+    s.update_members = 1
     return s
 
 

@@ -11,14 +11,18 @@ prompts are the small set shipped in the package, the relevance encoder is the r
 
     rre-train --config configs/tiny.py:li,grpo --workdir /tmp/rre_tiny_grpo_li --config.train.steps=40
 
+    rre-train --config configs/tiny.py:sweep --workdir /tmp/rre_tiny_sweep    # the paper's five rewards at once
+
 The argument after ``:`` is ``<reward preset>[,<algorithm>]`` in either order: the reward preset (default
 ``rer``) and ``ppo`` (default), ``grpo`` or ``rloo`` (``configs/tiny.py:grpo``, ``configs/tiny.py:li,rloo``).
+``sweep`` in place of the preset trains the paper's five reward variants (``rre_jax.sweep.PAPER_PRESETS``) as
+one sweep, each member in ``<workdir>/<preset>-s<seed>`` (``--config.sweep.seeds=0,1`` adds seeds).
 The group variants sample each of 4 prompts 4 times per step (16 responses, as PPO's batch) and take two passes
 over each batch; GRPO uses trl's KL coefficient 0 (no reference pass), RLOO 0.01 (see ``get_config``).
 """
 import ml_collections
 
-from rre_jax import algorithms
+from rre_jax import algorithms, sweep
 from rre_jax.configs import defaults
 
 
@@ -36,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset, algo = _parse(arg)
     config = defaults.base_config()
     config.name = "tiny" if algo == "ppo" else f"tiny_{algo}"
+    if preset == "sweep":
+        config.name += "_sweep"
+        config.sweep.presets = sweep.PAPER_PRESETS
+        preset = "rer"  # a sweep's members take their presets from sweep.presets
     config.reward.preset = preset
     config.algo = algo
     config.group.num_iterations = 2  # two passes per batch, as the tiny PPO's two epochs

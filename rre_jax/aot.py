@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from rre_jax import (assemble, hlo_account, memory, mesh as mesh_lib, policy, programs, relevance, run_spec,
-                     tokenizer as tok_lib)
+                     sweep_programs, tokenizer as tok_lib)
 from rre_jax.models import bert
 from rre_jax.topology import Chip, chip_of, parse_topology, quiet_libtpu, topology_devices
 
@@ -147,7 +147,7 @@ def token_facts(config) -> tuple[int, int, int]:
 def run_programs(config, spec, lay, pcfg, gold_cfg, rcfg, needs_relevance: bool):
     """The run's `programs.RunPrograms`, from shapes: the trainer's own list, built as ``train`` builds it (the
     policy, the algorithm, the features of the run's tokenizer, the relevance encoder where the run puts it,
-    the gold RM on the run's mesh)."""
+    the gold RM on the run's mesh); a sweep's `sweep_programs.SweepPrograms` over them (``config.sweep``)."""
     pspec = policy.PolicySpec(pcfg, spec.mode, spec.lora, spec.critic, spec.remat, mesh=lay.mesh, rules=lay.rules)
     frozen, _ = programs.llama_params(pcfg)
     eos, pad, width = token_facts(config)
@@ -161,8 +161,11 @@ def run_programs(config, spec, lay, pcfg, gold_cfg, rcfg, needs_relevance: bool)
     if gold_cfg is not None:
         gold = programs.GoldPrograms(lay, gold_cfg, "seq_cls" if spec.gold_rm.layout == "hf_score" else "starling")
     rows = assemble.experience_rows(spec.ppo, lay.batch_shards)
-    return programs.RunPrograms(lay.mesh, lay.rules, pspec, spec.algorithm, spec.ppo, frozen, eos_id=eos, pad_id=pad,
-                                experience_rows=rows, features=feats, relevance=rel, gold=gold)
+    progs = programs.RunPrograms(lay.mesh, lay.rules, pspec, spec.algorithm, spec.ppo, frozen, eos_id=eos,
+                                 pad_id=pad, experience_rows=rows, features=feats, relevance=rel, gold=gold)
+    if spec.sweep is None:
+        return progs
+    return sweep_programs.SweepPrograms(progs, spec.sweep.size, spec.sweep.update_chunk)  # a sweep's (sweep_run)
 
 
 def _programs(config, spec, lay, pcfg, gold_cfg, rcfg, needs_relevance: bool):
@@ -197,7 +200,8 @@ def _resident(progs, st, spec) -> dict:
 # which resident arrays each program takes as arguments (the others stay resident beside it)
 _TAKES = {"init": ("frozen", "state"), "cache": (), "sampler": ("frozen",), "eval_sampler": ("frozen",),
           "experience": ("frozen",),
-          "update": ("frozen", "state"), "features": (), "relevance": ("relevance",), "gold": ("gold",)}
+          "update": ("frozen", "state"), "features": (), "relevance": ("relevance",), "gold": ("gold",),
+          "split": ("state",), "join": ("state",)}
 
 
 # the training step's phases: one call of each program per step (the relevance encoder and the gold RM: per call)

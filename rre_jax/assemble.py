@@ -251,14 +251,17 @@ def feature_tables(tokenizer, vocab_size: int) -> features.FeatureTables:
     return features.feature_tables(_pad_table(tok_lib.byte_table(tokenizer), vocab_size))
 
 
-def reward_engine(spec: RunSpec, tables, records, *, encoder=None, programs=None) -> engine_lib.RewardEngine:
-    """The reward engine of ``spec`` (training proxy + counterfactuals) over the prompt set ``records``."""
+def reward_engine(spec: RunSpec, tables, records, *, encoder=None, programs=None,
+                  seeds=None) -> engine_lib.RewardEngine:
+    """The reward engine of ``spec`` (training proxy + counterfactuals) over the prompt set ``records``; ``seeds``:
+    the random query types of some specs drawn with their own seed (a sweep's members), ``spec.seed`` else."""
     queries = [templates.relevance_query(templates.alpaca_prompt(r.instruction)) for r in records]
     return engine_lib.RewardEngine(spec.reward, spec.counterfactual, tables,
                                    stop_strings=spec.scoring.stop_strings, queries=queries,
                                    references=[r.reference for r in records],
                                    qtype_P=np.array([r.qtype_id for r in records]), encoder=encoder,
-                                   seed=spec.seed, relevance_text=spec.scoring.relevance_text, programs=programs)
+                                   seed=spec.seed, relevance_text=spec.scoring.relevance_text, programs=programs,
+                                   seeds=seeds)
 
 
 def gold_rm(spec: RunSpec, paths: dict, mesh):

@@ -193,6 +193,14 @@ class CheckpointManager:
         self._mngr.reload()
         return str(target)
 
+    def remove(self, step: int) -> None:
+        """Delete step ``step`` (a save that is not to be resumed: a sweep's step some member did not save)."""
+        if jax.process_index() == 0:
+            epath.Path(self._step_dir(step)).rmtree()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint {step} removed")
+        self._mngr.reload()
+
     def _step_dir(self, step: int) -> str:
         return str(self.directory / str(step))
 

@@ -26,7 +26,7 @@ import jax.extend.core as jax_core
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from rre_jax import mesh as mesh_lib, policy, ppo, reward
+from rre_jax import mesh as mesh_lib, policy, ppo, reward, sweep as sweep_lib
 from rre_jax.models import bert, llama, lora as lora_lib
 
 PRESETS = {
@@ -281,6 +281,9 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     ``M`` rows on every device when ``M`` is smaller than the batch shards; ``S`` tokens); the gold RM's
     parameters and scoring peak (``gold_rm.batch_size`` rows of ``gold_rm.max_length`` tokens). Each line was
     checked against XLA's per-device memory analysis of the compiled programs (docs/tpu_compile.md).
+    A sweep of ``K`` members (``config.sweep``, ``rre_jax.sweep``) holds ``K`` trainable trees and optimizer
+    states and samples ``K x G`` rows (cache and prefill); its update takes ``update_members`` members at once
+    (gradients and activations of that many).
     Architectures come from ``config.plan`` (a name in ``PRESETS`` or a checkpoint directory); ``num_devices``
     resolves a ``-1`` in the mesh shape (default: local devices).
     """
@@ -295,6 +298,8 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
                               remat=str(config.model.get("remat", "dots")))
     base = param_report(pcfg, mesh_shape, rules=rules, lora_cfg=pspec.lora_cfg)
     trainable_name, trainable_pd, opt_pd = _trainable_bytes(config, pspec, base)
+    members = sweep_lib.SweepConfig.from_config(config)
+    K, chunk = (1, 1) if members is None else (members.size, members.update_chunk)
     needs_relevance = any(reward.preset(n).needs_relevance for n in (config.reward.preset,
                                                                       *config.reward.counterfactual))
     S = int(config.data.max_prompt_length) + int(config.sampling.max_new_tokens)
@@ -304,21 +309,21 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
     M = int(config.ppo.mini_batch_size)  # rows of one forward/backward (trl 0.7.4's mini-batch)
     lines = {
         "policy params": base["bytes_per_device"],
-        trainable_name: trainable_pd,
-        "optimizer state": opt_pd,
+        trainable_name: K * trainable_pd,
+        "optimizer state": K * opt_pd,
         "relevance encoder (float32)": relevance_bytes(mesh_shape, rules) if needs_relevance else 0,
-        "kv cache (rollout)": kv_cache_bytes(pcfg, int(config.ppo.batch_size), S, mesh_shape, rules),
-        "prefill peak (rollout)": inference_bytes(pcfg, rows(config.ppo.batch_size), S, tensor),
+        "kv cache (rollout)": kv_cache_bytes(pcfg, K * int(config.ppo.batch_size), S, mesh_shape, rules),
+        "prefill peak (rollout)": inference_bytes(pcfg, rows(K * int(config.ppo.batch_size)), S, tensor),
         "decode weights (per-layer copy)": base["bytes_per_device"],
-        "gradients (accumulator + micro-batch)": 2 * trainable_pd,
-        "activations (update micro-batch)": update_activation_bytes(
+        "gradients (accumulator + micro-batch)": 2 * chunk * trainable_pd,
+        "activations (update micro-batch)": chunk * update_activation_bytes(
             pspec, M if M < batch_shards else rows(M), int(config.data.max_prompt_length),
             int(config.sampling.max_new_tokens), tensor, embed_shards if M < batch_shards else 1),
         "gold RM params": param_report(gold_cfg, mesh_shape, head="score", rules=rules)["bytes_per_device"],
         "gold RM scoring peak": inference_bytes(gold_cfg, rows(config.gold_rm.batch_size),
                                                 int(config.gold_rm.max_length), tensor),
     }
-    return _phases(config, lines, trainable_pd, mesh_shape, devices, gold_cfg)
+    return _phases(config, lines, K * trainable_pd, mesh_shape, devices, gold_cfg)
 
 
 # ============================================================================================ floors

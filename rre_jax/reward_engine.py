@@ -61,12 +61,13 @@ class RewardEngine:
     ``features`` runs a program of ``programs`` (token ids -> LI, RP, cut index, on device; default:
     `feature_programs` on one device). ``score`` adds relevance (response text re-tokenized on the host for the
     encoder; query and reference embeddings are computed once per prompt set and cached) and composes every
-    spec. Every component is returned as its own array.
+    spec. Every component is returned as its own array. ``seed`` draws the query types of a spec with random ones
+    (``rer_random_qtype``); ``seeds`` gives some specs their own (a sweep's members: ``{spec name: seed}``).
     """
 
     def __init__(self, spec: RewardSpec, counterfactual, tables, *, stop_strings, queries, references,
                  qtype_P, encoder=None, seed: int = 0, relevance_text: str = "response", only_composed: bool = False,
-                 programs: programs_lib.FeaturePrograms | None = None):
+                 programs: programs_lib.FeaturePrograms | None = None, seeds=None):
         self.relevance_text = check_relevance_text(relevance_text)
         self.spec, self.specs = spec, {"proxy": spec, **dict(counterfactual)}
         self.needs_relevance = any(s.needs_relevance for s in self.specs.values())
@@ -76,7 +77,8 @@ class RewardEngine:
             raise ValueError(f"reward specs {names} use relevance but no relevance encoder is configured; set "
                              "--config.relevance.path=<BERT checkpoint dir> (or 'minilm'), or pick 'li'/'li_rp'")
         self.encoder, self.tables, self.stop_strings = encoder, tables, tuple(stop_strings)
-        self.constrained = {n: qtype_labels(s, qtype_P, seed) for n, s in self.specs.items()}
+        seeds = dict(seeds or {})
+        self.constrained = {n: qtype_labels(s, qtype_P, seeds.get(n, seed)) for n, s in self.specs.items()}
         self.programs = programs or feature_programs(tables, self.stop_strings)
         if self.programs.stop_strings != self.stop_strings:
             raise ValueError(f"reward engine: stop strings {self.stop_strings} but its feature programs cut at "

@@ -20,6 +20,14 @@ expands the prompts before its prefill and pays it G times.
 Weights: a stacked weight sliced inside the ``while_loop`` would be copied at every step, so the loop runs on
 per-layer weights: ``llama.unstack_layers`` once per call (a second copy of the layer weights for the call), or
 none at all for params loaded with ``layer_layout='per_layer'`` (generation-only use: no second copy ever).
+
+Members (a sweep, ``rre_jax.sweep``): ``members = K`` samples the same prompts once per member, each with its own
+LoRA adapters and key (``lora`` and ``rng`` stacked on a leading ``K`` axis); every array of the rollout gains that
+leading axis. The loop is shared: one counter and one cache index for every member (so the cache is written in
+place, never scattered), and the prefill, the decode step and the draw are ``vmap``-ed over the members inside it.
+The trunk is not mapped, so each decode step's matmuls read its weights once for all ``K x B`` rows, and the
+adapters' become batched einsums over the member axis. A member's rows are those of its run alone (same draws,
+same arithmetic per row); its ``steps`` are its own (the loop may run on for others, whose rows are done: pad).
 """
 from __future__ import annotations
 
@@ -43,24 +51,29 @@ class Rollout(NamedTuple):
 
 def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: sampling.SamplingConfig, *,
            eos_id: int | None, pad_id: int, lora=None, lora_cfg=None, cache=None, mesh=None, rules=None,
-           return_cache: bool = False, group: int = 1, write_cache_last: bool = False) -> Rollout:
+           return_cache: bool = False, group: int = 1, members: int = 0, write_cache_last: bool = False) -> Rollout:
     """Sample up to ``scfg.max_new_tokens`` tokens per row of a left-padded prompt batch (``eos_id=None``: rows
     never end early). ``params`` / ``lora`` may be stacked or per-layer (``llama.layer_layout``).
 
-    ``cache``: an empty KV cache of ``T + N`` slots to decode into (``llama.init_cache``; default: a fresh one);
-    ``return_cache`` returns ``(rollout, final cache)``, so that a donated ``cache`` is decoded in place;
-    ``mesh`` / ``rules``: activation sharding constraints (``rre_jax.programs`` passes the run's);
-    ``group``: rows come in groups of ``group`` copies of one prompt (see the module docstring);
-    ``write_cache_last``: each decode step writes its keys into the cache after every layer has read it (on an
-    accelerator; XLA:CPU wants the writes first: ``llama.Llama``)."""
+    ``cache``: an empty KV cache of ``T + N`` slots to decode into (``llama.init_cache``, or `member_cache` with
+    ``members``; default: a fresh one); ``return_cache`` returns ``(rollout, final cache)``, so that a donated
+    ``cache`` is decoded in place; ``mesh`` / ``rules``: activation sharding constraints (``rre_jax.programs``
+    passes the run's); ``group``: rows come in groups of ``group`` copies of one prompt; ``members``: K members'
+    adapters and keys (see the module docstring); ``write_cache_last``: each decode step writes its keys into the
+    cache after every layer has read it (on an accelerator; XLA:CPU wants the writes first: ``llama.Llama``)."""
     B, T = ids_BxT.shape
     N = scfg.max_new_tokens
     con = {} if mesh is None else {"mesh": mesh, "rules": rules}
-    logits_BxV, cache = prefill_groups(cfg, params, ids_BxT, mask_BxT, T + N, group, lora=lora, lora_cfg=lora_cfg,
-                                       cache=cache, **con)
-    params, lora = llama.unstack_layers(params), llama.unstack_layers(lora)  # once: no per-step weight slices
     # weight-stationary decode: one token per row moves activations over fsdp, never the weights
-    dcon = con if mesh is None else {"mesh": mesh, "rules": mesh_lib.decode_rules(rules)}
+    dcon = {"write_cache_last": write_cache_last,
+            **(con if mesh is None else {"mesh": mesh, "rules": mesh_lib.decode_rules(rules)})}
+    prefill, decoder, draw = _steps(cfg, params, ids_BxT, mask_BxT, rng, scfg, lora, lora_cfg, group, members, con,
+                                    dcon)
+    if members and cache is None:
+        cache = member_cache(cfg, members, B, T + N)
+    logits_BxV, cache = prefill(cache)
+    decode = decoder()  # the layers unstacked once, here: no per-step weight slices
+    lead = (members, B) if members else (B,)  # leading dims of every per-row array
 
     def cond(state):
         i, _, _, _, _, done_B = state
@@ -68,22 +81,72 @@ def sample(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, rng, scfg: samplin
 
     def body(state):
         i, logits_BxV, cache, toks_BxN, logp_BxN, done_B = state
-        tok_B = sampling.sample(jax.random.fold_in(rng, i), logits_BxV, scfg)
-        tok_B = jnp.where(done_B, pad_id, tok_B)
-        lp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV.astype(jnp.float32)), tok_B[:, None], -1)[:, 0]
-        toks_BxN = lax.dynamic_update_slice(toks_BxN, tok_B[:, None], (0, i))
-        logp_BxN = lax.dynamic_update_slice(logp_BxN, jnp.where(done_B, 0.0, lp_B)[:, None], (0, i))
+        tok_B = jnp.where(done_B, pad_id, draw(i, logits_BxV))
+        lp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV.astype(jnp.float32)), tok_B[..., None], -1)[..., 0]
+        at = (0,) * len(lead) + (i,)
+        toks_BxN = lax.dynamic_update_slice(toks_BxN, tok_B[..., None], at)
+        logp_BxN = lax.dynamic_update_slice(logp_BxN, jnp.where(done_B, 0.0, lp_B)[..., None], at)
         done_B = done_B if eos_id is None else done_B | (tok_B == eos_id)
-        logits_BxV, cache = llama.decode_step(cfg, params, tok_B, cache, lora=lora, lora_cfg=lora_cfg,
-                                              write_cache_last=write_cache_last, **dcon)
+        logits_BxV, cache = decode(tok_B, cache)
         return i + 1, logits_BxV, cache, toks_BxN, logp_BxN, done_B
 
-    init = (jnp.zeros((), jnp.int32), logits_BxV, cache, jnp.full((B, N), pad_id, jnp.int32),
-            jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool))
+    init = (jnp.zeros((), jnp.int32), logits_BxV, cache, jnp.full((*lead, N), pad_id, jnp.int32),
+            jnp.zeros((*lead, N), jnp.float32), jnp.zeros(lead, bool))
     steps, _, cache, toks_BxN, logp_BxN, _ = lax.while_loop(cond, body, init)
     mask_BxN = response_mask(toks_BxN, steps, eos_id)
-    out = Rollout(toks_BxN, mask_BxN, logp_BxN * mask_BxN, mask_BxN.sum(-1), steps)
+    length_B = mask_BxN.sum(-1)
+    if members:  # each member's own loop count: it ran until its longest row ended (all its rows done: pad)
+        steps = jnp.minimum(steps, length_B.max(-1))
+    out = Rollout(toks_BxN, mask_BxN, logp_BxN * mask_BxN, length_B, steps)
     return (out, cache) if return_cache else out
+
+
+# The vmap axes of a member cache (`member_cache`): every buffer per member, one write index for all.
+CACHE_AXES = {"k": 0, "v": 0, "mask": 0, "index": None, "pos": 0}
+
+
+def member_cache(cfg: llama.LlamaConfig, members: int, batch: int, length: int):
+    """An empty KV cache of ``members`` x ``batch`` rows and ``length`` slots: ``llama.init_cache``'s buffers with
+    a leading member axis, one shared write index (``CACHE_AXES``)."""
+    one = llama.init_cache(cfg, batch, length)
+    return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.broadcast_to(x, (members, *x.shape)), one)
+
+
+def _steps(cfg, params, ids_BxT, mask_BxT, rng, scfg, lora, lora_cfg, group: int, members: int, con, dcon):
+    """``(prefill(cache), decoder() -> decode(tok, cache), draw(i, logits))`` of `sample`: a run's, or ``vmap``-ed
+    over ``members`` (adapters, keys and cache buffers mapped; the trunk, the prompts and the cache index shared).
+    ``decoder`` unstacks the layers (`llama.unstack_layers`), once, when called."""
+    T = ids_BxT.shape[1]
+    length = T + scfg.max_new_tokens
+    if members and lora is None:
+        raise ValueError("rollout.sample: members sample with their own LoRA adapters; none were given")
+
+    def prefill_one(lora, cache):
+        return prefill_groups(cfg, params, ids_BxT, mask_BxT, length, group, lora=lora, lora_cfg=lora_cfg,
+                              cache=cache, **con)
+
+    def decoder():
+        per_layer = llama.unstack_layers(params)
+        lora_pl = jax.vmap(llama.unstack_layers)(lora) if members else llama.unstack_layers(lora)
+
+        def decode_one(lora, tok_B, cache):
+            return llama.decode_step(cfg, per_layer, tok_B, cache, lora=lora, lora_cfg=lora_cfg, **dcon)
+        if not members:
+            return lambda tok, cache: decode_one(lora_pl, tok, cache)
+        return lambda tok, cache: _over_members(decode_one, (0, 0, CACHE_AXES))(lora_pl, tok, cache)
+
+    def draw_one(key, i, logits_BxV):
+        return sampling.sample(jax.random.fold_in(key, i), logits_BxV, scfg)
+
+    if not members:
+        return lambda cache: prefill_one(lora, cache), decoder, lambda i, logits: draw_one(rng, i, logits)
+    return (lambda cache: _over_members(prefill_one, (0, CACHE_AXES))(lora, cache), decoder,
+            lambda i, logits: jax.vmap(draw_one, in_axes=(0, None, 0))(rng, i, logits))
+
+
+def _over_members(f, in_axes):
+    """``f -> (logits, cache)`` mapped over a leading member axis (``CACHE_AXES`` for the cache it returns)."""
+    return jax.vmap(f, in_axes=in_axes, out_axes=(0, CACHE_AXES))
 
 
 def prefill_groups(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, cache_len: int, group: int, *, cache=None,
@@ -105,21 +168,22 @@ def prefill_groups(cfg: llama.LlamaConfig, params, ids_BxT, mask_BxT, cache_len:
 
 
 def response_mask(tokens_BxN, steps, eos_id: int | None):
-    """1 on tokens up to and including each row's first EOS, and only on the ``steps`` decoded."""
-    N = tokens_BxN.shape[1]
+    """1 on tokens up to and including each row's first EOS, and only on the ``steps`` decoded (any leading
+    dims before ``N``)."""
+    N = tokens_BxN.shape[-1]
     is_eos = jnp.zeros(tokens_BxN.shape, bool) if eos_id is None else tokens_BxN == eos_id
-    eos_before = jnp.cumsum(is_eos, axis=1) - is_eos  # EOS strictly before this position
-    return ((eos_before == 0) & (jnp.arange(N)[None] < steps)).astype(jnp.int32)
+    eos_before = jnp.cumsum(is_eos, axis=-1) - is_eos  # EOS strictly before this position
+    return ((eos_before == 0) & (jnp.arange(N) < steps)).astype(jnp.int32)
 
 
 def cut_mask(mask_BxN, cut_B):
-    """Drop tokens from each row's cut index on (the stop-string cut of the reward features)."""
-    return mask_BxN * (jnp.arange(mask_BxN.shape[1])[None] < cut_B[:, None]).astype(mask_BxN.dtype)
+    """Drop tokens from each row's cut index on (the stop-string cut of the reward features; any leading dims)."""
+    return mask_BxN * (jnp.arange(mask_BxN.shape[-1]) < cut_B[..., None]).astype(mask_BxN.dtype)
 
 
 _sample_jit = jax.jit(sample, static_argnums=(0, 5),
                       static_argnames=("eos_id", "pad_id", "lora_cfg", "mesh", "rules", "return_cache", "group",
-                                       "write_cache_last"))
+                                       "members", "write_cache_last"))
 
 
 def jitted_sampler(cfg: llama.LlamaConfig, scfg: sampling.SamplingConfig, eos_id: int | None, pad_id: int,

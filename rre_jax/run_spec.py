@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rre_jax import algorithms, mesh as mesh_lib, policy, ppo, relevance, reward, reward_engine, sampling
+from rre_jax import algorithms, mesh as mesh_lib, policy, ppo, relevance, reward, reward_engine, sampling, sweep
 from rre_jax import tracking
 from rre_jax.errors import UserError
 from rre_jax.models import llama, lora as lora_lib
@@ -119,6 +119,7 @@ class RunSpec:
     model_path: str  # the policy's checkpoint directory ('' : the tiny built-in policy)
     tokenizer_path: str  # default: model_path
     tiny: bool  # the tiny built-in policy, tokenizer and prompts (``uses_tiny``)
+    sweep: sweep.SweepConfig | None = None  # config.sweep's members (rre_jax.sweep); None: a single run
 
 
 EVAL_PROXY = "rer"  # scored at every dev eval and checkpoint eval: the reference judges every run with full RER
@@ -168,6 +169,7 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
     if config.train.save_freq <= 0 or config.train.steps <= 0:
         raise UserError("config.train.steps and config.train.save_freq must be positive")
     tracking.WandbConfig.from_config(config)  # config.logging (W&B): its fields, and the package when it is on
+    members = sweep.SweepConfig.from_config(config)  # LoRA only; presets and seeds checked
     if files:
         _check_model_source(config)
         _check_prompt_source(config)
@@ -182,7 +184,8 @@ def validate(config, num_devices: int | None = None, *, files: bool = True) -> R
                    data=_section(DataSpec, config.data), train=_section(TrainSpec, config.train),
                    gold_rm=_section(GoldRMSpec, config.gold_rm), relevance=_section(RelevanceSpec, config.relevance),
                    name=str(config.name), seed=int(config.seed), model_path=str(config.model.path),
-                   tokenizer_path=str(config.tokenizer.path or config.model.path), tiny=uses_tiny(config))
+                   tokenizer_path=str(config.tokenizer.path or config.model.path), tiny=uses_tiny(config),
+                   sweep=members)
 
 
 def uses_tiny(config) -> bool:

@@ -95,10 +95,10 @@ def _loop(r: Run, state, ckpt: checkpoint.CheckpointManager, writer: metrics_lib
                 # Dev eval first: a run killed after the save must not resume without this step's eval.
                 writer.write(step, dev_eval(r, state, step))
                 writer.report(os.path.join(r.workdir, "dev_eval"), step, "dev_eval")  # to W&B, when it is on
-                ckpt.save(step, state, _meta(r, state))
+                ckpt.save(step, state, checkpoint_meta(r, state))
                 log.info("saved checkpoint for step %d", step)
             elif preempted:  # no dev eval: the VM's notice is short, and this step is not on the eval schedule
-                ckpt.save(step, state, _meta(r, state))
+                ckpt.save(step, state, checkpoint_meta(r, state))
             if preempted:
                 log.warning("preempted: saved step %d in %s; the same rre-train command resumes from it", step,
                             ckpt.directory)
@@ -107,7 +107,8 @@ def _loop(r: Run, state, ckpt: checkpoint.CheckpointManager, writer: metrics_lib
     return state, last
 
 
-def _meta(r: Run, state) -> dict:
+def checkpoint_meta(r: Run, state) -> dict:
+    """What a checkpoint's meta holds beside the state: step, data position, config, model paths."""
     return {"step": int(state["step"]), "data": dataclasses.asdict(r.iterator.state),
             "config": json.loads(r.config.to_json_best_effort()), "policy": r.paths["policy"],
             "gold_rm": r.paths["gold_rm"], "gold_rm_random": bool(r.paths["gold_rm_random"])}
@@ -146,7 +147,7 @@ def train_step(r: Run, state, batch: batching.Batch):
     exp = jax.block_until_ready(r.programs.experience(T, N)(state["trainable"], r.frozen, ids_BxS, attn_BxS))
     t1 = time.perf_counter()
     score_B = comps["proxy"] - r.spec.scoring.baseline  # this host's share
-    scalars = _reward_metrics(r, comps, mask_BxN, roll)
+    scalars = reward_metrics(r, comps, mask_BxN, roll)
     if not scalars.pop("finite"):  # global: every host decides alike
         log.warning("step %d: non-finite rewards; batch skipped", step)
         return {**state, "step": state["step"] + 1}, {**scalars, **times, "train/skipped_batch": 1.0}
@@ -161,18 +162,24 @@ def train_step(r: Run, state, batch: batching.Batch):
     return state, {**scalars, **times, **_compile_metrics(r)}
 
 
-def _reward_metrics(r: Run, comps: dict, mask_BxN, roll) -> dict:
+def reward_metrics(r: Run, comps: dict, mask_BxN, roll) -> dict:
     """Means over the global batch of every reward component and the response lengths; ``finite``: whether every
     reward is (the same answer on every host); ``new_tokens``: tokens sampled."""
-    n_tok, n_raw = r.to_local(mask_BxN).sum(1), r.to_local(roll.mask_BxN).sum(1)
+    return batch_metrics(comps, r.to_local(mask_BxN).sum(1), r.to_local(roll.mask_BxN).sum(1), roll.steps,
+                         r.spec.scoring.baseline)
+
+
+def batch_metrics(comps: dict, n_tok, n_raw, steps, baseline: float) -> dict:
+    """`reward_metrics` from this host's arrays: ``comps`` and the tokens kept (``n_tok``) and sampled (``n_raw``)
+    of its rows, and the rollout's decode ``steps``; gathered over the hosts."""
     every = host_arrays.gather({**comps, "n_tok": n_tok, "n_raw": n_raw})  # the global batch, for metrics
     out = {f"reward/{k}": float(np.mean(v)) for k, v in every.items() if k in comps}
     out.update({"response/tokens_mean": float(every["n_tok"].mean()),
                 "response/tokens_max": float(every["n_tok"].max()),
                 "response/words_mean": float(every["n_words"].mean()),
                 "response/cut_frac": float(np.mean(every["n_tok"] < every["n_raw"])),
-                "rollout/decode_steps": float(roll.steps), "new_tokens": float(every["n_raw"].sum()),
-                "finite": bool(np.all(np.isfinite(every["proxy"] - r.spec.scoring.baseline)))})
+                "rollout/decode_steps": float(steps), "new_tokens": float(every["n_raw"].sum()),
+                "finite": bool(np.all(np.isfinite(every["proxy"] - baseline)))})
     return out
 
 
@@ -192,11 +199,17 @@ def dev_eval(r: Run, state, step: int) -> dict:
     if not len(r.dev):
         return {}
     index, texts, comps = _dev_rollouts(r, state, step)
-    instructions = [r.dev.records[i].instruction for i in index]
-    scalars = {f"eval/{k}": float(np.mean(v)) for k, v in comps.items()}
     gold = None
     if r.gold is not None:
-        gold = r.gold.score([templates.alpaca_prompt(s) for s in instructions], texts)
+        gold = r.gold.score([templates.alpaca_prompt(r.dev.records[i].instruction) for i in index], texts)
+    return record_dev_eval(r, step, index, texts, comps, gold)
+
+
+def record_dev_eval(r: Run, step: int, index, texts, comps: dict, gold) -> dict:
+    """The dev eval's scalars of sampled ``texts`` (dev prompts ``index``, reward ``comps``, ``gold`` scores or
+    None), stored in ``<workdir>/dev_eval`` (process 0) with the monotonicity report so far."""
+    scalars = {f"eval/{k}": float(np.mean(v)) for k, v in comps.items()}
+    if gold is not None:
         scalars["eval/gold"] = float(np.mean(gold))
     if jax.process_index() == 0:
         root = os.path.join(r.workdir, "dev_eval")

@@ -66,16 +66,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config, workdir: str, spec, sources) -> None:
-    """Train with the compilation cache on and INFO logs in the workdir; print the closing summary."""
+    """Train (a run, or a sweep: ``config.sweep``) with the compilation cache on and INFO logs in the workdir;
+    print the closing summary."""
     import jax
-    from rre_jax import compile_cache, console, train, workdir_lock
+    from rre_jax import compile_cache, console, sweep_run, train, workdir_lock
     from rre_jax.data import tiny_prompts_path
     compile_cache.enable()
     with workdir_lock.hold(workdir, "rre-train"):  # before the log file: a refused run writes nothing
         name = "rre_train.log" if jax.process_index() == 0 else f"rre_train.process{jax.process_index()}.log"
         log_file = console.log_to_file(console.log_path(workdir, name))
-        train.run(config, workdir, spec=spec, sources=sources)
-    if jax.process_index() == 0:
+        (train.run if spec.sweep is None else sweep_run.run)(config, workdir, spec=spec, sources=sources)
+    if jax.process_index() != 0:
+        return
+    if spec.sweep is not None:  # every member's run over one frozen trunk (rre_jax.sweep)
+        print(sweep_run.summary(workdir))
+    else:
         eval_set = config.data.dev_file or ("" if config.model.path else str(tiny_prompts_path()))
         print(console.train_summary(workdir, log_file=log_file, eval_set=eval_set))
 

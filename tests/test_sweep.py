@@ -1,0 +1,182 @@
+"""Sweeps (``config.sweep``): the members of a sweep are the runs they stand for.
+
+The config is checked before anything is written; on the tiny config a 2-member sweep (two presets, one seed) and
+each member trained alone give the same rollouts, rewards and metrics step by step for 10 steps."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rre_jax import checkpoint, programs, rollout, run_spec, sweep, sweep_programs, sweep_run, train
+from rre_jax.configs import tiny as tiny_config
+from rre_jax.errors import UserError
+
+from test_train import REPO, rows_by_step, tiny_cfg
+
+STEPS = 10
+PRESETS = ("li", "rer")
+# sampled tokens decide these: with the same tokens they are the same numbers
+EXACT = ("reward/", "response/", "rollout/", "train/", "eval/")
+
+
+# ======================================================================================= the config
+
+def test_the_tiny_sweep_config():
+    spec = run_spec.validate(tiny_config.get_config("sweep"), files=False)
+    assert [m.name for m in spec.sweep.members] == [f"{p}-s0" for p in sweep.PAPER_PRESETS]
+    cfg = tiny_config.get_config("sweep")
+    cfg.sweep.seeds = (0, 1)
+    members = run_spec.validate(cfg, files=False).sweep.members
+    assert [m.name for m in members[:3]] == ["li-s0", "li-s1", "li_rp-s0"] and len(members) == 10
+    one = sweep.member_config(cfg, members[1])
+    assert (one.reward.preset, one.seed, tuple(one.sweep.presets), one.name) == ("li", 1, (), "tiny_sweep-li-s1")
+    assert run_spec.validate(one, files=False).sweep is None  # a member's config is a single run's
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("model.train_mode", "full", r"config\.sweep: a sweep trains its members as LoRA adapters .* "
+                                 r"--config\.model\.train_mode=lora"),
+    ("sweep.presets", ("li", "lirp"), r"config\.sweep\.presets: unknown reward preset 'lirp'; choose from"),
+    ("sweep.presets", ("li", "li"), r"names a preset twice"),
+    ("sweep.presets", ("rer_predicted_qtype",), r"rre-label-qtype"),
+    ("sweep.seeds", (0, 0), r"config\.sweep\.seeds=\(0, 0\) names a seed twice"),
+    ("sweep.update_members", 6, r"config\.sweep\.update_members=6: .* 1 \(one after another\) to 5"),
+])
+def test_sweep_config_errors_name_the_field(field, value, says):
+    cfg = tiny_config.get_config("sweep")
+    section, name = field.split(".")
+    cfg[section][name] = value
+    with pytest.raises(UserError, match=says):
+        run_spec.validate(cfg, files=False)
+
+
+def test_seeds_without_presets_is_an_error():
+    cfg = tiny_config.get_config()
+    cfg.sweep.seeds = (0, 1)
+    with pytest.raises(UserError, match=r"config\.sweep\.seeds=\(0, 1\) but config\.sweep\.presets is empty"):
+        run_spec.validate(cfg, files=False)
+
+
+def test_a_full_finetuning_sweep_fails_in_one_line_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "never"
+    out = subprocess.run([sys.executable, "-m", "rre_jax.cli.train", f"--workdir={workdir}",
+                          f"--config={REPO / 'configs' / 'tiny.py'}:sweep", "--config.model.train_mode=full"],
+                         capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config.sweep" in lines[0] and "train_mode=lora" in lines[0], out.stderr
+    assert not workdir.exists()
+
+
+# ======================================================================================= equivalence
+
+def _member_rollouts(recorded, k):
+    return [rollout.Rollout(*(np.asarray(x)[k] for x in roll)) for roll in recorded]
+
+
+@pytest.fixture(scope="module")
+def equivalence(assets, tmp_path_factory, request):
+    """A 2-member sweep of the tiny config (presets li and rer, seed 0) for 10 steps with two dev evals, and each
+    member trained alone with its sampler teacher-forced to the sweep's rollouts of that member: ``(root,
+    {member: flips})``, a flip being a sampled row whose tokens the run alone drew otherwise than the sweep
+    (``(call, row, first differing position)``; float noise in a near-tie of the Gumbel-max draw)."""
+    root = tmp_path_factory.mktemp("sweep_equivalence")
+    over = {"train.steps": STEPS, "train.save_freq": 5}
+    cfg = tiny_cfg(assets, **over)
+    cfg.sweep.presets = PRESETS
+    recorded = []
+    mp = pytest.MonkeyPatch()
+    sweep_sampler = sweep_programs.SweepPrograms.sampler
+
+    def spy(self, scfg, group=1):
+        call = sweep_sampler(self, scfg, group)
+        return lambda *args: recorded.append(call(*args)) or recorded[-1]
+    mp.setattr(sweep_programs.SweepPrograms, "sampler", spy)
+    sweep_run.run(cfg, str(root / "sweep"))
+    mp.undo()
+    flips = {}
+    run_sampler = programs.RunPrograms.sampler
+    for k, preset in enumerate(PRESETS):
+        forced, flips[f"{preset}-s0"] = iter(_member_rollouts(recorded, k)), []
+
+        def teacher_forced(self, scfg, group=1, flips=flips[f"{preset}-s0"], forced=forced):
+            call = run_sampler(self, scfg, group)
+
+            def sample(*args):
+                own, want = call(*args), next(forced)
+                for row in np.flatnonzero((np.asarray(own.tokens_BxN) != want.tokens_BxN).any(1)):
+                    at = int(np.argmax(np.asarray(own.tokens_BxN)[row] != want.tokens_BxN[row]))
+                    flips.append((len(flips), int(row), at))
+                return rollout.Rollout(*(jax.device_put(w, o.sharding) for w, o in zip(want, own)))
+            return sample
+        mp.setattr(programs.RunPrograms, "sampler", teacher_forced)
+        train.run(tiny_cfg(assets, preset, **over), str(root / f"{preset}-s0"))
+        mp.undo()
+        assert next(forced, None) is None, "the run alone sampled fewer times than its member"
+    (root / "flips.json").write_text(json.dumps(flips))
+    return root, flips
+
+
+def test_every_sampled_token_is_the_runs(equivalence):
+    """The rollouts: every token each member sampled is the one its run alone samples from the same state (a flip
+    would be listed here with its call, row and position; none is allowed beyond one row in a hundred)."""
+    root, flips = equivalence
+    rows = (STEPS + 2) * 16  # 10 training batches and two dev batches of 16 rows
+    for member, where in flips.items():
+        assert len(where) <= rows // 100, f"{member}: sampled rows that differ from the run alone: {where}"
+
+
+def _atol(key: str, row: dict) -> float:
+    """Absolute tolerance of an update statistic. The sweep's matmuls multiply every member's rows at once, and
+    XLA:CPU rounds a float32 product by how many rows it holds (1 ulp of the logits, about 1e-6 relative, for 24
+    of 72 rows against 24 alone): the statistics differ by float rounding of the terms they are made of.
+    ``objective/kl`` sums ``logp - ref_logp`` over each response, so its error is relative to the summed log-probs
+    (``objective/entropy``, about 100 here): 1e-7 of those; every other statistic is a mean of terms of order 1
+    (advantages, ratios, values, their squares): 1e-6. Measured (AMD EPYC, 8 CPU devices): objective/kl 1.2e-6 of
+    0.22 (sums of about 100), ppo/loss/policy 5.6e-8 of 0.0033, everything else below 4e-7."""
+    if key == "objective/kl":
+        return 1e-7 * abs(row["objective/entropy"])
+    return 1e-6
+
+
+def test_members_log_their_runs_metrics(equivalence):
+    """Every metric of every step of each member is the run's alone: the ones the sampled tokens decide (rewards,
+    lengths, decode steps, dev evals with gold) exactly, and the update's statistics to float rounding
+    (`_atol`, and 1e-5 relative)."""
+    root, flips = equivalence
+    for preset in PRESETS:
+        member = f"{preset}-s0"
+        alone, swept = rows_by_step(root / member), rows_by_step(root / "sweep" / member)
+        assert sorted(alone) == sorted(swept) == list(range(1, STEPS + 1))
+        assert "eval/gold" in swept[5] and "eval/gold" in swept[STEPS] and "ppo/loss/total" in swept[STEPS]
+        for step in alone:
+            keys = {k for k in alone[step] if not k.startswith(("time/", "compile/"))}
+            assert keys == {k for k in swept[step] if not k.startswith(("time/", "compile/"))}, f"step {step}"
+            for k in sorted(keys):
+                got, want = swept[step][k], alone[step][k]
+                if k.startswith(EXACT):
+                    assert got == want, f"{member} step {step} {k}: sweep {got} != alone {want}"
+                else:
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=_atol(k, alone[step]),
+                                               err_msg=f"{member} step {step} {k}")
+
+
+def test_members_write_a_runs_workdir(equivalence):
+    """Each member's directory holds what its run's workdir holds; its checkpoints restore as the run's state and
+    carry the run's config."""
+    root, _ = equivalence
+    for preset in PRESETS:
+        member = root / "sweep" / f"{preset}-s0"
+        assert {"metrics.jsonl", "tensorboard", "checkpoints", "dev_eval"} <= {p.name for p in member.iterdir()}
+        ckpt = checkpoint.CheckpointManager(str(member))
+        meta = ckpt.restore_meta(STEPS)
+        ckpt.close()
+        assert meta["config"]["reward"]["preset"] == preset and meta["config"]["sweep"]["presets"] == []
+        assert meta["sweep"]["member"] == f"{preset}-s0"
+    listed = json.loads((root / "sweep" / sweep.SWEEP_FILE).read_text())
+    assert [m["name"] for m in listed["members"]] == [f"{p}-s0" for p in PRESETS]
