@@ -1,11 +1,14 @@
 """Sweeps (``config.sweep``): the members of a sweep are the runs they stand for.
 
 The config is checked before anything is written; on the tiny config a 2-member sweep (two presets, one seed) and
-each member trained alone give the same rollouts, rewards and metrics step by step for 10 steps."""
+each member trained alone give the same rollouts, rewards and metrics step by step for 10 steps; a sweep killed
+after a save resumes every member to its uninterrupted metrics."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -15,7 +18,7 @@ from rre_jax import checkpoint, programs, rollout, run_spec, sweep, sweep_progra
 from rre_jax.configs import tiny as tiny_config
 from rre_jax.errors import UserError
 
-from test_train import REPO, rows_by_step, tiny_cfg
+from test_train import REPO, rows_by_step, tiny_cfg, train_command
 
 STEPS = 10
 PRESETS = ("li", "rer")
@@ -180,3 +183,46 @@ def test_members_write_a_runs_workdir(equivalence):
         assert meta["sweep"]["member"] == f"{preset}-s0"
     listed = json.loads((root / "sweep" / sweep.SWEEP_FILE).read_text())
     assert [m["name"] for m in listed["members"]] == [f"{p}-s0" for p in PRESETS]
+
+
+# ======================================================================================= resume
+
+def _sweep_command(workdir, assets, steps: int, save_freq: int):
+    """``rre-train`` of a 2-member tiny sweep (li, rer) in ``workdir``: ``(args, env)``."""
+    args, env = train_command(workdir, assets, steps, save_freq)
+    at = next(i for i, a in enumerate(args) if a.startswith("--config="))
+    args[at] += ":sweep"
+    return args + [f"--config.sweep.presets={','.join(PRESETS)}"], env
+
+
+def test_a_killed_sweep_resumes_every_member_to_its_uninterrupted_metrics(assets, tmp_path):
+    """A sweep killed (SIGKILL) right after every member saved step 2, and run again, resumes every member from
+    step 2: steps 3-4 of each member are those of an uninterrupted sweep, every metric (timings aside)."""
+    members = [f"{p}-s0" for p in PRESETS]
+    args, env = _sweep_command(tmp_path / "ref", assets, 4, 2)
+    subprocess.run(args, env=env, check=True, cwd=REPO, capture_output=True)
+    args, env = _sweep_command(tmp_path / "killed", assets, 4, 2)
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_file = tmp_path / "killed" / "rre_train.log"
+    deadline = time.monotonic() + 1800
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log_file.exists() and "saved checkpoints for step 2" in log_file.read_text(errors="replace"):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    for m in members:
+        steps = sorted(p.name for p in (tmp_path / "killed" / m / "checkpoints").iterdir())
+        assert steps == ["2"], f"{m}: expected only the step-2 checkpoint before resuming, found {steps}"
+    resumed = subprocess.run(args, env=env, check=True, cwd=REPO, capture_output=True, text=True)
+    assert "took over the lock" in resumed.stderr  # the killed sweep's stale locks (rre_jax.workdir_lock)
+    assert "resumed 2 members from step 2" in (tmp_path / "killed" / "rre_train.log").read_text(errors="replace")
+    for m in members:
+        ref, got = rows_by_step(tmp_path / "ref" / m), rows_by_step(tmp_path / "killed" / m)
+        assert sorted(got) == sorted(ref) == [1, 2, 3, 4], m
+        for step in (3, 4):
+            want = {k: v for k, v in ref[step].items() if not k.startswith(("time/", "compile/"))}
+            have = {k: v for k, v in got[step].items() if not k.startswith(("time/", "compile/"))}
+            assert have == want, f"{m} step {step} differs after the resume"
+
