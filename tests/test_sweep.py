@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from rre_jax import checkpoint, programs, rollout, run_spec, sweep, sweep_programs, sweep_run, train
+from rre_jax import aot, checkpoint, memory, mesh as mesh_lib, programs, rollout, run_spec, sweep, sweep_programs
+from rre_jax import sweep_run, train
 from rre_jax.configs import tiny as tiny_config
 from rre_jax.errors import UserError
 
@@ -226,3 +227,50 @@ def test_a_killed_sweep_resumes_every_member_to_its_uninterrupted_metrics(assets
             have = {k: v for k, v in got[step].items() if not k.startswith(("time/", "compile/"))}
             assert have == want, f"{m} step {step} differs after the resume"
 
+
+# ======================================================================================= compile ahead of time
+
+TPU_SWEEP = ("--config.mesh.shape=1,2,2", "--config.mesh.topology=v5e:2x2")
+
+
+def test_compile_only_compiles_the_tiny_sweep_for_a_v5e_2x2(tmp_path):
+    """``rre-train --compile_only`` on the tiny sweep (the paper's five presets) for a v5e 2x2 topology, with XLA's
+    TPU compiler on this host: exit 0; every program of a sweep (a run's, and the member state's ``split`` and
+    ``join``) compiled and fitting; the roofline phases of the compiled programs; nothing written but the report."""
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is part of the test extra")
+    work = tmp_path / "W"
+    out = subprocess.run([sys.executable, "-m", "rre_jax.cli.train", f"--config={REPO / 'configs' / 'tiny.py'}:sweep",
+                          f"--workdir={work}", "--compile_only", *TPU_SWEEP, f"--compile_report={work / 'report.json'}"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=1800,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in work.iterdir()) == ["report.json"]
+    rep = json.loads((work / "report.json").read_text())
+    assert rep["fits"] and rep["devices"] == 4 and rep["chip"]["kind"] == "TPU v5 lite"
+    assert [r["name"] for r in rep["programs"]] == ["init", "cache", "sampler", "features", "experience", "update",
+                                                    "split", "join", "relevance", "gold"]
+    for phase in ("rollout", "experience", "update"):
+        assert rep["phases"][phase]["flops"] > 0, phase
+    update = next(r for r in rep["programs"] if r["name"] == "update")
+    assert "ppo/loss/total" in update["stats"]
+
+
+def _resident_state(cfg) -> int:
+    """Per-device bytes of the train state ``--compile_only`` lays out for ``cfg`` on this host's 8 devices."""
+    mesh, devices = aot.mesh_for(mesh_lib.MeshConfig.from_config(cfg.mesh), "")
+    spec = run_spec.validate(cfg, num_devices=len(devices), files=False)
+    pcfg, gold_cfg, rcfg = aot._architectures(cfg, spec)
+    progs = aot.run_programs(cfg, spec, programs.Layout(mesh, spec.mesh.rules), pcfg, gold_cfg, rcfg, False)
+    return aot.device_bytes(progs.state.target())
+
+
+def test_a_sweep_holds_every_members_state():
+    """The sweep's train state is K = 5 runs' states, byte for byte on each device (each member's laid out as its
+    run's, the member axis unsplit), and the memory plan counts K trainable trees and optimizer states."""
+    swept, alone = tiny_config.get_config("sweep"), tiny_config.get_config()
+    K = len(sweep.PAPER_PRESETS)
+    assert _resident_state(swept) == K * _resident_state(alone)
+    plan_swept, plan_alone = memory.plan(swept), memory.plan(alone)
+    for line in ("optimizer state", "trainable (LoRA + value head)"):
+        assert plan_swept.lines[line] == K * plan_alone.lines[line], line
+    assert plan_swept.train > plan_alone.train
