@@ -16,7 +16,7 @@ import pathlib
 
 import jax
 
-from rre_jax import checkpoint_eval, evaluate, sweep
+from rre_jax import checkpoint_eval, evaluate, sweep, workdir_lock
 from rre_jax.evaluate import comparison
 
 
@@ -53,8 +53,9 @@ def evaluate_sweep(workdir: str, eval_set: str, *, out: str | None = None, progr
     summaries = []
     for m in members(workdir):
         where = os.path.join(workdir, m["name"])
-        plan = checkpoint_eval.plan_eval(where, eval_set, out=os.path.join(where, "eval"), **kwargs)
-        summaries.append({**m, "summary": checkpoint_eval.run_eval(plan, progress=progress)})
+        with workdir_lock.hold(where, "rre-eval"):  # each member's workdir is a run's
+            plan = checkpoint_eval.plan_eval(where, eval_set, out=os.path.join(where, "eval"), **kwargs)
+            summaries.append({**m, "summary": checkpoint_eval.run_eval(plan, progress=progress)})
         del plan  # this member's policy leaves the devices before the next one's loads
     out_dir = pathlib.Path(out or os.path.join(workdir, "comparison"))
     return comparison.write(out_dir, summaries) if jax.process_index() == 0 else {}

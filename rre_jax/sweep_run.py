@@ -115,6 +115,8 @@ def for_training(config, spec: RunSpec, workdir: str, sources: assemble.PromptSo
     first = members[0]
     basics = assemble.open_basics(first.config, first.spec, workdir)
     mesh, paths, tokenizer = basics.mesh, basics.paths, basics.tokenizer
+    if spec.tiny:
+        _share_assets(workdir, members)
     prompts = batching.tokenize_prompts(sources.train, tokenizer, max_prompt_length=spec.data.max_prompt_length)
     log.info("%d training prompts from %s (%d dropped as too long)", len(prompts), sources.train_path,
              len(prompts.dropped))
@@ -138,6 +140,19 @@ def for_training(config, spec: RunSpec, workdir: str, sources: assemble.PromptSo
                        progs, train_set=train_set, iterator=iterator)
     return Sweep(str(config.name), run, members,
                  sweep_programs.SweepPrograms(progs, len(members), spec.sweep.update_chunk))
+
+
+def _share_assets(workdir: str, members) -> None:
+    """A tiny sweep's members see the assets the sweep built: ``<member>/assets`` links to ``../assets``, so a
+    command on a member's workdir (``rre-eval``) loads the trunk the member was trained over instead of building
+    its own (the tiny policy is built from ``config.seed``: a member of another seed would build another)."""
+    if jax.process_index() != 0 or "://" in str(workdir):
+        return
+    for m in members:
+        link = os.path.join(m.workdir, "assets")
+        if not os.path.lexists(link):
+            os.makedirs(m.workdir, exist_ok=True)
+            os.symlink(os.path.join(os.pardir, "assets"), link)
 
 
 def init_state(sw: Sweep):

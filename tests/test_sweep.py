@@ -274,3 +274,39 @@ def test_a_sweep_holds_every_members_state():
     for line in ("optimizer state", "trainable (LoRA + value head)"):
         assert plan_swept.lines[line] == K * plan_alone.lines[line], line
     assert plan_swept.train > plan_alone.train
+
+
+# ======================================================================================= the README's command
+
+def _readme_sweep_command() -> list[list[str]]:
+    """The README's one command for the tiny sweep and its comparison: ``[rre-train args, rre-eval args]``."""
+    line = next(x for x in (REPO / "README.md").read_text().splitlines()
+                if x.startswith("rre-train --config configs/tiny.py:sweep"))
+    return [part.split() for part in line.split("&&")]
+
+
+def test_the_readmes_sweep_command_trains_then_compares_every_member(tmp_path):
+    """The README's command (two presets and two steps here, to be quick) on the tiny config, from the repository:
+    rre-train trains the sweep, rre-eval on its workdir evaluates every member over the trunk the sweep built
+    (each member's ``assets`` is the sweep's) and writes the comparison, one row per member."""
+    train_args, eval_args = _readme_sweep_command()
+    assert train_args[0] == "rre-train" and eval_args[0] == "rre-eval", (train_args, eval_args)
+    workdir = tmp_path / "sweep"
+    swap = {"/tmp/rre_sweep": str(workdir)}
+    train_args, eval_args = ([swap.get(a, a) for a in args[1:]] for args in (train_args, eval_args))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    quick = [f"--config.sweep.presets={','.join(PRESETS)}", "--config.train.steps=2", "--config.train.save_freq=2",
+             "--config.train.dev_size=4", "--config.model.sft_steps=10"]
+    for module, args in (("train", train_args + quick), ("eval", eval_args)):
+        out = subprocess.run([sys.executable, "-m", f"rre_jax.cli.{module}", *args], capture_output=True, text=True,
+                             cwd=REPO, env=env, timeout=1800)
+        assert out.returncode == 0, f"rre-{module}: {out.stderr[-3000:]}"
+    members = [f"{p}-s0" for p in PRESETS]
+    for m in members:
+        assert os.path.realpath(workdir / m / "assets") == os.path.realpath(workdir / "assets")
+        assert (workdir / m / "eval" / "step_2" / "model_outputs.json").exists(), m
+    table = (workdir / "comparison" / "comparison.md").read_text()
+    assert all(f"| {m} | 2 |" in table for m in members), table
+    assert (workdir / "comparison" / "comparison.png").stat().st_size > 0
+    assert sorted(m["member"] for m in json.loads((workdir / "comparison" / "comparison.json").read_text())
+                  ["members"]) == members
