@@ -8,11 +8,12 @@
 
 Plan figure per program: resident (policy, trainable, optimizer state, relevance encoder, gold RM when kept on
 the device) plus the program's own phase lines -- sampler: KV cache + prefill peak + the decode loop's per-layer
-weight copy; update: gradients + activations; gold: gold RM (when it lives on the host) + scoring peak; relevance /
-init / experience: resident only (the plan has no line for them). "plan vs XLA" is (plan - XLA) / XLA; beyond
-15% it is marked for an explanation in docs/tpu_compile.md. Phases: per device and training step, XLA's bytes and
-the part of them that crosses HBM (``rre_jax.hlo_account``); the roofline is the larger of the compute time and the
-HBM time (a report without ``hbm``, from before it was measured, uses XLA's bytes).
+weight copy (an eval sampler likewise); cache: the KV cache; update: gradients + activations; gold: gold RM (when
+it lives on the host) + scoring peak; relevance / init / experience / features: resident only (no line of their
+own). "plan vs XLA" is (plan - XLA) / XLA; beyond 15% it is marked for an explanation in docs/tpu_compile.md.
+Phases: per device and training step, XLA's bytes and the part of them that crosses HBM (``rre_jax.hlo_account``);
+the roofline is the larger of the compute time and the HBM time (a report without ``hbm``, from before it was
+measured, uses XLA's bytes).
 """
 from __future__ import annotations
 
@@ -34,15 +35,15 @@ def plan_bytes(p: memory.MemoryPlan, program: str) -> int:
     resident = (ln["policy params"] + ln["optimizer state"] + ln["relevance encoder (float32)"]
                 + next(v for k, v in ln.items() if k.startswith("trainable"))
                 + (ln["gold RM params"] if on_device else 0))
-    own = {"sampler": ln["kv cache (rollout)"] + ln["prefill peak (rollout)"]
-                      + ln["decode weights (per-layer copy)"],
+    sampler = ln["kv cache (rollout)"] + ln["prefill peak (rollout)"] + ln["decode weights (per-layer copy)"]
+    own = {"sampler": sampler, "eval_sampler": sampler, "cache": ln["kv cache (rollout)"],
            "update": ln["gradients (accumulator + micro-batch)"] + ln["activations (update micro-batch)"],
            "gold": (0 if on_device else ln["gold RM params"]) + ln["gold RM scoring peak"]}
     return resident + own.get(program, 0)
 
 
 def diff(planned: int, xla: int, program: str) -> str:
-    if program in ("init", "experience", "relevance"):
+    if program in ("init", "experience", "relevance", "features"):
         return "(no plan line)"
     d = (planned - xla) / xla
     return f"{d:+.1%}" + (" **>15%**" if abs(d) > 0.15 else "")

@@ -224,7 +224,8 @@ def load_policy(config, spec: RunSpec, mesh, paths: dict):
 
 def relevance_encoder(spec: RunSpec, mesh):
     """The relevance encoder of the run, or None when no reward spec uses relevance; placed where
-    ``relevance.encoder_mesh`` says (one device on CPU hosts, the run's mesh or this host's part of it elsewhere)."""
+    ``relevance.encoder_mesh`` says (one device on CPU hosts; the run's mesh on one host; one of this host's
+    devices on several)."""
     if not any(s.needs_relevance for s in (spec.reward, *spec.counterfactual.values())):
         return None
     path = relevance.encoder_path(spec.relevance.path, "--config.relevance.path")

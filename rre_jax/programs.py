@@ -84,7 +84,7 @@ class Layout:
 
 def llama_params(cfg: llama.LlamaConfig, head: str = "lm", layout: str = "stacked"):
     """``(abstract params, logical specs)`` of a Llama (``jax.eval_shape`` of its init) in layer ``layout``
-    (``'per_layer'`` unrolls the layers: loop-free programs for ``rre_jax.aot``'s cost analysis)."""
+    (``'per_layer'``: one array per layer, the generation layout of ``models.from_pretrained``)."""
     return mesh_lib.abstract_params(llama.abstract_init_fn(cfg, head=head, layer_layout=layout))
 
 

@@ -179,8 +179,10 @@ def _check_texts(texts):
 def encoder_mesh(mesh, process: int | None = None):
     """Where a run's relevance encoder runs: None -- one CPU device, packed (``encoder_programs``' default, the
     layout XLA:CPU runs fastest) -- when the run's devices are CPUs; else the run's mesh, or in a multi-process
-    run a mesh over ``process``'s own devices (default: this process): each host scores its own share of the
-    responses, so the encoder never waits on another host."""
+    run one of ``process``'s own devices (default: this process): each host scores its own share of the
+    responses, so the encoder never waits on another host. One device, not the host's few: XLA's TPU compiler
+    takes a program over a whole slice or over one chip, but on slices with limited ICI routing (v5e) not over
+    one host's part of a slice, and the encoder's work per call is a millisecond of a chip (docs/tpu_compile.md)."""
     first = mesh.devices.flat[0]
     if first.platform == "cpu":
         return None
@@ -188,7 +190,7 @@ def encoder_mesh(mesh, process: int | None = None):
     mine = [d for d in mesh.devices.flat if d.process_index == process]
     if len(mine) == mesh.size:
         return mesh
-    return mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(-1, 1, 1)), mine)
+    return mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 1, 1)), mine[:1])
 
 
 def encoder_programs(cfg: bert.BertConfig, *, mesh=None, rules=None, packed: bool | None = None, max_length: int = 512,

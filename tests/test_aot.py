@@ -10,9 +10,9 @@ import jax
 import pytest
 from jax.sharding import NamedSharding
 
-from rre_jax import aot, mesh as mesh_lib, policy, programs, run_spec
+from rre_jax import aot, mesh as mesh_lib, policy, programs, relevance, run_spec, topology
 from rre_jax.configs import tiny as tiny_config
-from rre_jax.models import llama
+from rre_jax.models import bert, llama
 
 pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is part of the test extra")
 
@@ -169,3 +169,19 @@ def test_decode_loop_gathers_no_weights(compiled):
              for line in exe.as_text().splitlines() if " all-gather(" in line and "decode_step" in line]
     assert sizes, "the decode step moves activations over fsdp: some all-gather is expected"
     assert max(sizes) < 512 * 256, sorted(sizes)[-5:]
+
+
+def test_relevance_encoder_of_a_multi_host_v5e_run_compiles():
+    """In a run over several hosts each host encodes its own responses, on one of its own devices: XLA's TPU
+    compiler takes a program over a whole v5e slice or over one chip, but not over one host's four chips of a
+    v5e 4x8, v5e-32's topology (limited ICI routing: the RET_CHECK that stopped v5e-32's --compile_only when the
+    encoder ran on a host's part of the mesh)."""
+    devices = topology.topology_devices("v5e:4x8")
+    assert len({d.process_index for d in devices}) > 1  # a multi-host slice
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, -1, 1)), devices)
+    where = relevance.encoder_mesh(mesh, process=0)
+    cfg = bert.BertConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=256, max_position_embeddings=128)
+    progs = relevance.encoder_programs(cfg, mesh=where, rules=mesh_lib.DEFAULT_RULES, max_length=64)
+    programs.build_relevance(progs.layout, progs.cfg, 4, 64).compile()  # the program `progs.padded` runs
+    assert where.size == 1 and where.devices.flat[0].process_index == 0

@@ -27,9 +27,11 @@ def test_choose_sets_cpu_only_when_nothing_is_chosen_or_present(monkeypatch):
 
 
 def bare_env() -> dict:
-    """This environment without JAX_PLATFORMS (conftest sets it for the test process)."""
+    """This environment without JAX_PLATFORMS (conftest sets it for the test process). libtpu loads even while
+    another process holds its lock file (a test worker compiling for a TPU topology): with the lock held, JAX
+    skips libtpu silently, which would make a quiet command prove nothing."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    return {**env, "PYTHONPATH": str(REPO), "XLA_FLAGS": ""}
+    return {**env, "PYTHONPATH": str(REPO), "XLA_FLAGS": "", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 @pytest.mark.skipif(platform.accelerator_present(), reason="this machine has an accelerator: JAX may probe it")
