@@ -26,7 +26,7 @@ import jax.extend.core as jax_core
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from rre_jax import mesh as mesh_lib, policy, ppo, reward, sweep as sweep_lib
+from rre_jax import mesh as mesh_lib, policy, ppo, reward, sweep as sweep_lib, topology
 from rre_jax.models import bert, llama, lora as lora_lib
 
 PRESETS = {
@@ -84,6 +84,13 @@ def relevance_bytes(mesh_shape: dict[str, int], rules) -> int:
     abstract, specs = mesh_lib.abstract_params(bert.init_fn(bert.BertConfig(30522, 768, 12, 12, 3072, 512),
                                                             np.float32))
     return mesh_lib.bytes_per_device(abstract, specs, mesh_shape, rules)
+
+
+def _encoder_mesh(config, mesh_shape: dict[str, int]) -> dict[str, int]:
+    """The relevance encoder's mesh, as ``relevance.encoder_mesh`` places it: the run's on one host, one device of
+    each host when the topology spans several (``topology.hosts``; a local plan is one host's)."""
+    name = str(config.mesh.get("topology", ""))
+    return mesh_shape if not name or topology.hosts(name) == 1 else dict.fromkeys(mesh_lib.MESH_AXES, 1)
 
 
 def kv_cache_bytes(cfg: llama.LlamaConfig, batch: int, length: int, mesh_shape: dict[str, int], rules) -> int:
@@ -311,7 +318,8 @@ def plan(config, num_devices: int | None = None) -> MemoryPlan:
         "policy params": base["bytes_per_device"],
         trainable_name: K * trainable_pd,
         "optimizer state": K * opt_pd,
-        "relevance encoder (float32)": relevance_bytes(mesh_shape, rules) if needs_relevance else 0,
+        "relevance encoder (float32)": relevance_bytes(_encoder_mesh(config, mesh_shape), rules) if needs_relevance
+        else 0,
         "kv cache (rollout)": kv_cache_bytes(pcfg, K * int(config.ppo.batch_size), S, mesh_shape, rules),
         "prefill peak (rollout)": inference_bytes(pcfg, rows(K * int(config.ppo.batch_size)), S, tensor),
         "decode weights (per-layer copy)": base["bytes_per_device"],

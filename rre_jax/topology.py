@@ -49,6 +49,17 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
     return m.group(1), tuple(int(g) for g in m.groups()[1:] if g)
 
 
+# Devices per host in the slices XLA's TPU compiler describes (``topology_devices``: process indices of v4, v5e,
+# v5p and v6e topologies from 4 to 32 devices): 4 for every generation listed in ``CHIPS``.
+DEVICES_PER_HOST = 4
+
+
+def hosts(name: str) -> int:
+    """Hosts of TPU topology ``name`` as the compiler describes it (``'v5e:4x8'`` -> 8; one host up to 4 devices)."""
+    _, dims = parse_topology(name)
+    return max(1, math.prod(dims) // DEVICES_PER_HOST)
+
+
 def quiet_libtpu(gen: str, chips: int) -> None:
     """libtpu reads the TPU VM's metadata at start-up and warns when there is none (a CPU host): name the
     accelerator and a single local worker, unless the environment already does (a real TPU VM). Compiling
