@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -133,6 +134,7 @@ class CheckpointManager:
             damage = damage_of(e, step, self._step_dir(step))
             if damage is None:
                 raise
+            _quiet_abandoned_reads()
             raise DamagedCheckpoint(damage) from e
         return out.state, dict(out.meta)
 
@@ -295,3 +297,35 @@ def write_failure(error: OSError, workdir: str) -> str:
              "permission), then rerun the same command to resume from it" if steps else
              "no checkpoint was saved yet: make room (or fix the permission) and rerun the same command")
     return f"could not write {error.filename or workdir}: {error.strerror or error}; {where}"
+
+
+def _abandoned_read(unraisable) -> bool:
+    """An exception nobody can catch from one of orbax's reads of a damaged checkpoint: the restore failed and its
+    event loop closed, then a read still in flight finished and asyncio could not post its result
+    (``call_soon_threadsafe``: "Event loop is closed"). The damage was already reported; nothing is lost."""
+    exc = unraisable.exc_value
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _OrbaxLateErrors(_ToLogFile):
+    """Orbax's own error logs (with tracebacks) of reads it abandoned, which its threads may write after the restore
+    has already failed and been reported: to the log file, like the ones logged before it raised."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return super().filter(record) if "orbax" in record.pathname else True
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a damaged checkpoint, keep the abandoned reads' late errors off the console, so the damage is one
+    warning line: orbax's late error logs go to the log file (``_OrbaxLateErrors``) and asyncio's "Event loop is
+    closed" (``_abandoned_read``) is dropped; every other unraisable exception goes to the hook that was there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "rre_abandoned_reads", False):
+        return
+    logging.getLogger("absl").addFilter(_OrbaxLateErrors())
+
+    def hook(unraisable):
+        if not _abandoned_read(unraisable):
+            previous(unraisable)
+    hook.rre_abandoned_reads = True
+    sys.unraisablehook = hook

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,29 @@ def test_a_damaged_newest_step_is_moved_aside_and_the_previous_restored(tmp_path
     assert mngr.all_steps() == [5] and os.path.exists(cut.replace("/checkpoints/10/", "/checkpoints/damaged/10/"))
     mngr.save(10, state, {"step": 10})  # the step can be written again; the damaged copy stays
     assert mngr.all_steps() == [5, 10] and aside.is_dir()
+
+
+def test_late_errors_of_a_damaged_restore_stay_off_the_console(tmp_path, monkeypatch):
+    """After a damaged step, a read orbax abandoned that finishes once its event loop has closed raises where
+    nobody can catch it ("Event loop is closed", printed as a traceback at random moments of the resumed run):
+    that one is dropped, every other unraisable exception still reaches the hook that was there."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    mngr, state = _two_steps(tmp_path)
+    cut_largest_data_file(tmp_path / "checkpoints" / "10")
+    with pytest.raises(checkpoint.DamagedCheckpoint):
+        mngr.restore(10, state)
+    unraisable = lambda e: types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=None,  # noqa: E731
+                                                 err_msg=None, object=None)
+    late, other = unraisable(RuntimeError("Event loop is closed")), unraisable(ValueError("a real one"))
+    sys.unraisablehook(late)
+    sys.unraisablehook(other)
+    assert other in seen and late not in seen
+    absl = logging.getLogger("absl")  # orbax's own late error log of such a read: to the log file, at INFO
+    record = absl.makeRecord("absl", logging.ERROR, "/x/orbax/checkpoint/serialization.py", 1, "read failed", (), None)
+    assert all(f.filter(record) for f in absl.filters) and record.levelno == logging.INFO
+    for f in [f for f in absl.filters if type(f).__name__ == "_OrbaxLateErrors"]:
+        absl.removeFilter(f)  # this process goes on to other tests
 
 
 def test_no_intact_step_is_one_error_and_moves_nothing(tmp_path):
