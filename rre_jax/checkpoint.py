@@ -302,8 +302,11 @@ def write_failure(error: OSError, workdir: str) -> str:
 def _abandoned_read(unraisable) -> bool:
     """An exception nobody can catch from one of orbax's reads of a damaged checkpoint: the restore failed and its
     event loop closed, then a read still in flight finished and asyncio could not post its result
-    (``call_soon_threadsafe``: "Event loop is closed"). The damage was already reported; nothing is lost."""
-    exc = unraisable.exc_value
+    (``call_soon_threadsafe``: "Event loop is closed"), or a read coroutine is collected holding its read error
+    ("Encountered error while reading array index"). The damage was already reported; nothing is lost."""
+    exc, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:  # an orbax read coroutine collected with its read error
+        return True
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 

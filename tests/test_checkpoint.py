@@ -126,9 +126,12 @@ def test_late_errors_of_a_damaged_restore_stay_off_the_console(tmp_path, monkeyp
     unraisable = lambda e: types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=None,  # noqa: E731
                                                  err_msg=None, object=None)
     late, other = unraisable(RuntimeError("Event loop is closed")), unraisable(ValueError("a real one"))
-    sys.unraisablehook(late)
-    sys.unraisablehook(other)
-    assert other in seen and late not in seen
+    collected = unraisable(Exception("Encountered error while reading array index"))
+    collected.object = types.SimpleNamespace(cr_code=types.SimpleNamespace(
+        co_filename="/venv/orbax/checkpoint/_src/serialization/serialization.py"))  # a read coroutine of orbax's
+    for u in (late, other, collected):
+        sys.unraisablehook(u)
+    assert seen == [other]
     absl = logging.getLogger("absl")  # orbax's own late error log of such a read: to the log file, at INFO
     record = absl.makeRecord("absl", logging.ERROR, "/x/orbax/checkpoint/serialization.py", 1, "read failed", (), None)
     assert all(f.filter(record) for f in absl.filters) and record.levelno == logging.INFO
